@@ -1,0 +1,100 @@
+"""Find the modules a config targets and wrap each in an `AdapterLayer` (once; later adapters join it)."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from splice.adapters.config import AdapterConfig
+from splice.adapters.layer import AdapterLayer
+from splice.errors import SpliceError, closest
+
+try:  # GPT-2 style layers; transformers is a dependency, but keep the import local to this table
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment]
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The kind name adapters dispatch on, or None for module types no weight method wraps."""
+    if isinstance(module, AdapterLayer):
+        return module.kind
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if Conv1D and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        return getter() if getter is not None else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _matches(name: str, pattern: list[str] | str | None) -> bool:
+    if pattern is None:
+        return False
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def plain_modules(model: nn.Module):
+    """(name, module) pairs of the model as the user knows it: an AdapterLayer stands for the module it wraps."""
+    inside: list[str] = []
+    for name, module in model.named_modules():  # pre-order: a layer comes before its children
+        if any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(module, AdapterLayer):
+            inside.append(name + ".")
+        yield name, module
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, kind) for each module `config.target_modules` selects, or a SpliceError naming close names."""
+    head = _output_head(model)
+    found, names = [], []
+    for name, module in plain_modules(model):
+        if not name:
+            continue
+        names.append(name)
+        kind = module_kind(module)
+        if config.target_modules == "all-linear":
+            plain = module.base if isinstance(module, AdapterLayer) else module
+            hit = kind in ("linear", "conv1d") and plain is not head
+        else:
+            hit = _matches(name, config.target_modules)
+        if hit and not _matches(name, config.exclude_modules):
+            if kind is None:
+                raise SpliceError(f"target_modules: {config.method} cannot wrap {type(module).__name__} {name!r}; "
+                                  "it wraps nn.Linear, HF Conv1D, nn.Embedding and nn.Conv2d")
+            found.append((name, module, kind))
+    if not found:
+        wanted = config.target_modules
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if module_kind(model.get_submodule(n))})
+        probe = wanted if isinstance(wanted, str) else wanted[0]
+        raise SpliceError(f"target_modules {wanted!r} matched no module of {type(model).__name__}"
+                          f"{closest(probe.rsplit('.', 1)[-1], leaves)}; wrappable modules: {', '.join(leaves[:20])}")
+    return found
+
+
+def wrap(model: nn.Module, name: str, module: nn.Module, kind: str) -> AdapterLayer:
+    """Replace `name` in `model` by an AdapterLayer around it (or return the existing one)."""
+    if isinstance(module, AdapterLayer):
+        return module
+    layer = AdapterLayer(module, kind)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return layer
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Every AdapterLayer with its module name as the user knows it."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]

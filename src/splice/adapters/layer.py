@@ -1,0 +1,118 @@
+"""The wrapper every adapted module becomes: the original module plus any number of named adapters.
+
+    y = base(x) + Σ_{a ∈ active, not merged} a.contribution(x, base(x))
+
+An adapter (one method, one name, one module) satisfies the `Adapter` protocol below; the wrapper knows nothing
+about any method. It only decides which adapters run on which rows:
+
+- one active adapter, nothing merged, no mixed batch → the adapter's fused path (base and adapter in one op);
+- several active adapters → their contributions are summed;
+- a mixed batch → rows are grouped by adapter and each group's contribution is added to those rows only
+  (the S-LoRA / Punica idea: the base runs once for the whole batch);
+- disabled → the base alone.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from splice.delta.forms import Delta
+from splice.errors import SpliceError
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What one named adapter on one module provides. Methods implement it as an `nn.Module`."""
+
+    def contribution(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
+        """The change this adapter makes to `base_out` (same shape) for input `x`."""
+
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        """Parameter name of `base` ('weight', 'bias') → its update, in the cheapest exact form."""
+
+    def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
+        """Tensors under PEFT's key names, relative to the module ('lora_A.weight', ...)."""
+
+
+class AdapterLayer(nn.Module):
+    """Wraps `base` (kept by reference, never copied) and holds its named adapters."""
+
+    def __init__(self, base: nn.Module, kind: str):
+        super().__init__()
+        self.base = base
+        self.kind = kind  # "linear", "conv1d" (HF GPT-2 Conv1D), "embedding", "conv2d", "module"
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        # Set only inside `mixed_batch(...)`: (adapter name, row indices) per group of rows.
+        self.row_groups: list[tuple[str, Tensor]] | None = None
+        self._merge_cache: dict[str, object] = {}
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.disabled:
+            return self.base(x, *args, **kwargs)
+        if self.row_groups is not None:
+            return self._forward_mixed(x, *args, **kwargs)
+        running = [n for n in self.active if n not in self.merged and n in self.adapters]
+        if len(running) == 1 and not args and not kwargs:
+            fused = getattr(self.adapters[running[0]], "fused_forward", None)
+            if fused is not None:
+                return fused(x, self.base)
+        out = self.base(x, *args, **kwargs)
+        for name in running:
+            out = out + self.adapters[name].contribution(x, out, self.base)
+        return out
+
+    def _forward_mixed(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base(x, *args, **kwargs)
+        for name, rows in self.row_groups or []:
+            if name not in self.adapters or name in self.merged:
+                continue
+            xs = x.index_select(0, rows)
+            change = self.adapters[name].contribution(xs, out.index_select(0, rows), self.base)
+            out = out.index_add(0, rows, change.to(out.dtype))
+        return out
+
+    # -- adapters ------------------------------------------------------------------------------------------------
+    def add(self, name: str, adapter: nn.Module) -> None:
+        if name in self.adapters:
+            raise SpliceError(f"adapter {name!r} already exists on this module; delete it first or pick another name")
+        self.adapters[name] = adapter
+
+    def delete(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge(name)
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+
+    # -- merge ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold adapter `name` into the base weights; `unmerge` restores them (to float rounding)."""
+        if name in self.merged or name not in self.adapters:
+            return
+        adapter = self.adapters[name]
+        custom = getattr(adapter, "merge", None)
+        if custom is not None:
+            self._merge_cache[name] = custom(self.base)
+        else:
+            for pname, d in adapter.delta(self.base).items():
+                d.apply_to(self.base.get_parameter(pname).data)
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        adapter = self.adapters[name]
+        custom = getattr(adapter, "unmerge", None)
+        if custom is not None:
+            custom(self.base, self._merge_cache.pop(name, None))
+        else:
+            for pname, d in adapter.delta(self.base).items():
+                d.apply_to(self.base.get_parameter(pname).data, scale=-1.0)
+        self.merged.remove(name)

@@ -1,0 +1,222 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+        x ──► W₀ (frozen) ──────────────┐
+        │                               (+) ──► y          y = W₀x + (α/r) · B A x
+        └──► drop ──► A (r×in) ──► B (out×r) ──┘            A: Kaiming or Gaussian, B: 0 → starts at W₀
+
+- rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by α/√r so that higher ranks still learn.
+- PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948) starts A, B at the top-r singular triplets of W₀ and
+  trains on the residual W₀ − sB₀A₀. The base weight here is never modified: the layer adds −sB₀A₀ itself, so the
+  update against the *original* base is s(BA − B₀A₀), exact and rank 2r (what PEFT writes on conversion).
+- Wraps nn.Linear, HF Conv1D (GPT-2; its weight is stored transposed), nn.Embedding and nn.Conv2d, with PEFT's
+  parameter shapes and key names so that folders interchange with PEFT, vLLM and LoRAX.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splice.adapters.config import AdapterConfig, doc
+from splice.adapters.ops import lora_linear
+from splice.adapters.registry import register
+from splice.delta.forms import Delta, Dense, LowRank
+from splice.errors import SpliceError
+
+KINDS = ("linear", "conv1d", "embedding", "conv2d")
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA hyper-parameters; field names and meanings follow PEFT's `LoraConfig`."""
+
+    r: int = doc("Rank of the update B·A.", default=8)
+    lora_alpha: float = doc("Scaling numerator: the update is scaled by lora_alpha / r (or / √r with rsLoRA).", default=8)
+    lora_dropout: float = doc("Dropout on the input of the low-rank branch (training only).", default=0.0)
+    use_rslora: bool = doc("Scale by lora_alpha / √r (rank-stabilised LoRA) instead of lora_alpha / r.", default=False)
+    bias: Literal["none", "all", "lora_only"] = doc(
+        "Which biases train: none, those of the wrapped modules (lora_only), or every bias in the model (all).",
+        default="none",
+    )
+    init_lora_weights: Literal["kaiming", "gaussian", "pissa"] | bool = doc(
+        "Initialisation of A (B starts at 0): kaiming (PEFT's default, also `true`), gaussian (std 1/r), or pissa "
+        "(A, B from the top-r singular vectors of the base weight).",
+        default="kaiming",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_lora_weights is True:
+            self.init_lora_weights = "kaiming"
+        if not isinstance(self.r, int) or self.r < 1:
+            raise SpliceError(f"r: must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise SpliceError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise SpliceError(f"bias: must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in ("kaiming", "gaussian", "pissa"):
+            raise SpliceError(
+                f"init_lora_weights: must be 'kaiming', 'gaussian' or 'pissa', got {self.init_lora_weights!r}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def module_dims(base: nn.Module, kind: str) -> tuple[int, int]:
+    """(in_features, out_features) of the module as LoRA sees it."""
+    if kind == "linear":
+        return base.in_features, base.out_features
+    if kind == "conv1d":  # HF Conv1D: weight is (in, out), y = x W + b
+        return base.weight.shape[0], base.weight.shape[1]
+    if kind == "embedding":
+        return base.num_embeddings, base.embedding_dim
+    if kind == "conv2d":
+        return base.in_channels, base.out_channels
+    raise SpliceError(f"LoRA cannot wrap a module of kind {kind!r}; it wraps {', '.join(KINDS)}")
+
+
+def lora_update(B: Tensor, A: Tensor, scale: float, kind: str, shape: torch.Size) -> LowRank:
+    """The update s·B·A as the base parameter of `kind` stores it (Conv1D and Embedding store it transposed).
+
+    Args:
+        B: (out, r) and A: (r, in·kh·kw) as matrices (PEFT's tensors reshaped).
+        shape: the base weight's shape.
+    """
+    if kind in ("conv1d", "embedding"):  # the weight is (in, out): the update is (BA)ᵀ = Aᵀ Bᵀ
+        return LowRank(A.t(), B.t(), scale, shape)
+    return LowRank(B, A, scale, shape)
+
+
+def linear_weight(base: nn.Module, kind: str) -> Tensor:
+    """The base weight as an (out, in) matrix view (Conv1D stores it transposed)."""
+    return base.weight.t() if kind == "conv1d" else base.weight
+
+
+@register("lora", config=LoraConfig, reference="https://arxiv.org/abs/2106.09685")
+class LoraAdapter(nn.Module):
+    """One LoRA adapter on one module. Shapes follow PEFT: A (r, in[, kh, kw]), B (out, r[, 1, 1]).
+
+    For an embedding PEFT stores A as (r, num_embeddings) and B as (dim, r), initialised the other way round
+    (A = 0, B random), and the update is (B A)ᵀ.
+    """
+
+    def __init__(self, base: nn.Module, kind: str, config: LoraConfig):
+        super().__init__()
+        if kind not in KINDS:
+            raise SpliceError(f"{config.method} cannot wrap {type(base).__name__}; it wraps {', '.join(KINDS)}")
+        if kind == "conv2d" and base.groups != 1:
+            raise SpliceError(f"{config.method} cannot wrap a grouped Conv2d (groups={base.groups})")
+        self.kind = kind
+        self.r = config.r
+        self.scale = config.scaling
+        self.dropout = float(config.lora_dropout)
+        in_f, out_f = module_dims(base, kind)
+        if config.r > min(in_f, out_f) and kind != "embedding":
+            raise SpliceError(f"r: rank {config.r} is larger than the layer ({in_f} → {out_f})")
+        dev, dt = base.weight.device, torch.float32 if not base.weight.is_floating_point() else base.weight.dtype
+        if kind == "conv2d":
+            kh, kw = base.kernel_size
+            self.lora_A = nn.Parameter(torch.zeros(config.r, in_f, kh, kw, device=dev, dtype=dt))
+            self.lora_B = nn.Parameter(torch.zeros(out_f, config.r, 1, 1, device=dev, dtype=dt))
+        else:
+            self.lora_A = nn.Parameter(torch.zeros(config.r, in_f, device=dev, dtype=dt))
+            self.lora_B = nn.Parameter(torch.zeros(out_f, config.r, device=dev, dtype=dt))
+        self.lora_bias = None
+        if config.bias != "none" and getattr(base, "bias", None) is not None:
+            self.lora_bias = nn.Parameter(torch.zeros_like(base.bias))
+        self.pissa = config.init_lora_weights == "pissa"
+        self.reset(base, config.init_lora_weights)
+
+    @torch.no_grad()
+    def reset(self, base: nn.Module, init: str) -> None:
+        """Initialise so that the adapter starts as the identity update (except PiSSA's, which is exact too)."""
+        if self.kind == "embedding":
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        if init == "pissa":
+            if self.kind not in ("linear", "conv1d"):
+                raise SpliceError(f"init_lora_weights: pissa needs a linear layer, not {self.kind}")
+            W = linear_weight(base, self.kind).float()
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            root = (S[: self.r] / self.scale).sqrt()
+            self.lora_A.copy_(root[:, None] * Vh[: self.r])
+            self.lora_B.copy_(U[:, : self.r] * root[None, :])
+            # The frozen starting point, subtracted in forward so that the base weight stays untouched.
+            self.register_buffer("pissa_A0", self.lora_A.detach().clone())
+            self.register_buffer("pissa_B0", self.lora_B.detach().clone())
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor:
+        if self.kind not in ("linear", "conv1d") or self.pissa:
+            out = base(x)
+            return out + self.contribution(x, out, base)
+        bias = base.bias if self.lora_bias is None else base.bias + self.lora_bias
+        p = self.dropout if self.training else 0.0
+        return lora_linear(x, linear_weight(base, self.kind), bias, self.lora_A, self.lora_B, self.scale, p)
+
+    def contribution(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
+        A, B = self.lora_A, self.lora_B
+        if self.kind == "embedding":
+            out = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                              base.sparse) @ B.t()
+            return out * self.scale
+        xd = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        if self.kind == "conv2d":
+            h = F.conv2d(xd.to(A.dtype), A, None, base.stride, base.padding, base.dilation)
+            out = F.conv2d(h, B) * self.scale
+        else:
+            out = (xd.to(A.dtype) @ A.t()) @ B.t() * self.scale
+            if self.pissa:
+                out = out - (x.to(A.dtype) @ self.pissa_A0.t()) @ self.pissa_B0.t() * self.scale
+        if self.lora_bias is not None:
+            shape = (-1, 1, 1) if self.kind == "conv2d" else (-1,)
+            out = out + self.lora_bias.view(shape)
+        return out.to(base_out.dtype)
+
+    # -- the delta -----------------------------------------------------------------------------------------------
+    def low_rank(self) -> tuple[Tensor, Tensor]:
+        """(B, A) as (out, r) and (r, in·kh·kw) matrices of the update, PiSSA's −B₀A₀ included."""
+        B, A = self.lora_B.reshape(self.lora_B.shape[0], self.r), self.lora_A.reshape(self.r, -1)
+        if self.pissa:
+            B, A = torch.cat([B, -self.pissa_B0], 1), torch.cat([A, self.pissa_A0], 0)
+        return B, A
+
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        B, A = (t.detach() for t in self.low_rank())
+        out: dict[str, Delta] = {"weight": lora_update(B, A, self.scale, self.kind, base.weight.shape)}
+        if self.lora_bias is not None:
+            out["bias"] = Dense(self.lora_bias.detach())
+        return out
+
+    def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
+        out = {"bias": (base.bias + self.lora_bias).detach()} if self.lora_bias is not None else {}
+        if self.pissa:  # saved as the equivalent plain LoRA of rank 2r against the original base
+            B, A = self.low_rank()
+            A, B = A.reshape(2 * self.r, *self.lora_A.shape[1:]), B.reshape(B.shape[0], 2 * self.r, *self.lora_B.shape[2:])
+        else:
+            A, B = self.lora_A, self.lora_B
+        if self.kind == "embedding":
+            return {**out, "lora_embedding_A": A.detach(), "lora_embedding_B": B.detach()}
+        return {**out, "lora_A.weight": A.detach(), "lora_B.weight": B.detach()}
+
+    def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
+        """Copy PEFT tensors in; shapes were checked by the loader against this module."""
+        with torch.no_grad():
+            if self.lora_bias is not None and "bias" in state:
+                self.lora_bias.copy_(state["bias"] - base.bias)
+            a = state.get("lora_embedding_A", state.get("lora_A.weight"))
+            b = state.get("lora_embedding_B", state.get("lora_B.weight"))
+            self.lora_A.copy_(a)
+            self.lora_B.copy_(b)

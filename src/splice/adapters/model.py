@@ -1,0 +1,237 @@
+"""Adapters on a whole model: add, switch, disable, merge/unmerge, delete, mixed batches, deltas.
+
+The model stays the user's own `nn.Module` (an HF model stays an HF model): `adapt` wraps the targeted modules in
+place and records each adapter's config on the model object itself (`model.splice_adapters`), never in global
+state. `AdaptedModel(model)` is a thin handle that gathers the operations below as methods.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from splice.adapters.config import AdapterConfig
+from splice.adapters.extras import BiasShift, FullCopy
+from splice.adapters.inject import adapter_layers, find_targets, module_kind, plain_modules, wrap
+from splice.adapters.layer import AdapterLayer
+from splice.adapters.registry import get_method
+from splice.delta.deltaset import DeltaSet
+from splice.errors import SpliceError, closest
+
+ATTR = "splice_adapters"
+
+
+def configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """Adapter name → config for every adapter on `model`."""
+    return model.__dict__.setdefault(ATTR, {})
+
+
+def _check_name(model: nn.Module, name: str) -> None:
+    if name not in configs(model):
+        raise SpliceError(f"no adapter named {name!r}{closest(name, configs(model))}; "
+                          f"this model has: {', '.join(configs(model)) or 'none'}")
+
+
+def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, init: bool = True) -> nn.Module:
+    """Inject adapter `adapter_name` of `config`'s method into `model` and make it the active, trainable one.
+
+    Args:
+        model: any `nn.Module`, usually a transformers model; it is modified in place and returned.
+        config: a method config, e.g. `LoraConfig(r=8, target_modules=["query", "value"])`.
+        adapter_name: name of the new adapter; a model can hold many.
+        init: False leaves the freshly built weights for a loader to overwrite (skips nothing else).
+    Returns:
+        The same model, with every base parameter frozen.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise SpliceError(f"config must be an adapter config such as LoraConfig, got {type(config).__name__}")
+    if adapter_name in configs(model):
+        raise SpliceError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+    if not adapter_name or "/" in adapter_name or "." in adapter_name:
+        raise SpliceError(f"adapter name {adapter_name!r}: use letters, digits, '-' and '_' only")
+    method = get_method(config.method)
+    targets = find_targets(model, config)
+    saved = _modules_to_save(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module, kind in targets:
+        layer = wrap(model, name, module, kind)
+        layer.add(adapter_name, method.adapter(layer.base, kind, config))
+    for name, module in saved:
+        layer = wrap(model, name, module, "module")
+        layer.add(adapter_name, FullCopy(layer.base))
+    if getattr(config, "bias", "none") == "all":
+        wrapped = {n for n, _, _ in targets} | {n for n, _ in saved}
+        for name, module in list(plain_modules(model)):
+            if name not in wrapped and not isinstance(module, AdapterLayer) \
+                    and isinstance(getattr(module, "bias", None), torch.Tensor):
+                layer = wrap(model, name, module, module_kind(module) or "module")
+                layer.add(adapter_name, BiasShift(layer.base))
+    configs(model)[adapter_name] = config
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    if not config.modules_to_save:
+        return []
+    found = [(n, m) for n, m in plain_modules(model)
+             if n and any(n == t or n.endswith("." + t) for t in config.modules_to_save)]
+    if not found:
+        names = [n.rsplit(".", 1)[-1] for n, _ in plain_modules(model) if n]
+        raise SpliceError(f"modules_to_save {config.modules_to_save!r} matched no module"
+                          f"{closest(config.modules_to_save[0], set(names))}")
+    return found
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make `names` the active adapters (their contributions add up) and the only trainable ones."""
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        _check_name(model, n)
+    for _, layer in adapter_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+        for n, adapter in layer.adapters.items():
+            adapter.requires_grad_(n in names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return [n for n in configs(model) if any(n in layer.active for _, layer in adapter_layers(model))]
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone inside the block (merged adapters must be unmerged first)."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise SpliceError("cannot disable adapters while one is merged into the base; unmerge it first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterator[None]:
+    """Inside the block, row i of every batch runs with adapter `row_adapters[i]` (None: the base alone).
+
+    The base runs once for the whole batch; each adapter's contribution is computed on its own rows only.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(row_adapters):
+        if n is not None:
+            _check_name(model, n)
+            groups.setdefault(n, []).append(i)
+    layers = [layer for _, layer in adapter_layers(model)]
+    device = next(model.parameters()).device
+    index = [(n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items()]
+    for layer in layers:
+        layer.row_groups = index
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_groups = None
+
+
+def merge_adapter(model: nn.Module, name: str) -> None:
+    """Fold adapter `name` into the base weights; the forward then skips it. `unmerge_adapter` undoes it."""
+    _check_name(model, name)
+    for _, layer in adapter_layers(model):
+        layer.merge(name)
+
+
+def unmerge_adapter(model: nn.Module, name: str) -> None:
+    _check_name(model, name)
+    for _, layer in adapter_layers(model):
+        layer.unmerge(name)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; a module left with no adapter is restored to the original module."""
+    _check_name(model, name)
+    for path, layer in adapter_layers(model):
+        if name in layer.adapters:
+            layer.delete(name)
+        if not layer.adapters:
+            _replace(model, path, layer.base)
+    del configs(model)[name]
+
+
+def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Merge adapter `name` (default: the only one) into the base and remove every adapter layer."""
+    if name is None:
+        if len(configs(model)) != 1:
+            raise SpliceError(f"merge_and_unload: name the adapter to merge, one of {', '.join(configs(model))}")
+        name = next(iter(configs(model)))
+    merge_adapter(model, name)
+    for path, layer in adapter_layers(model):
+        _replace(model, path, layer.base)
+    configs(model).clear()
+    return model
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """Parameters of adapter `name` (default: all active adapters)."""
+    names = [name] if name else active_adapters(model)
+    return [p for _, layer in adapter_layers(model) for n in names if n in layer.adapters
+            for p in layer.adapters[n].parameters()]
+
+
+def get_delta(model: nn.Module, name: str = "default") -> DeltaSet:
+    """Adapter `name` as a DeltaSet keyed by the base model's own parameter names ('…query.weight')."""
+    _check_name(model, name)
+    deltas = {}
+    for path, layer in adapter_layers(model):
+        if name in layer.adapters:
+            for pname, d in layer.adapters[name].delta(layer.base).items():
+                deltas[f"{path}.{pname}"] = d
+    config = configs(model)[name]
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return DeltaSet(deltas, base=base, method=config.method, config=config.to_dict())
+
+
+class AdaptedModel:
+    """A handle on an adapted model gathering the functions of this module as methods."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def add(self, config: AdapterConfig, name: str = "default") -> "AdaptedModel":
+        adapt(self.model, config, name)
+        return self
+
+    def set_active(self, names: str | Sequence[str]) -> None:
+        set_adapter(self.model, names)
+
+    def disabled(self):
+        return disable_adapters(self.model)
+
+    def mixed_batch(self, row_adapters: Sequence[str | None]):
+        return mixed_batch(self.model, row_adapters)
+
+    def merge(self, name: str) -> None:
+        merge_adapter(self.model, name)
+
+    def unmerge(self, name: str) -> None:
+        unmerge_adapter(self.model, name)
+
+    def delete(self, name: str) -> None:
+        delete_adapter(self.model, name)
+
+    def delta(self, name: str = "default") -> DeltaSet:
+        return get_delta(self.model, name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(configs(self.model))

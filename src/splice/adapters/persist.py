@@ -1,0 +1,123 @@
+"""Save an adapter of a model as a PEFT folder, and load PEFT (or splice) folders into a model."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from splice.adapters.extras import BiasShift, FullCopy
+from splice.adapters.inject import adapter_layers, module_kind, plain_modules, wrap
+from splice.adapters.lora import module_dims
+from splice.adapters.model import configs, set_adapter
+from splice.adapters.registry import get_method
+from splice.delta.deltaset import fingerprints_match, tensor_fingerprint
+from splice.errors import SpliceError
+from splice.io.checkpoints import atomic_output_dir, write_json
+from splice.io.peft_format import (CONFIG_FILE, PREFIX, SPLICE_FILE, WEIGHTS_FILE, check_shape, lora_shapes,
+                                   module_prefixes, peft_config_dict, read_adapter_folder, resolve_module)
+
+
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, force: bool = False) -> Path:
+    """Write adapter `adapter_name` of `model` as a PEFT folder (atomically; `force` replaces an existing one).
+
+    Returns:
+        The folder path.
+    """
+    config = configs(model).get(adapter_name)
+    if config is None:
+        raise SpliceError(f"no adapter named {adapter_name!r} on this model; it has: {', '.join(configs(model))}")
+    tensors: dict[str, Tensor] = {}
+    fingerprint: dict[str, str] = {}
+    kinds, pissa = set(), False
+    for name, layer in adapter_layers(model):
+        adapter = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
+        if adapter is None:
+            continue
+        kinds.add(layer.kind)
+        pissa |= bool(getattr(adapter, "pissa", False))
+        for key, t in adapter.peft_state(layer.base).items():
+            tensors[f"{PREFIX}{name}.{key}"] = t.detach().contiguous().clone()
+        if isinstance(getattr(layer.base, "weight", None), Tensor):
+            fingerprint[f"{name}.weight"] = tensor_fingerprint(layer.base.weight)
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    r, alpha = config.r, config.lora_alpha
+    if pissa:  # saved as the equivalent plain LoRA of rank 2r with the same scaling
+        r, alpha = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2)
+    peft_cfg = peft_config_dict(config, fan_in_fan_out="conv1d" in kinds, base=base, r=r, lora_alpha=alpha)
+    with atomic_output_dir(path, force=force) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / CONFIG_FILE, peft_cfg)
+        write_json(tmp / SPLICE_FILE, {"method": config.method, "config": config.to_dict(), "base": base,
+                                       "fingerprint": fingerprint})
+    return Path(path)
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *,
+                 is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT or splice adapter folder into `model` as adapter `adapter_name`.
+
+    Shapes are checked against the model, and when the folder records fingerprints of the base tensors it was
+    trained on (splice_config.json), a different base is refused. The adapter becomes active if it is the only one.
+    """
+    path = Path(path)
+    folder = read_adapter_folder(path)
+    if adapter_name in configs(model):
+        raise SpliceError(f"adapter {adapter_name!r} already exists on this model; pick another name")
+    modules = dict(plain_modules(model))
+    names = [n for n in modules if n]
+    prefixes = module_prefixes(model)
+    where = str(path / WEIGHTS_FILE)
+    method = get_method(folder.config.method)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    built: list[tuple[str, nn.Module, str, nn.Module, dict[str, Tensor]]] = []
+    for src, tensors in folder.lora.items():
+        name = resolve_module(src, modules.__contains__, names, prefixes, where)
+        module, kind = modules[name], module_kind(modules[name])
+        base = module.base if hasattr(module, "adapters") else module
+        if kind is None:
+            raise SpliceError(f"{where}: module {name!r} is a {type(base).__name__}, which LoRA cannot wrap")
+        in_f, out_f = module_dims(base, kind)
+        expected = lora_shapes(kind, in_f, out_f, folder.rank(src), base)
+        if "lora_magnitude_vector" in tensors:
+            expected["lora_magnitude_vector"] = (out_f,)
+        for key, shape in expected.items():
+            check_shape(tensors[key], shape, key, name, path)
+        _check_fingerprint(folder.fingerprint.get(f"{src}.weight"), base, name, path)
+        adapter = method.adapter(base, kind, folder.module_config(src))
+        bias = folder.biases.pop(src, None)
+        built.append((name, module, kind, adapter, {**tensors, **({"bias": bias} if bias is not None else {})}))
+    for src, state in folder.saved.items():
+        name = resolve_module(src, modules.__contains__, names, prefixes, where)
+        base = modules[name].base if hasattr(modules[name], "adapters") else modules[name]
+        built.append((name, modules[name], "module", FullCopy(base), state))
+    for src, bias in folder.biases.items():
+        name = resolve_module(src, modules.__contains__, names, prefixes, where)
+        base = modules[name].base if hasattr(modules[name], "adapters") else modules[name]
+        check_shape(bias, tuple(base.bias.shape), "bias", name, path)
+        built.append((name, modules[name], module_kind(base) or "module", BiasShift(base), {"bias": bias}))
+    for name, module, kind, adapter, state in built:
+        layer = wrap(model, name, module, kind)
+        adapter.load_peft_state(state, layer.base)
+        layer.add(adapter_name, adapter)
+    configs(model)[adapter_name] = folder.config
+    if len(configs(model)) == 1:
+        set_adapter(model, adapter_name)
+    for _, layer in adapter_layers(model):
+        if adapter_name in layer.adapters:
+            layer.adapters[adapter_name].requires_grad_(is_trainable)
+    return model
+
+
+def _check_fingerprint(expected: str | None, base: nn.Module, name: str, path: Path) -> None:
+    if expected is None:
+        return
+    got = tensor_fingerprint(base.weight)
+    if not fingerprints_match(got, expected):
+        raise SpliceError(f"{path}: this adapter was made for another base model: tensor {name}.weight differs "
+                          f"(fingerprint {got}, adapter expects {expected})")
+
+
+__all__ = ["save_adapter", "load_adapter"]

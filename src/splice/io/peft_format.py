@@ -1,0 +1,188 @@
+"""Read and write PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors` with PEFT key names.
+
+    base_model.model.<module>.lora_A.weight        (r, in)          lora_embedding_A  (r, num_embeddings)
+    base_model.model.<module>.lora_B.weight        (out, r)         lora_embedding_B  (dim, r)
+    base_model.model.<module>.lora_magnitude_vector (out,)          DoRA only
+    base_model.model.<module>.bias / .weight        a trained bias, or a `modules_to_save` module in full
+
+Such folders load in PEFT, vLLM and LoRAX. splice adds `splice_config.json` (method, config, fingerprints of the
+base tensors the adapter touches), which other tools ignore and splice uses to refuse an adapter made for another
+base.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from splice.errors import SpliceError, closest
+
+PREFIX = "base_model.model."
+LORA_KEYS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+             "lora_magnitude_vector.weight")
+CONFIG_FILE, WEIGHTS_FILE, SPLICE_FILE = "adapter_config.json", "adapter_model.safetensors", "splice_config.json"
+# PEFT options that change the math in ways splice does not implement: refuse rather than load wrongly.
+_UNSUPPORTED = ("use_qalora", "lora_bias", "target_parameters", "layer_replication", "trainable_token_indices",
+                "use_bdlora", "alora_invocation_tokens")
+
+
+@dataclass
+class AdapterFolder:
+    """A parsed adapter folder: its config and tensors grouped by module path (without PEFT's prefix)."""
+
+    path: Path
+    config: Any  # LoraConfig / DoraConfig
+    peft_config: dict[str, Any]
+    lora: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → {"lora_A.weight": ..}
+    saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # modules_to_save module → its state
+    biases: dict[str, Tensor] = field(default_factory=dict)  # module → trained bias
+    fingerprint: dict[str, str] = field(default_factory=dict)
+
+    def rank(self, module: str) -> int:
+        t = self.lora[module]
+        return (t.get("lora_A.weight", t.get("lora_embedding_A"))).shape[0]
+
+    def module_config(self, module: str):
+        """The config with this module's own rank and alpha (PEFT's rank_pattern / alpha_pattern)."""
+        alpha = self.config.lora_alpha
+        for pattern, value in (self.peft_config.get("alpha_pattern") or {}).items():
+            if module == pattern or module.endswith("." + pattern):
+                alpha = value
+        return dataclasses.replace(self.config, r=self.rank(module), lora_alpha=alpha)
+
+
+def read_adapter_folder(path: str | Path) -> AdapterFolder:
+    """Parse an adapter folder written by PEFT or splice; one-line SpliceErrors name the file at fault."""
+    from splice.io.checkpoints import CheckpointReader, read_json
+
+    path = Path(path)
+    if not path.is_dir():
+        raise SpliceError(f"{path}: adapter folder does not exist")
+    cfg = read_json(path / CONFIG_FILE)
+    config = _config_from_peft(cfg, path / CONFIG_FILE)
+    splice_meta = read_json(path / SPLICE_FILE) if (path / SPLICE_FILE).exists() else {}
+    reader = CheckpointReader(path)
+    folder = AdapterFolder(path, config, cfg, fingerprint=splice_meta.get("fingerprint", {}))
+    saved_names = config.modules_to_save or []
+    for key in reader.keys():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        suffix = next((s for s in LORA_KEYS if name.endswith("." + s)), None)
+        if suffix is not None:
+            module = name[: -len(suffix) - 1]
+            suffix = "lora_magnitude_vector" if suffix.startswith("lora_magnitude") else suffix
+            folder.lora.setdefault(module, {})[suffix] = reader.get(key)
+            continue
+        owner = next((m for m in _prefixes(name) if any(m == s or m.endswith("." + s) for s in saved_names)), None)
+        if owner is not None:
+            folder.saved.setdefault(owner, {})[name[len(owner) + 1:]] = reader.get(key)
+        elif name.endswith(".bias"):
+            folder.biases[name[: -len(".bias")]] = reader.get(key)
+        else:
+            raise SpliceError(f"{path / WEIGHTS_FILE}: tensor {key!r} is neither a LoRA tensor, a bias, nor part of "
+                              f"modules_to_save {saved_names}")
+    for module, tensors in folder.lora.items():
+        if not ({"lora_A.weight", "lora_B.weight"} <= tensors.keys()
+                or {"lora_embedding_A", "lora_embedding_B"} <= tensors.keys()):
+            raise SpliceError(f"{path / WEIGHTS_FILE}: module {module!r} has {sorted(tensors)}; expected both A and B")
+        if config.method == "dora" and "lora_magnitude_vector" not in tensors:
+            raise SpliceError(f"{path / WEIGHTS_FILE}: module {module!r} has no lora_magnitude_vector (use_dora)")
+    if folder.biases and config.bias == "none":
+        config.bias = "all"  # a folder that carries trained biases was trained with bias != none
+    return folder
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _config_from_peft(cfg: dict[str, Any], where: Path):
+    from splice.adapters.registry import make_config
+
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise SpliceError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported yet; splice reads LORA")
+    for key in _UNSUPPORTED:
+        if cfg.get(key):
+            raise SpliceError(f"{where}: {key}={cfg[key]!r} is not supported by splice")
+    # rank_pattern needs nothing: each module's rank is read from its tensors' shapes.
+    init = cfg.get("init_lora_weights", True)
+    fields = {
+        "target_modules": cfg.get("target_modules") or ["query", "value"],
+        "exclude_modules": cfg.get("exclude_modules"),
+        "modules_to_save": cfg.get("modules_to_save"),
+        "r": int(cfg.get("r", 8)),
+        "lora_alpha": cfg.get("lora_alpha", 8),
+        "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "bias": cfg.get("bias", "none"),
+        "init_lora_weights": init if init in ("gaussian",) else "kaiming",
+    }
+    if isinstance(fields["target_modules"], (set, tuple)):
+        fields["target_modules"] = sorted(fields["target_modules"])
+    try:
+        return make_config("dora" if cfg.get("use_dora") else "lora", **fields)
+    except SpliceError as err:
+        raise SpliceError(f"{where}: {err}") from None
+
+
+def peft_config_dict(config: Any, *, fan_in_fan_out: bool, base: str | None, r: int | None = None,
+                     lora_alpha: float | None = None) -> dict[str, Any]:
+    """PEFT's `adapter_config.json` for a LoRA or DoRA config."""
+    target = config.target_modules
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "revision": None,
+        "r": r or config.r, "lora_alpha": lora_alpha or config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "use_rslora": config.use_rslora, "use_dora": config.method == "dora", "bias": config.bias,
+        "target_modules": target if isinstance(target, str) else list(target),
+        "exclude_modules": config.exclude_modules, "modules_to_save": config.modules_to_save,
+        "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True if config.init_lora_weights == "kaiming"
+        else config.init_lora_weights if config.init_lora_weights == "gaussian" else True,
+        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None, "megatron_core": "megatron.core",
+        "loftq_config": {}, "layer_replication": None,
+    }
+
+
+def resolve_module(name: str, has: Callable[[str], bool], candidates: list[str], prefixes: list[str],
+                   where: str) -> str:
+    """Map an adapter's module path onto the target's naming (which may add or drop a prefix like 'bert.')."""
+    if has(name):
+        return name
+    for p in prefixes:
+        if name.startswith(p + ".") and has(name[len(p) + 1:]):
+            return name[len(p) + 1:]
+        if has(f"{p}.{name}"):
+            return f"{p}.{name}"
+    raise SpliceError(f"{where}: the adapter targets {name!r}, which the base does not have"
+                      f"{closest(name, candidates)}")
+
+
+def module_prefixes(model: nn.Module | None = None) -> list[str]:
+    """Prefixes a base may add to module names (HF heads wrap the backbone as 'bert.', 'model.', ...)."""
+    out = ["model", "transformer", "bert", "roberta", "base_model"]
+    prefix = getattr(model, "base_model_prefix", None)
+    return [prefix, *out] if prefix else out
+
+
+def scale_of(config: Any) -> float:
+    return config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+
+
+def check_shape(tensor: Tensor, expected: tuple[int, ...], key: str, module: str, where: Path) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise SpliceError(f"{where / WEIGHTS_FILE}: tensor {key!r} of module {module!r} has shape "
+                          f"{tuple(tensor.shape)} but the base needs {tuple(expected)}")
+
+
+def lora_shapes(kind: str, in_f: int, out_f: int, r: int, base: Any = None) -> dict[str, tuple[int, ...]]:
+    """PEFT's tensor shapes for a module of `kind`."""
+    if kind == "embedding":
+        return {"lora_embedding_A": (r, in_f), "lora_embedding_B": (out_f, r)}
+    if kind == "conv2d":
+        kh, kw = base.kernel_size
+        return {"lora_A.weight": (r, in_f, kh, kw), "lora_B.weight": (out_f, r, 1, 1)}
+    return {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
+

@@ -1,0 +1,1 @@
+"""Training: data loading, collators and the training loop."""
