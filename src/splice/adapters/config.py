@@ -42,17 +42,22 @@ class AdapterConfig:
         return {"method": self.method, **dataclasses.asdict(self)}
 
 
-def config_from_dict(cls: type, data: dict[str, Any]):
-    """Build config `cls` from `data`, rejecting unknown keys with the closest valid one named."""
+def config_from_dict(cls: type, data: dict[str, Any], section: str | None = None):
+    """Build config `cls` from `data`, rejecting unknown keys with the closest valid one named.
+
+    Args:
+        section: how messages name the config (default: "method <name>").
+    """
+    section = section or f"method {getattr(cls, 'method', cls.__name__)!r}"
     data = {k: v for k, v in data.items() if k != "method"}
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise SpliceError(f"unknown config key {key!r} for method {cls.method!r}{closest(key, names)}")
+            raise SpliceError(f"unknown config key {key!r} for {section}{closest(key, names)}")
     try:
         return cls(**data)
     except TypeError as err:  # wrong value types surface here as well
-        raise SpliceError(f"invalid {cls.method} config: {err}") from None
+        raise SpliceError(f"invalid config for {section}: {err}") from None
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -90,6 +90,9 @@ def wrap(model: nn.Module, name: str, module: nn.Module, kind: str) -> AdapterLa
     if isinstance(module, AdapterLayer):
         return module
     layer = AdapterLayer(module, kind)
+    # A new nn.Module starts in training mode; follow the wrapped module's mode instead, so that adapting or
+    # loading into an eval-mode model does not switch adapter dropout on (base's own submodules are left as they are).
+    layer.training = layer.adapters.training = module.training
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return layer

@@ -81,6 +81,7 @@ class AdapterLayer(nn.Module):
     def add(self, name: str, adapter: nn.Module) -> None:
         if name in self.adapters:
             raise SpliceError(f"adapter {name!r} already exists on this module; delete it first or pick another name")
+        adapter.train(self.training)  # a freshly built adapter is in training mode; match the layer (eval → no dropout)
         self.adapters[name] = adapter
 
     def delete(self, name: str) -> None:

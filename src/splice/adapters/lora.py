@@ -201,7 +201,8 @@ class LoraAdapter(nn.Module):
         return out
 
     def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
-        out = {"bias": (base.bias + self.lora_bias).detach()} if self.lora_bias is not None else {}
+        # PEFT keeps a wrapped module's bias on its `base_layer` and loads it only under that key.
+        out = {"base_layer.bias": (base.bias + self.lora_bias).detach()} if self.lora_bias is not None else {}
         if self.pissa:  # saved as the equivalent plain LoRA of rank 2r against the original base
             B, A = self.low_rank()
             A, B = A.reshape(2 * self.r, *self.lora_A.shape[1:]), B.reshape(B.shape[0], 2 * self.r, *self.lora_B.shape[2:])

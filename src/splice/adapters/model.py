@@ -54,20 +54,25 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     method = get_method(config.method)
     targets = find_targets(model, config)
     saved = _modules_to_save(model, config)
+    # Build every adapter before touching the model: a method may refuse a module (DoRA on an embedding), and a
+    # refusal half-way must not leave some modules wrapped and the base frozen.
+    built = [(name, module, kind, method.adapter(module.base if isinstance(module, AdapterLayer) else module,
+                                                 kind, config))
+             for name, module, kind in targets]
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module, kind in targets:
-        layer = wrap(model, name, module, kind)
-        layer.add(adapter_name, method.adapter(layer.base, kind, config))
+    for name, module, kind, adapter in built:
+        wrap(model, name, module, kind).add(adapter_name, adapter)
     for name, module in saved:
         layer = wrap(model, name, module, "module")
         layer.add(adapter_name, FullCopy(layer.base))
     if getattr(config, "bias", "none") == "all":
         wrapped = {n for n, _, _ in targets} | {n for n, _ in saved}
         for name, module in list(plain_modules(model)):
-            if name not in wrapped and not isinstance(module, AdapterLayer) \
-                    and isinstance(getattr(module, "bias", None), torch.Tensor):
-                layer = wrap(model, name, module, module_kind(module) or "module")
+            # A module already wrapped for another adapter still gets this adapter's bias (look at its base).
+            plain = module.base if isinstance(module, AdapterLayer) else module
+            if name and name not in wrapped and isinstance(getattr(plain, "bias", None), torch.Tensor):
+                layer = wrap(model, name, module, module_kind(plain) or "module")
                 layer.add(adapter_name, BiasShift(layer.base))
     configs(model)[adapter_name] = config
     set_adapter(model, adapter_name)

@@ -60,7 +60,10 @@ class _LoraLinear(torch.autograd.Function):
         g2 = g.reshape(-1, out_f)
         x2 = x.reshape(-1, in_f)
         A_, B_ = A.to(g.dtype), B.to(g.dtype)
-        grad_mag = None
+        grad_mag = grad_bias = None
+        # The bias is added after DoRA's column scaling, so its gradient is the unscaled one (taken before g2 *= col).
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0)
         if mag is not None:
             if ctx.needs_input_grad[5]:
                 # z = (y - b) / col recovers the pre-scaling output from the saved output, no extra matmul.
@@ -70,7 +73,7 @@ class _LoraLinear(torch.autograd.Function):
                 grad_mag = ((g2 * z).sum(0) / col / norm).to(mag.dtype)
             g2 = g2 * col
         gb = g2 @ B_  # (N, r)
-        grad_x = grad_w = grad_bias = grad_A = grad_B = None
+        grad_x = grad_w = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             grad_x = g2 @ weight
             if mask is None:
@@ -80,8 +83,6 @@ class _LoraLinear(torch.autograd.Function):
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_w = g2.t() @ x2
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = g2.sum(0)
         if ctx.needs_input_grad[3]:
             xd = x2 if mask is None else x2 * mask * (1 / (1 - p))
             grad_A = (gb.t() @ xd).mul_(s).to(A.dtype)

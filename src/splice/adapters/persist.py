@@ -70,8 +70,6 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     prefixes = module_prefixes(model)
     where = str(path / WEIGHTS_FILE)
     method = get_method(folder.config.method)
-    for p in model.parameters():
-        p.requires_grad_(False)
     built: list[tuple[str, nn.Module, str, nn.Module, dict[str, Tensor]]] = []
     for src, tensors in folder.lora.items():
         name = resolve_module(src, modules.__contains__, names, prefixes, where)
@@ -98,6 +96,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         base = modules[name].base if hasattr(modules[name], "adapters") else modules[name]
         check_shape(bias, tuple(base.bias.shape), "bias", name, path)
         built.append((name, modules[name], module_kind(base) or "module", BiasShift(base), {"bias": bias}))
+    # Freeze the base only now that every check passed: a refused load leaves the model as it was.
+    for p in model.parameters():
+        p.requires_grad_(False)
     for name, module, kind, adapter, state in built:
         layer = wrap(model, name, module, kind)
         adapter.load_peft_state(state, layer.base)

@@ -142,6 +142,9 @@ def load_model(
     if Path(where).is_dir() and not (Path(where) / "config.json").is_file():
         raise SpliceError(f"model folder {where} has no config.json (is it a transformers model folder?)")
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # splice draws its own bars; a per-load bar is noise on every command
 
     auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
     try:

@@ -4,6 +4,7 @@
     base_model.model.<module>.lora_B.weight        (out, r)         lora_embedding_B  (dim, r)
     base_model.model.<module>.lora_magnitude_vector (out,)          DoRA only
     base_model.model.<module>.bias / .weight        a trained bias, or a `modules_to_save` module in full
+    base_model.model.<module>.base_layer.bias       the trained bias of a LoRA-wrapped module (bias != none)
 
 Such folders load in PEFT, vLLM and LoRAX. splice adds `splice_config.json` (method, config, fingerprints of the
 base tensors the adapter touches), which other tools ignore and splice uses to refuse an adapter made for another
@@ -79,7 +80,9 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
         if owner is not None:
             folder.saved.setdefault(owner, {})[name[len(owner) + 1:]] = reader.get(key)
         elif name.endswith(".bias"):
-            folder.biases[name[: -len(".bias")]] = reader.get(key)
+            # PEFT saves the trained bias of a LoRA-wrapped module under its wrapper's `base_layer`.
+            module = name[: -len(".bias")].removesuffix(".base_layer")
+            folder.biases[module] = reader.get(key)
         else:
             raise SpliceError(f"{path / WEIGHTS_FILE}: tensor {key!r} is neither a LoRA tensor, a bias, nor part of "
                               f"modules_to_save {saved_names}")
@@ -109,17 +112,20 @@ def _config_from_peft(cfg: dict[str, Any], where: Path):
             raise SpliceError(f"{where}: {key}={cfg[key]!r} is not supported by splice")
     # rank_pattern needs nothing: each module's rank is read from its tensors' shapes.
     init = cfg.get("init_lora_weights", True)
-    fields = {
-        "target_modules": cfg.get("target_modules") or ["query", "value"],
-        "exclude_modules": cfg.get("exclude_modules"),
-        "modules_to_save": cfg.get("modules_to_save"),
-        "r": int(cfg.get("r", 8)),
-        "lora_alpha": cfg.get("lora_alpha", 8),
-        "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
-        "use_rslora": bool(cfg.get("use_rslora", False)),
-        "bias": cfg.get("bias", "none"),
-        "init_lora_weights": init if init in ("gaussian",) else "kaiming",
-    }
+    try:  # int()/float() of a bad value ("r": "four") must name the file, not escape as a bare ValueError
+        fields = {
+            "target_modules": cfg.get("target_modules") or ["query", "value"],
+            "exclude_modules": cfg.get("exclude_modules"),
+            "modules_to_save": cfg.get("modules_to_save"),
+            "r": int(cfg.get("r", 8)),
+            "lora_alpha": cfg.get("lora_alpha", 8),
+            "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
+            "use_rslora": bool(cfg.get("use_rslora", False)),
+            "bias": cfg.get("bias", "none"),
+            "init_lora_weights": init if init in ("gaussian",) else "kaiming",
+        }
+    except (TypeError, ValueError) as err:
+        raise SpliceError(f"{where}: invalid value ({err})") from None
     if isinstance(fields["target_modules"], (set, tuple)):
         fields["target_modules"] = sorted(fields["target_modules"])
     try:

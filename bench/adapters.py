@@ -1,0 +1,518 @@
+#!/usr/bin/env python
+"""Adapter benchmark: splice vs PEFT on all-MiniLM-L6-v2 (BertModel) + mean pooling + a 2-class linear head.
+
+    python bench/adapters.py                 # full run (< 20 min on 2 CPU cores), writes bench/RESULTS.md
+    python bench/adapters.py --quick         # smoke run (< 3 min): main dropout only, fewer rounds
+    python bench/adapters.py --profile       # torch.profiler: one LoRA all-linear step vs the frozen floor
+
+What is measured (batch 32, sequence 128: every row filled with random token ids, fixed seed, no padding):
+
+- training step = forward + backward + AdamW step, for the frozen FLOOR (every encoder weight frozen but the
+  gradient flows back through the whole encoder: the input embeddings' output requires grad; only the head
+  trains), full fine-tuning, and LoRA r8 on query/value, LoRA r8 all-linear and DoRA r8 all-linear, each for
+  splice and PEFT with the same config (r=8, lora_alpha=16), with lora_dropout 0.1 (main table) and 0.0.
+  The configurations are interleaved round-robin (shuffled order in every round) so machine noise hits all of
+  them alike; speed is reported as the median over rounds of the ratio to the floor measured in the same round.
+- peak memory: one fresh subprocess per configuration; peak RSS (VmHWM) over a few steps, and its increment
+  over the RSS right after the base model was loaded.
+- inference (eval, no_grad): base model, LoRA all-linear unmerged / merged (splice.merge_adapter), a mixed batch
+  of 3 adapters (splice.mixed_batch) vs a single-adapter batch, and PEFT for reference; interleaved likewise.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT / "src") not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT / "src"))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import common  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+BATCH, SEQ, R, ALPHA, SEED = 32, 128, 8, 16, 0
+HEADING = "## Adapters (bench/adapters.py)"
+
+# kind → (target_modules, use_dora, label)
+KINDS = {
+    "lora_qv": (["query", "value"], False, "LoRA r8 query/value"),
+    "lora_all": ("all-linear", False, "LoRA r8 all-linear"),
+    "dora_all": ("all-linear", True, "DoRA r8 all-linear"),
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    impl: str  # "-" (floor, full), "splice", "peft"
+    kind: str  # "floor", "full", or a key of KINDS
+    dropout: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.kind if self.impl == "-" else f"{self.impl}:{self.kind}:{self.dropout:g}"
+
+    @staticmethod
+    def parse(key: str) -> "Spec":
+        if ":" not in key:
+            return Spec("-", key)
+        impl, kind, d = key.split(":")
+        return Spec(impl, kind, float(d))
+
+    @property
+    def label(self) -> str:
+        if self.kind == "floor":
+            return "frozen model (floor)"
+        if self.kind == "full":
+            return "full fine-tuning"
+        return f"{self.impl} {KINDS[self.kind][2]}"
+
+
+def specs_for(dropouts: list[float]) -> list[Spec]:
+    out = [Spec("-", "floor"), Spec("-", "full")]
+    for d in dropouts:
+        for kind in KINDS:
+            for impl in ("splice", "peft"):
+                out.append(Spec(impl, kind, d))
+    return out
+
+
+# -- model, data, step -----------------------------------------------------------------------------------------------
+def model_path() -> Path:
+    from splice.io.models import default_model_path
+
+    return default_model_path()
+
+
+def load_base() -> nn.Module:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        transformers.logging.disable_progress_bar()
+    except AttributeError:
+        pass
+    return transformers.AutoModel.from_pretrained(model_path())
+
+
+def make_batch(vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(1000, vocab, (BATCH, SEQ), generator=g)  # above BERT's [unused]/special ids
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (BATCH,), generator=g)}
+
+
+def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1)
+
+
+def lora_config(spec: Spec):
+    import splice
+
+    target, dora, _ = KINDS[spec.kind]
+    if spec.impl == "splice":
+        cls = splice.DoraConfig if dora else splice.LoraConfig
+        return cls(r=R, lora_alpha=ALPHA, target_modules=target, lora_dropout=spec.dropout)
+    import peft
+
+    return peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=target, lora_dropout=spec.dropout, use_dora=dora)
+
+
+def prepare(spec: Spec, model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
+    """Turn a freshly loaded base model into the configuration `spec`; returns it and what it adapted."""
+    if spec.kind == "floor":
+        model.requires_grad_(False)
+        # Gradient through every layer, as when anything below the top is trained: same as HF's
+        # enable_input_require_grads().
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        adapted = 0
+    elif spec.kind == "full":
+        model.requires_grad_(True)
+        adapted = 0
+    elif spec.impl == "splice":
+        import splice
+        from splice.adapters.inject import adapter_layers
+
+        model = splice.adapt(model, lora_config(spec))
+        adapted = len(adapter_layers(model))
+    else:
+        import peft
+        from peft.tuners.lora import LoraLayer
+
+        model = peft.get_peft_model(model, lora_config(spec))
+        adapted = sum(isinstance(m, LoraLayer) for m in model.modules())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, {"adapted_modules": adapted, "trainable_params": trainable}
+
+
+class Trainer:
+    """One configuration ready to step: model (train mode), head, AdamW over everything trainable."""
+
+    def __init__(self, spec: Spec, batch: dict[str, torch.Tensor], model: nn.Module | None = None):
+        torch.manual_seed(SEED)
+        model = load_base() if model is None else model
+        self.model, self.info = prepare(spec, model)
+        self.model.train()
+        hidden = self.model.config.hidden_size if hasattr(self.model, "config") else 384
+        self.head = nn.Linear(hidden, 2)
+        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.batch = batch
+        self.last_loss = float("nan")
+
+    def step(self) -> dict[str, float]:
+        b = self.batch
+        t0 = time.perf_counter()
+        h = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        loss = F.cross_entropy(self.head(mean_pool(h, b["attention_mask"])), b["labels"])
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        self.last_loss = loss.item()
+        return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2}
+
+
+# -- memory: one fresh process per configuration ---------------------------------------------------------------------
+def memory_child(key: str, steps: int, threads: int) -> None:
+    """Runs in the subprocess: prints one JSON line with RSS figures for configuration `key`."""
+    torch.set_num_threads(threads)
+    spec = Spec.parse(key)
+    if spec.impl == "peft":
+        import peft  # noqa: F401  (imported before the baseline, like splice and transformers)
+    import splice  # noqa: F401
+    import transformers  # noqa: F401
+
+    rss_imports = common.rss_bytes()
+    torch.manual_seed(SEED)
+    model = load_base()
+    batch = make_batch(model.config.vocab_size)
+    rss_loaded = common.rss_bytes()
+    reset = common.reset_peak_rss()
+    trainer = Trainer(spec, batch, model=model)
+    for _ in range(steps):
+        trainer.step()
+    peak = common.peak_rss_bytes()
+    print("MEM " + json.dumps({"key": key, "rss_imports": rss_imports, "rss_loaded": rss_loaded, "peak": peak,
+                               "rss_end": common.rss_bytes(), "peak_reset": reset, "loss": trainer.last_loss,
+                               **trainer.info}), flush=True)
+
+
+def measure_memory(specs: list[Spec], steps: int, threads: int, log) -> dict[str, dict]:
+    out = {}
+    for i, spec in enumerate(specs):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_mem", spec.key, "--mem-steps", str(steps),
+               "--threads", str(threads)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEM ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"memory subprocess for {spec.key} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        out[spec.key] = json.loads(lines[-1][4:])
+        m = out[spec.key]
+        log(f"  [{i + 1}/{len(specs)}] {spec.key:24s} peak {common.mib(m['peak'])} MiB, "
+            f"+{common.mib(m['peak'] - m['rss_loaded'])} MiB over loaded ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+# -- inference -------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def randomize_lora_B(model: nn.Module, seed: int) -> None:
+    """B starts at 0; give every adapter a non-zero update so merged/mixed outputs differ from the base."""
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def build_inference(batch: dict[str, torch.Tensor]) -> tuple[dict, dict[str, float]]:
+    """The inference configurations as zero-argument runners, plus correctness checks (max abs differences)."""
+    import peft
+    import splice
+
+    names = ["a", "b", "c"]
+    rows = [names[i * 3 // BATCH] for i in range(BATCH)]  # 11 / 11 / 10 rows
+    cfg = dict(r=R, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    torch.manual_seed(SEED)
+    base = load_base().eval()
+    one = splice.adapt(load_base(), splice.LoraConfig(**cfg)).eval()
+    randomize_lora_B(one, 1)
+    merged = copy.deepcopy(one)
+    splice.merge_adapter(merged, "default")
+    three = load_base()
+    for i, n in enumerate(names):
+        splice.adapt(three, splice.LoraConfig(**cfg), adapter_name=n)
+    three.eval()
+    randomize_lora_B(three, 2)
+    splice.set_adapter(three, "a")
+    p_one = peft.get_peft_model(load_base(), peft.LoraConfig(**cfg)).eval()
+    randomize_lora_B(p_one, 1)
+    p_three = peft.get_peft_model(load_base(), peft.LoraConfig(**cfg), adapter_name="a")
+    for n in names[1:]:
+        p_three.add_adapter(n, peft.LoraConfig(**cfg))
+    p_three.eval()
+    randomize_lora_B(p_three, 2)
+
+    def run(model, **kw):
+        return model(**inputs, **kw).last_hidden_state
+
+    def mixed():
+        with splice.mixed_batch(three, rows):
+            return run(three)
+
+    runners = {
+        "base model": lambda: run(base),
+        "splice LoRA all-linear, unmerged": lambda: run(one),
+        "splice LoRA all-linear, merged": lambda: run(merged),
+        "splice 3 adapters, single-adapter batch": lambda: run(three),
+        "splice 3 adapters, mixed batch (11/11/10 rows)": mixed,
+        "PEFT LoRA all-linear, unmerged": lambda: run(p_one),
+        "PEFT 3 adapters, mixed batch (adapter_names=)": lambda: run(p_three, adapter_names=rows),
+    }
+
+    checks = {}
+    with torch.no_grad():
+        checks["merged vs unmerged"] = (run(merged) - run(one)).abs().max().item()
+        checks["unmerged vs base (should be > 0)"] = (run(one) - run(base)).abs().max().item()
+        out_mixed = mixed()
+        worst = 0.0
+        for n in names:
+            splice.set_adapter(three, n)
+            idx = [i for i, r in enumerate(rows) if r == n]
+            worst = max(worst, (out_mixed[idx] - run(three)[idx]).abs().max().item())
+        splice.set_adapter(three, "a")
+        checks["mixed batch vs per-adapter batches"] = worst
+    return runners, checks
+
+
+# -- profile ---------------------------------------------------------------------------------------------------------
+def profile(threads: int, rows: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    torch.set_num_threads(threads)
+    base = load_base()
+    batch = make_batch(base.config.vocab_size)
+    specs = [Spec("-", "floor"), Spec("splice", "lora_all", 0.1), Spec("splice", "lora_all", 0.0),
+             Spec("peft", "lora_all", 0.1)]
+    tables = {}
+    for spec in specs:
+        tr = Trainer(spec, batch)
+        for _ in range(2):
+            tr.step()
+        walls = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            tr.step()
+            walls.append(time.perf_counter() - t0)
+        with tprofile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            tr.step()
+        ka = prof.key_averages()
+        tables[spec.key] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in ka}
+        total = sum(v for v, _ in tables[spec.key].values())
+        print(f"\n### {spec.label} (dropout {spec.dropout:g}): step {statistics.fmean(walls):.2f} s unprofiled, "
+              f"{total / 1e3:.2f} s self CPU profiled")
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+        del tr
+    floor = tables["floor"]
+    for key in specs[1:]:
+        t = tables[key.key]
+        diff = sorted(((t.get(k, (0, 0))[0] - floor.get(k, (0, 0))[0], k) for k in set(t) | set(floor)), reverse=True)
+        print(f"\n### self CPU ms: {key.label} (dropout {key.dropout:g}) minus floor, top {rows}")
+        print(common.md_table(["op", "floor ms (calls)", "adapter ms (calls)", "extra ms"],
+                              [[k, f"{floor.get(k, (0, 0))[0]:.0f} ({floor.get(k, (0, 0))[1]})",
+                                f"{t.get(k, (0, 0))[0]:.0f} ({t.get(k, (0, 0))[1]})", f"{d:+.0f}"]
+                               for d, k in diff[:rows]]))
+
+
+# -- report ----------------------------------------------------------------------------------------------------------
+def verdict(ok: bool) -> str:
+    return "**PASS**" if ok else "**FAIL**"
+
+
+def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> str:
+    floor = timing["floor"]
+    dropouts = sorted({s.dropout for s in specs if s.impl != "-"}, reverse=True)
+    out = []
+    out.append("Model: all-MiniLM-L6-v2 (`transformers.AutoModel`, BertModel, 6 layers, hidden 384, attention "
+               f"`{info.pop('_attn')}`) + mean pooling + Linear(384, 2); batch {BATCH} × sequence {SEQ} (random "
+               "token ids, fixed seed, no padding); training step = forward + backward + AdamW step, model in "
+               "train mode (BERT's own dropout 0.1 active in every row). Adapters: r=8, lora_alpha=16, same "
+               "config for splice and PEFT; `lora_dropout` 0.1 is the main regime (PEFT's common recipe value), "
+               "0.0 is shown too. The floor freezes every encoder weight but makes the input embeddings' output "
+               "require grad, so backward runs through all layers; only the head trains.\n")
+    out.append(common.md_table(["machine", ""], [[k, v] for k, v in info.items()]))
+    out.append(f"\nReproduce: `{args.command}` ({elapsed / 60:.1f} min). Speed: {args.rounds} rounds × "
+               f"{args.per_round} timed steps per configuration after {args.warmup} warm-up step(s), configurations "
+               "interleaved round-robin in a shuffled order each round; ratios are medians over rounds of the "
+               "per-round ratio (range over rounds in brackets). Memory: a fresh subprocess per configuration, "
+               f"peak RSS (VmHWM{', reset after loading' if all(m.get('peak_reset') for m in memory.values()) else ''})"
+               f" over {args.mem_steps} step(s); '+ over loaded' is peak minus the RSS right after loading the "
+               "base model (adapters, gradients, optimizer state, activations).")
+
+    # training table
+    rows = []
+    for spec in specs:
+        s, m = timing[spec.key], memory[spec.key]
+        peer = None
+        if spec.impl == "splice":
+            peer = Spec("peft", spec.kind, spec.dropout).key
+        rows.append([
+            spec.label, "—" if spec.impl == "-" else f"{spec.dropout:g}", m["adapted_modules"] or "—",
+            f"{m['trainable_params']:,}",
+            f"{common.median_all(s):.2f}",
+            " / ".join(f"{common.median_all(s, k):.2f}" for k in ("fwd", "bwd", "opt")),
+            common.fmt_ratio(common.ratio_stats(s, floor)),
+            common.fmt_ratio(common.ratio_stats(s, timing[peer])) if peer else "",
+            common.mib(m["peak"]), common.mib(m["peak"] - m["rss_loaded"]),
+        ])
+    out.append("\n### Training step\n")
+    out.append(common.md_table(["configuration", "lora_dropout", "modules adapted", "trainable params",
+                                "step s (median)", "fwd / bwd / opt s", "× floor", "splice ÷ PEFT",
+                                "peak RSS MiB", "+ over loaded MiB"], rows))
+
+    # inference table
+    base_t = inf_timing["base model"]
+    single = inf_timing["splice 3 adapters, single-adapter batch"]
+    irows = [[name, f"{common.median_all(s) * 1e3:.0f}", common.fmt_ratio(common.ratio_stats(s, base_t)),
+              common.fmt_ratio(common.ratio_stats(s, single))] for name, s in inf_timing.items()]
+    out.append("\n### Inference (eval, no_grad, batch 32 × 128)\n")
+    out.append(common.md_table(["configuration", "ms (median)", "× base", "× splice single-adapter batch"], irows))
+    out.append("\nCorrectness checks (max abs difference of last_hidden_state): "
+               + "; ".join(f"{k}: {v:.2e}" for k, v in checks.items()) + ".")
+
+    # targets
+    def mem_inc(key):
+        m = memory[key]
+        return m["peak"] - m["rss_loaded"]
+
+    trows = []
+    for d in dropouts:
+        k = lambda impl, kind: Spec(impl, kind, d).key  # noqa: E731
+        r = common.ratio_stats(timing[k("splice", "lora_all")], floor)
+        rp = common.ratio_stats(timing[k("peft", "lora_all")], floor)
+        trows.append([f"splice LoRA all-linear step ≤ 1.10× floor", f"{d:g}",
+                      f"{common.fmt_ratio(r)} (PEFT: {rp[0]:.2f}×)", verdict(r[0] <= 1.10)])
+        s_inc, p_inc = mem_inc(k("splice", "lora_all")), mem_inc(k("peft", "lora_all"))
+        s_abs, p_abs = memory[k("splice", "lora_all")]["peak"], memory[k("peft", "lora_all")]["peak"]
+        saving = 1 - s_inc / p_inc
+        trows.append([f"splice LoRA all-linear peak memory ≥ 15% below PEFT's", f"{d:g}",
+                      f"{saving * 100:.1f}% below on the increment ({common.mib(s_inc)} vs {common.mib(p_inc)} MiB); "
+                      f"{(1 - s_abs / p_abs) * 100:.1f}% on absolute peak ({common.mib(s_abs)} vs {common.mib(p_abs)})",
+                      verdict(saving >= 0.15)])
+        r = common.ratio_stats(timing[k("splice", "dora_all")], timing[k("peft", "dora_all")])
+        trows.append([f"splice DoRA all-linear step ≤ 0.85× PEFT DoRA's", f"{d:g}", common.fmt_ratio(r),
+                      verdict(r[0] <= 0.85)])
+        s_inc, p_inc = mem_inc(k("splice", "dora_all")), mem_inc(k("peft", "lora_all"))
+        s_abs, p_abs = memory[k("splice", "dora_all")]["peak"], memory[k("peft", "lora_all")]["peak"]
+        trows.append([f"splice DoRA all-linear peak memory ≤ PEFT LoRA all-linear's", f"{d:g}",
+                      f"increment {common.mib(s_inc)} vs {common.mib(p_inc)} MiB; "
+                      f"absolute {common.mib(s_abs)} vs {common.mib(p_abs)} MiB", verdict(s_inc <= p_inc)])
+    r = common.ratio_stats(inf_timing["splice LoRA all-linear, merged"], base_t)
+    trows.append(["merged inference ≤ 1.05× base latency", "eval", common.fmt_ratio(r), verdict(r[0] <= 1.05)])
+    r = common.ratio_stats(inf_timing["splice 3 adapters, mixed batch (11/11/10 rows)"], single)
+    trows.append(["mixed batch of 3 adapters ≤ 1.10× single-adapter batch", "eval", common.fmt_ratio(r),
+                  verdict(r[0] <= 1.10)])
+    out.append("\n### Targets\n")
+    out.append(common.md_table(["target", "lora_dropout", "measured", "verdict"], trows))
+    out.append("\nMemory targets are judged on the increment over the loaded model (the part adapters, gradients, "
+               "optimizer state and activations add); the absolute peak is shown beside it.")
+    if args.quick:
+        out.append("\n_Smoke run (`--quick`): few rounds, numbers are indicative only._")
+    return "\n".join(out)
+
+
+# -- main ------------------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: main dropout only, fewer rounds (< 3 min)")
+    ap.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown file to update (default bench/RESULTS.md)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--rounds", type=int, help="timed rounds (default 5; quick 2)")
+    ap.add_argument("--per-round", type=int, help="timed steps per configuration per round (default 2; quick 1)")
+    ap.add_argument("--warmup", type=int, help="untimed steps per configuration first (default 2; quick 1)")
+    ap.add_argument("--mem-steps", type=int, help="steps in each memory subprocess (default 3; quick 1)")
+    ap.add_argument("--dropouts", type=float, nargs="+", help="lora_dropout values (default 0.1 0.0; quick 0.1)")
+    ap.add_argument("--profile", action="store_true", help="profile one LoRA all-linear step vs the floor and exit")
+    ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--_mem", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args._mem:
+        memory_child(args._mem, args.mem_steps or 3, args.threads)
+        return
+    if args.profile:
+        profile(args.threads, args.profile_rows)
+        return
+
+    q = args.quick
+    args.rounds = args.rounds or (2 if q else 5)
+    args.per_round = args.per_round or (1 if q else 2)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
+    args.mem_steps = args.mem_steps or (1 if q else 3)
+    args.dropouts = args.dropouts or ([0.1] if q else [0.1, 0.0])
+    args.command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, Path.cwd())] + sys.argv[1:])
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+
+    import peft
+    import transformers
+
+    specs = specs_for(args.dropouts)
+    info = common.machine_info(args.threads)
+    info["transformers"] = transformers.__version__
+    info["peft"] = peft.__version__
+
+    log(f"training step timing: {len(specs)} configurations, {args.warmup} warm-up + {args.rounds} rounds × "
+        f"{args.per_round} steps")
+    base = load_base()
+    info["_attn"] = getattr(base.config, "_attn_implementation", "?")
+    batch = make_batch(base.config.vocab_size)
+    del base
+    trainers = {s.key: Trainer(s, batch) for s in specs}
+    timing = common.interleaved({k: t.step for k, t in trainers.items()}, args.rounds, args.per_round, args.warmup,
+                                log=log)
+    for k, t in trainers.items():
+        if t.last_loss != t.last_loss:
+            raise RuntimeError(f"{k}: loss is NaN")
+    del trainers
+
+    log("inference timing")
+    runners, checks = build_inference(batch)
+    with torch.no_grad():
+        inf_timing = common.interleaved(runners, max(args.rounds, 3) + 2, 3 if not q else 2, 2 if not q else 1,
+                                        seed=1, log=log)
+    del runners
+
+    log(f"peak memory: {len(specs)} subprocesses × {args.mem_steps} step(s)")
+    memory = measure_memory(specs, args.mem_steps, args.threads, log)
+
+    body = report(args, info, specs, timing, memory, inf_timing, checks, time.perf_counter() - t_start)
+    print(f"{HEADING}\n\n{body}")
+    common.write_section(Path(args.out), HEADING, body)
+    log(f"written to {args.out} ({(time.perf_counter() - t_start) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""`splice apply`: base model + adapter folder → a complete HF model folder with the adapter merged in.
+
+Streams: the base is read one tensor at a time (memory-mapped), the adapter's delta for that tensor is added in
+float32, and the result goes to a shard, so peak memory is one tensor plus the adapter, never the whole model.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from splice.adapters.dora import dora_update
+from splice.adapters.lora import lora_update
+from splice.delta.deltaset import DeltaSet, fingerprints_match, tensor_fingerprint
+from splice.delta.forms import Delta, Dense
+from splice.errors import SpliceError
+from splice.io.checkpoints import CheckpointReader, atomic_output_dir, save_safetensors_sharded
+from splice.io.models import TOKENIZER_FILES, copy_model_files, resolve_model
+from splice.io.peft_format import AdapterFolder, module_prefixes, read_adapter_folder, resolve_module, scale_of
+
+
+def base_folder(name_or_path: str) -> Path:
+    """A local folder for the base: a path as given, or a hub id fetched into the local cache."""
+    where = resolve_model(name_or_path)
+    if Path(where).is_dir():
+        return Path(where)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                             "*.jinja"]))
+    except Exception as exc:
+        raise SpliceError(f"base model {name_or_path!r}: not a local folder and not fetchable from the hub "
+                          f"({type(exc).__name__})") from None
+
+
+def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
+    """The adapter's deltas keyed by the base checkpoint's tensor names, shapes and fingerprints checked."""
+    names = sorted({k.rsplit(".", 1)[0] for k in base.keys()})
+    has = lambda m: f"{m}.weight" in base  # noqa: E731
+    where = str(folder.path)
+    deltas: dict[str, Delta] = {}
+    for src, t in folder.lora.items():
+        module = resolve_module(src, has, names, module_prefixes(), where)
+        weight = f"{module}.weight"
+        deltas[weight] = _lora_delta(folder, src, t, weight, base)  # checks shapes first: the clearer message
+        expected = folder.fingerprint.get(f"{src}.weight")
+        if expected and not fingerprints_match(tensor_fingerprint(base.get(weight)), expected):
+            raise SpliceError(f"{where}: this adapter was made for another base model: tensor {weight} differs")
+    for src, bias in folder.biases.items():
+        module = resolve_module(src, has, names, module_prefixes(), where)
+        deltas[f"{module}.bias"] = Dense(bias.float() - base.get(f"{module}.bias").float())
+    for src, state in folder.saved.items():
+        module = resolve_module(src, has, names, module_prefixes(), where)
+        for pname, value in state.items():
+            name = f"{module}.{pname}"
+            if name not in base:
+                raise SpliceError(f"{where}: modules_to_save tensor {name!r} is not in the base")
+            deltas[name] = Dense(value.float() - base.get(name).float())
+    for name, d in deltas.items():
+        if tuple(d.shape) != tuple(base.shape(name)):
+            raise SpliceError(f"{where}: the update of {name} has shape {tuple(d.shape)}, the base tensor "
+                              f"{tuple(base.shape(name))}")
+    return DeltaSet(deltas, base=str(base.path), method=folder.config.method, config=folder.config.to_dict())
+
+
+def _lora_delta(folder: AdapterFolder, src: str, t: dict[str, Tensor], weight: str, base: CheckpointReader) -> Delta:
+    config = folder.module_config(src)
+    scale = scale_of(config)
+    if "lora_embedding_A" in t:
+        kind, A, B = "embedding", t["lora_embedding_A"], t["lora_embedding_B"]
+    else:
+        A, B = t["lora_A.weight"], t["lora_B.weight"]
+        kind = "conv2d" if A.dim() == 4 else "conv1d" if folder.peft_config.get("fan_in_fan_out") else "linear"
+    A, B = A.float().reshape(A.shape[0], -1), B.float().reshape(B.shape[0], -1)
+    shape = tuple(base.shape(weight))
+    flat = (shape[0], math.prod(shape[1:]))
+    got = (A.shape[1], B.shape[0]) if kind in ("conv1d", "embedding") else (B.shape[0], A.shape[1])
+    if got != flat:
+        raise SpliceError(f"{folder.path}: the LoRA tensors of {src!r} make an update of shape {got}, but base "
+                          f"tensor {weight} has shape {shape}")
+    update = lora_update(B, A, scale, kind, torch.Size(shape))
+    if "lora_magnitude_vector" not in t:
+        return update
+    W = base.get(weight).float()
+    W = W.t() if kind == "conv1d" else W
+    dense = dora_update(W, A, B, t["lora_magnitude_vector"], scale)
+    return Dense(dense.t() if kind == "conv1d" else dense)
+
+
+def apply_adapter(base: str, adapter: str | Path, out: str | Path, *, force: bool = False,
+                  dtype: torch.dtype | None = None, progress: bool = True) -> Path:
+    """Write `base` with `adapter` merged in as a complete HF model folder at `out` (atomically).
+
+    Args:
+        base: model id or local folder of the base model.
+        adapter: a PEFT or splice adapter folder.
+        out: the output folder; refused if it exists unless `force` (then replaced atomically).
+        dtype: dtype of the written weights (default: each tensor keeps the base's dtype).
+    """
+    folder = read_adapter_folder(adapter)
+    base_dir = base_folder(base)
+    reader = CheckpointReader(base_dir)
+    deltas = adapter_deltaset(folder, reader)
+
+    def tensors() -> Iterator[tuple[str, Tensor]]:
+        for name in reader.keys():
+            t = reader.get(name)
+            if name in deltas:
+                merged = t.float()
+                deltas[name].apply_to(merged)
+                t = merged.to(t.dtype)
+            yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+    with atomic_output_dir(out, force=force) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            copied = copy_model_files(base_dir, tmp)
+        if not set(copied) & set(TOKENIZER_FILES):
+            print(f"warning: {base_dir} has no tokenizer files, so {out} has none either", file=sys.stderr)
+        save_safetensors_sharded(tensors(), tmp, metadata={"format": "pt"}, progress=progress)
+    reader.close()
+    return Path(out)

@@ -1,0 +1,212 @@
+"""The `splice` command. Each subcommand is a thin shell over a library function; bad input exits with one line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from splice.errors import SpliceError, closest
+
+app = typer.Typer(
+    help="splice: adapt, compress, merge and serve fine-tunes. Every fine-tune is a delta on a base.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ADAPTER_FLAGS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora",
+                 "init": "init_lora_weights", "bias": "bias"}
+TRAIN_FLAGS = ("epochs", "lr", "batch_size", "max_length", "max_steps", "seed", "weight_decay", "warmup_ratio")
+YAML_KEYS = ("method", "task", "adapter", "train")
+
+
+def _load_yaml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SpliceError(f"{path}: config file does not exist") from None
+    except yaml.YAMLError as err:
+        raise SpliceError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise SpliceError(f"{path}: expected a mapping with keys {', '.join(YAML_KEYS)}")
+    for key in data:
+        if key not in YAML_KEYS:
+            raise SpliceError(f"{path}: unknown key {key!r}{closest(key, YAML_KEYS)}; valid: {', '.join(YAML_KEYS)}")
+    return data
+
+
+def _targets(value: str) -> list[str] | str:
+    """'query,value' → a list of suffixes; 'all-linear' or a regex (has regex characters) stays a string."""
+    if value == "all-linear" or any(c in value for c in "*[]()|^$+?\\"):
+        return value
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command(epilog="Example:  splice train default reviews.csv --out my-adapter --method lora --r 8 "
+                    "--target-modules query,value --epochs 3")
+def train(
+    model: str = typer.Argument(..., help="Base model: 'default' (embedded all-MiniLM-L6-v2), a local folder, "
+                                          "or a hub id."),
+    data: Path = typer.Argument(..., help="CSV or JSONL: text+label columns (classification) or text / "
+                                          "prompt+completion (causal LM)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Adapter folder to write (PEFT format)."),
+    task: str = typer.Option("auto", help="classification, causal-lm, or auto (classification when the data "
+                                          "has a label column)."),
+    method: Optional[str] = typer.Option(None, help="Adapter method (default lora); see `splice methods`."),
+    r: Optional[int] = typer.Option(None, help="Rank."),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scaling numerator)."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout on the adapter branch."),
+    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="Scale by alpha/sqrt(r)."),
+    init: Optional[str] = typer.Option(None, help="kaiming, gaussian or pissa."),
+    bias: Optional[str] = typer.Option(None, help="none, lora_only or all."),
+    target_modules: Optional[str] = typer.Option(None, help="Comma-separated suffixes, a regex, or all-linear."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with method/task/adapter/train "
+                                                                       "keys; flags override it."),
+    epochs: Optional[float] = typer.Option(None), lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None), max_length: Optional[int] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None), warmup_ratio: Optional[float] = typer.Option(None),
+    eval_file: Optional[Path] = typer.Option(None, help="Held-out data (default: 10% of DATA)."),
+    text_field: str = typer.Option("text"), label_field: str = typer.Option("label"),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train an adapter on a dataset file and save it as a PEFT folder; evaluates at the end."""
+    from splice.adapters.config import config_from_dict
+    from splice.adapters.registry import make_config
+    from splice.train import data as D
+    from splice.train.loop import TrainConfig
+    from splice.train.run import train_causal_lm, train_classifier
+
+    cfg = _load_yaml(config)
+    flags = locals()
+    adapter_fields = dict(cfg.get("adapter") or {})
+    adapter_fields.update({field: flags[f] for f, field in ADAPTER_FLAGS.items() if flags[f] is not None})
+    if target_modules is not None:
+        adapter_fields["target_modules"] = _targets(target_modules)
+    adapter = make_config(method or cfg.get("method") or "lora", **adapter_fields)
+    train_fields = dict(cfg.get("train") or {})
+    train_fields.update({f: flags[f] for f in TRAIN_FLAGS if flags[f] is not None})
+    tconf = config_from_dict(TrainConfig, train_fields, "train")
+    if out.exists() and not force:
+        raise SpliceError(f"{out}: output folder exists; pass --force to replace it")
+    kind = cfg.get("task", task)
+    if kind == "auto":
+        kind = "classification" if _has_field(data, label_field) else "causal-lm"
+    if kind == "classification":
+        ds = D.load_classification_file(data, text_field, label_field)
+        evaluation = D.load_classification_file(eval_file, text_field, label_field) if eval_file else None
+        if evaluation is None:
+            ds, evaluation = D.split_train_eval(ds, 0.1, tconf.seed)
+        train_classifier(model, ds, evaluation, adapter, tconf, out, force=force, progress=progress)
+    elif kind == "causal-lm":
+        pairs = D.load_lm_file(data, text_field)
+        evaluation = D.load_lm_file(eval_file, text_field) if eval_file else None
+        if evaluation is None:
+            pairs, evaluation = D.split_train_eval(pairs, 0.1, tconf.seed)
+        train_causal_lm(model, pairs, evaluation, adapter, tconf, out, force=force, progress=progress)
+    else:
+        raise SpliceError(f"--task: {kind!r} is not one of auto, classification, causal-lm")
+
+
+def _has_field(path: Path, name: str) -> bool:
+    """Whether the first record of a CSV/JSONL file has column `name` (to pick the task)."""
+    import csv
+    import json
+
+    if not path.exists():
+        raise SpliceError(f"{path}: data file does not exist")
+    with open(path, encoding="utf-8") as fh:
+        if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+            first = next((line for line in fh if line.strip()), "{}")
+            try:
+                return name in json.loads(first)
+            except json.JSONDecodeError:
+                raise SpliceError(f"{path}:1: invalid JSON line") from None
+        return name in (csv.DictReader(fh).fieldnames or [])
+
+
+@app.command(epilog="Example:  splice apply default my-adapter merged-model  (then: AutoModel.from_pretrained"
+                    "('merged-model'))")
+def apply(
+    base: str = typer.Argument(..., help="Base model: 'default', a local folder, or a hub id."),
+    adapter: Path = typer.Argument(..., help="Adapter folder (PEFT or splice)."),
+    out: Path = typer.Argument(..., help="Output model folder."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (atomically)."),
+    dtype: Optional[str] = typer.Option(None, help="Write weights as float32, float16 or bfloat16 "
+                                                   "(default: the base's dtype)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Merge an adapter into its base and write a complete HF model folder (config, tokenizer, safetensors)."""
+    import torch
+
+    from splice.apply import apply_adapter
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype is not None and dtype not in dtypes:
+        raise SpliceError(f"--dtype: {dtype!r} is not one of {', '.join(dtypes)}{closest(dtype, dtypes)}")
+    path = apply_adapter(base, adapter, out, force=force, dtype=dtypes.get(dtype or ""), progress=progress)
+    typer.echo(f"wrote {path}")
+
+
+@app.command(epilog="Example:  splice inspect my-adapter")
+def inspect(path: Path = typer.Argument(..., help="An adapter folder, a model folder or a safetensors file."),
+            json_out: bool = typer.Option(False, "--json", help="Print JSON instead of aligned text.")) -> None:
+    """Show what an adapter or model holds: method, rank, targets, parameters, bytes."""
+    import json
+
+    from splice.inspect import format_inspect, inspect_path
+
+    info = inspect_path(path)
+    typer.echo(json.dumps(info, indent=2) if json_out else format_inspect(info))
+
+
+@app.command(epilog="Example:  splice quickstart --out splice-quickstart")
+def quickstart(out: Path = typer.Option(Path("splice-quickstart"), help="Where the adapter is written."),
+               epochs: float = typer.Option(3.0, help="Training epochs over 2,000 examples."),
+               progress: bool = typer.Option(True, "--progress/--no-progress")) -> None:
+    """Probe, LoRA-train, save, reload and re-score all-MiniLM-L6-v2 on Rotten Tomatoes (no hub needed)."""
+    from splice.quickstart import quickstart as run
+
+    run(out, epochs=epochs, progress=progress)
+
+
+@app.command(epilog="Example:  splice methods")
+def methods() -> None:
+    """List the registered adapter methods and their config fields."""
+    from splice.adapters.config import field_help
+    from splice.adapters.registry import get_method, method_names
+
+    for name in method_names():
+        m = get_method(name)
+        typer.echo(f"{name}  ({m.reference})")
+        for field, text in field_help(m.config).items():
+            typer.echo(f"    {field}: {text}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv`; returns the exit code. Bad input becomes one `error: ...` line, never a traceback."""
+    try:
+        app(args=argv, prog_name="splice")  # standalone mode: usage errors are printed and exit by themselves
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except SpliceError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except OSError as err:  # disk full, permissions...: still one line naming the path
+        typer.echo(f"error: {err}", err=True)
+        return 1
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""`splice inspect`: what an adapter folder or a model folder holds, read from headers (no tensor data)."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from splice.errors import SpliceError
+from splice.io.checkpoints import CheckpointReader, read_json
+from splice.io.peft_format import CONFIG_FILE, PREFIX, SPLICE_FILE
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _shards(path: Path) -> int:
+    index = path / "model.safetensors.index.json"
+    return len(set(read_json(index).get("weight_map", {}).values())) if index.exists() else 1
+
+
+def inspect_path(path: str | Path) -> dict[str, Any]:
+    """A summary of an adapter folder (PEFT or splice) or a model folder / checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise SpliceError(f"{path}: no such file or folder")
+    reader = CheckpointReader(path)
+    names = reader.keys()
+    sizes = {n: _numel(reader.shape(n)) * reader.dtype(n).itemsize for n in names}
+    params = sum(_numel(reader.shape(n)) for n in names)
+    dtypes = Counter(str(reader.dtype(n)).replace("torch.", "") for n in names)
+    info: dict[str, Any] = {"path": str(path), "tensors": len(names), "parameters": params,
+                            "bytes": sum(sizes.values()), "dtypes": dict(dtypes)}
+    if path.is_dir() and (path / CONFIG_FILE).exists():
+        cfg = read_json(path / CONFIG_FILE)
+        splice_cfg = read_json(path / SPLICE_FILE) if (path / SPLICE_FILE).exists() else {}
+        modules = sorted({n[len(PREFIX):] if n.startswith(PREFIX) else n for n in names if ".lora_" in n})
+        modules = sorted({m.split(".lora_")[0] for m in modules})
+        leaves = Counter(m.rsplit(".", 1)[-1] for m in modules)
+        ranks = sorted({reader.shape(n)[0] for n in names if n.endswith(("lora_A.weight", "lora_embedding_A"))})
+        info.update({
+            "kind": "adapter",
+            "format": "PEFT" + (" + splice" if splice_cfg else ""),
+            "method": splice_cfg.get("method") or ("dora" if cfg.get("use_dora") else cfg.get("peft_type", "?").lower()),
+            "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "alpha": cfg.get("lora_alpha"),
+            "rslora": cfg.get("use_rslora", False),
+            "target_modules": cfg.get("target_modules"),
+            "wrapped_modules": len(modules),
+            "wrapped_by_name": dict(leaves),
+            "modules_to_save": cfg.get("modules_to_save"),
+            "base_model": cfg.get("base_model_name_or_path"),
+            "base_fingerprinted": bool(splice_cfg.get("fingerprint")),
+        })
+    else:
+        config = read_json(path / "config.json") if path.is_dir() and (path / "config.json").exists() else {}
+        info.update({
+            "kind": "model",
+            "architecture": (config.get("architectures") or ["?"])[0] if config else "?",
+            "model_type": config.get("model_type", "?"),
+            "shards": _shards(path),
+            "tokenizer": any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model"))
+            if path.is_dir() else False,
+        })
+    reader.close()
+    return info
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    """Aligned `key: value` lines, human units for sizes."""
+    shown = dict(info)
+    shown["bytes"] = _bytes(info["bytes"])
+    shown["parameters"] = f"{info['parameters']:,}"
+    width = max(len(k) for k in shown)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in shown.items())

@@ -1,0 +1,350 @@
+"""The contract matrix: every (method, model kind, config) row must pass the same checks, with no per-method code.
+
+Each row names a registered method, a tiny model family (tests/conftest.py) and the method's config fields. Before
+any check the adapter's parameters are randomised (B and DoRA's magnitude included), so that the adapter is far from
+the identity and a check that silently ignores it fails. All checks run in eval mode unless they say otherwise.
+
+Tolerances (fp32):
+- exact equality where the computation is the same (disabled adapters, a deleted adapter);
+- 1e-5 absolute where the same weights run through a different code path (save → load, mixed batch, two adapters);
+- 1e-4 × max(1, max|output|) where weights were folded into the base (merge, DeltaSet applied to a state dict);
+- 1e-5 absolute on every base weight after merge → unmerge.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import gradcheck
+
+import splice
+from splice.adapters import make_config
+from splice.adapters.ops import lora_linear
+from splice.adapters.registry import method_names
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    model: str  # a key of conftest.TINY
+    method: str  # a registered method name
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def config(self):
+        return make_config(self.method, **copy.deepcopy(self.fields))
+
+
+ROWS = [
+    Row("lora-bert-all-linear", "bert", "lora", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    Row("lora-bert-embedding", "bert", "lora", dict(r=4, lora_alpha=4, target_modules=["word_embeddings"])),
+    Row("lora-gpt2-conv1d", "gpt2", "lora", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"])),
+    Row("lora-gpt2-conv1d-bias-lora-only", "gpt2", "lora",
+        dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], bias="lora_only")),
+    Row("lora-llama-rslora-dropout", "llama", "lora",
+        dict(r=4, lora_alpha=8, use_rslora=True, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])),
+    Row("lora-llama-gaussian-all-linear", "llama", "lora",
+        dict(r=2, lora_alpha=16, init_lora_weights="gaussian", target_modules="all-linear")),
+    Row("lora-cnn-conv2d", "cnn", "lora", dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2"])),
+    Row("lora-bert-bias-all-modules-to-save", "bert", "lora",
+        dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all", modules_to_save=["pooler.dense"])),
+    Row("lora-llama-pissa", "llama", "lora",
+        dict(r=4, lora_alpha=4, init_lora_weights="pissa", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    Row("dora-bert-all-linear", "bert", "dora", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    Row("dora-gpt2-conv1d", "gpt2", "dora", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])),
+    Row("dora-llama", "llama", "dora",
+        dict(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "gate_proj"])),
+    Row("dora-cnn-head-modules-to-save", "cnn", "dora", dict(r=2, target_modules=["head"], modules_to_save=["conv2"])),
+]
+rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+
+
+def test_every_method_has_a_row():
+    assert {r.method for r in ROWS} == set(method_names())
+
+
+# -- helpers (method-agnostic) -------------------------------------------------------------------------------------
+@torch.no_grad()
+def randomise(model: nn.Module, name: str, seed: int) -> None:
+    """Move every parameter of adapter `name` away from its initial value (zeros become N(0, 0.1²), others get 10%
+    relative noise), so B ≠ 0, DoRA's magnitude ≠ ‖W‖ and a trained bias ≠ 0."""
+    g = torch.Generator().manual_seed(seed)
+    params = splice.trainable_parameters(model, name)
+    assert params, f"adapter {name!r} has no parameters"
+    for p in params:
+        size = p.abs().mean().item()
+        noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        p.add_(noise * (0.1 * size if size > 0 else 0.1))
+
+
+def add_adapter(model: nn.Module, row: Row, name: str = "default", seed: int = 1) -> nn.Module:
+    """Adapt `model` with `row`'s config as adapter `name`; the result depends on `seed` only."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        splice.adapt(model, row.config(), name)
+    randomise(model, name, seed)
+    return model
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def merge_tol(ref: torch.Tensor) -> float:
+    return 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def module_types(model: nn.Module) -> dict[str, type]:
+    return {n: type(m) for n, m in model.named_modules()}
+
+
+def setup(tiny, row: Row):
+    fam = tiny[row.model]
+    model = fam.build()
+    base_out = fam.output(model)
+    add_adapter(model, row)
+    return fam, model, base_out
+
+
+# -- the contract --------------------------------------------------------------------------------------------------
+@rows
+def test_adapter_is_not_identity_and_model_stays_in_eval(tiny, row):
+    fam, model, base_out = setup(tiny, row)
+    # adapt() on an eval model must not switch dropout on in the new layers.
+    assert not any(m.training for m in model.modules())
+    out = fam.output(model)
+    assert (out - base_out).abs().max() > 1e-3
+    assert splice.active_adapters(model) == ["default"]
+
+
+@rows
+def test_save_load_gives_identical_outputs(tiny, row, tmp_path):
+    fam, model, _ = setup(tiny, row)
+    path = splice.save_adapter(model, tmp_path / "adapter", "default")
+    assert (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+    fresh = fam.build()
+    splice.load_adapter(fresh, path)
+    close(fam.output(fresh), fam.output(model), atol=1e-5)
+    # loaded for inference: nothing trains, and the loaded model stays in eval mode
+    assert not any(p.requires_grad for p in fresh.parameters())
+    assert not any(m.training for m in fresh.modules())
+
+    trainable = fam.build()
+    splice.load_adapter(trainable, path, is_trainable=True)
+    want = {id(p) for p in splice.trainable_parameters(trainable, "default")}
+    assert want and want == {id(p) for p in trainable.parameters() if p.requires_grad}
+
+
+@rows
+def test_merge_keeps_outputs_and_unmerge_restores_base_weights(tiny, row):
+    fam = tiny[row.model]
+    model = fam.build()
+    params = dict(model.named_parameters())  # the base's own Parameter objects: wrapping keeps them by reference
+    before = {n: p.detach().clone() for n, p in params.items()}
+    add_adapter(model, row)
+    out = fam.output(model)
+
+    splice.merge_adapter(model, "default")
+    close(fam.output(model), out, atol=merge_tol(out))
+    changed = max((params[n] - before[n]).abs().max().item() for n in params)
+    assert changed > 1e-4, "merge did not change any base weight"
+
+    splice.unmerge_adapter(model, "default")
+    for n, p in params.items():
+        assert (p - before[n]).abs().max().item() <= 1e-5, f"{n} not restored by unmerge"
+    close(fam.output(model), out, atol=merge_tol(out))
+
+
+@rows
+def test_merge_and_unload_gives_plain_model_with_same_outputs(tiny, row):
+    fam = tiny[row.model]
+    model = fam.build()
+    types = module_types(model)
+    add_adapter(model, row)
+    out = fam.output(model)
+    merged = splice.merge_and_unload(model)
+    assert module_types(merged) == types
+    close(fam.output(merged), out, atol=merge_tol(out))
+
+
+@rows
+def test_disabled_adapters_give_exact_base_outputs(tiny, row):
+    fam, model, base_out = setup(tiny, row)
+    with splice.disable_adapters(model):
+        assert torch.equal(fam.output(model), base_out)
+    assert (fam.output(model) - base_out).abs().max() > 1e-3  # enabled again on exit
+
+
+@rows
+def test_two_adapters_each_give_their_own_outputs(tiny, row):
+    fam = tiny[row.model]
+    model = add_adapter(add_adapter(fam.build(), row, "a", seed=1), row, "b", seed=2)
+    only_a = fam.output(add_adapter(fam.build(), row, "a", seed=1))
+    only_b = fam.output(add_adapter(fam.build(), row, "b", seed=2))
+    assert (only_a - only_b).abs().max() > 1e-3
+
+    assert splice.active_adapters(model) == ["b"]  # the last one added is active
+    close(fam.output(model), only_b, atol=1e-5)
+    splice.set_adapter(model, "a")
+    close(fam.output(model), only_a, atol=1e-5)
+    splice.set_adapter(model, "b")
+    close(fam.output(model), only_b, atol=1e-5)
+
+    splice.delete_adapter(model, "b")
+    assert splice.active_adapters(model) == []
+    splice.set_adapter(model, "a")
+    close(fam.output(model), only_a, atol=1e-5)
+
+
+@rows
+def test_mixed_batch_equals_each_row_alone(tiny, row):
+    fam = tiny[row.model]
+    model = add_adapter(add_adapter(fam.build(), row, "a", seed=1), row, "b", seed=2)
+    batch = fam.batch(rows=4)
+    names = ["a", "b", None, "a"]
+    with splice.mixed_batch(model, names):
+        mixed = fam.output(model, batch)
+    for i, name in enumerate(names):
+        if name is None:
+            with splice.disable_adapters(model):
+                alone = fam.output(model, fam.row(batch, i))
+        else:
+            splice.set_adapter(model, name)
+            alone = fam.output(model, fam.row(batch, i))
+        close(mixed[i:i + 1], alone, atol=1e-5)
+
+
+@rows
+def test_get_delta_applied_to_base_state_dict_gives_adapted_outputs(tiny, row):
+    fam, model, _ = setup(tiny, row)
+    out = fam.output(model)
+    delta = splice.get_delta(model, "default")
+    assert len(delta) > 0 and delta.method == row.method
+    base = fam.build()
+    state = base.state_dict()
+    delta.apply_to_state_dict(state)
+    base.load_state_dict(state)
+    close(fam.output(base), out, atol=merge_tol(out))
+
+
+@rows
+def test_delete_adapter_restores_module_types_and_outputs(tiny, row):
+    fam = tiny[row.model]
+    model = fam.build()
+    types, base_out = module_types(model), fam.output(model)
+    add_adapter(model, row)
+    assert module_types(model) != types
+    splice.delete_adapter(model, "default")
+    assert module_types(model) == types
+    assert torch.equal(fam.output(model), base_out)
+    assert splice.active_adapters(model) == []
+
+
+@rows
+def test_backward_reaches_exactly_the_adapter_parameters(tiny, row):
+    fam, model, _ = setup(tiny, row)
+    model.train()
+    out = fam.run(model, fam.batch())
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    (out * weights).sum().backward()
+    adapter = splice.trainable_parameters(model, "default")
+    assert {id(p) for p in adapter} == {id(p) for p in model.parameters() if p.requires_grad}
+    with_grad = {id(p) for p in model.parameters() if p.grad is not None}
+    assert with_grad == {id(p) for p in adapter}
+    for p in adapter:
+        assert torch.isfinite(p.grad).all() and p.grad.abs().max() > 0
+
+
+# -- unsupported combinations --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_name, target", [("bert", ["word_embeddings"]), ("cnn", ["conv1"]),
+                                                ("gpt2", ["wte"])])
+def test_dora_refuses_embedding_and_conv2d(tiny, model_name, target):
+    model = tiny[model_name].build()
+    types = module_types(model)
+    with pytest.raises(splice.SpliceError) as info:
+        splice.adapt(model, splice.DoraConfig(r=2, target_modules=target))
+    msg = str(info.value)
+    assert "\n" not in msg and "dora" in msg and ("Embedding" in msg or "Conv2d" in msg)
+    # refused before touching the model: nothing wrapped, nothing frozen, no adapter recorded
+    assert module_types(model) == types
+    assert all(p.requires_grad for p in model.parameters())
+    assert splice.active_adapters(model) == []
+
+
+def test_refused_adapt_half_way_leaves_model_untouched_and_retry_works(tiny):
+    """The first target (a linear layer) is fine, the second (an embedding) is refused by DoRA."""
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(8, 8))
+    model.add_module("emb", nn.Embedding(10, 8))
+    types = module_types(model)
+    with pytest.raises(splice.SpliceError):
+        splice.adapt(model, splice.DoraConfig(r=2, target_modules=["proj", "emb"]))
+    assert module_types(model) == types
+    assert all(p.requires_grad for p in model.parameters())
+    splice.adapt(model, splice.DoraConfig(r=2, target_modules=["proj"]))  # the same name is free to use again
+    assert splice.active_adapters(model) == ["default"]
+
+
+# -- the fused op against a plain autograd reference ---------------------------------------------------------------
+def reference(x, W, b, A, B, s, m=None):
+    """PEFT's formula: F.linear + s·(x Aᵀ) Bᵀ, and DoRA's m/‖W + sBA‖_row rescaling with the norm detached."""
+    z = F.linear(x, W) + (x @ A.t()) @ B.t() * s
+    if m is not None:
+        norm = (W + s * B @ A).norm(dim=1).detach()
+        z = z * (m / norm)
+    return z if b is None else z + b
+
+
+def op_inputs(dtype, bias: bool, dora: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, positive=False):
+        v = torch.randn(*shape, generator=g, dtype=dtype)
+        return (v.abs() + 0.5 if positive else v).requires_grad_(True)
+
+    x, W, A, B = t(2, 3, 5), t(4, 5), t(2, 5), t(4, 2)
+    return x, W, t(4) if bias else None, A, B, t(4, positive=True) if dora else None
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_fused_op_gradcheck_float64(bias, dora):
+    x, W, b, A, B, m = op_inputs(torch.float64, bias, dora)
+    s = 1.7
+    norm = (W + s * B @ A).norm(dim=1).detach() if dora else None
+    inputs = tuple(t for t in (x, W, b, A, B, m) if t is not None)
+
+    def fused(*args):
+        it = iter(args)
+        x_, W_ = next(it), next(it)
+        b_ = next(it) if bias else None
+        A_, B_ = next(it), next(it)
+        m_ = next(it) if dora else None
+        return lora_linear(x_, W_, b_, A_, B_, s, 0.0, magnitude=m_, norm=norm)
+
+    assert gradcheck(fused, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_fused_op_matches_plain_autograd(bias, dora, dtype):
+    s = 0.8
+    ours = op_inputs(dtype, bias, dora, seed=3)
+    ref = op_inputs(dtype, bias, dora, seed=3)
+    x, W, b, A, B, m = ours
+    norm = (W + s * B @ A).norm(dim=1).detach() if dora else None
+    y = lora_linear(x, W, b, A, B, s, 0.0, magnitude=m, norm=norm)
+    y_ref = reference(*ref[:5], s, ref[5])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    y.backward(g)
+    y_ref.backward(g)
+    for name, t, r in zip("x W b A B m".split(), ours, ref):
+        if t is not None:
+            torch.testing.assert_close(t.grad, r.grad, atol=tol, rtol=tol, msg=f"grad of {name}")

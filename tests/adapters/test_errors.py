@@ -1,0 +1,239 @@
+"""Bad input gives a one-line `SpliceError` naming what is at fault (and, where it can, what was meant), and leaves
+the model as it was."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import splice
+from splice.adapters import make_config
+
+
+def error(fn, *args, **kwargs) -> str:
+    with pytest.raises(splice.SpliceError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def state(model: nn.Module) -> tuple[dict[str, type], dict[str, bool]]:
+    """What a refused operation must not change: module types and which parameters train."""
+    return ({n: type(m) for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def saved_adapter(tiny, tmp_path, model_name="bert", seed=0, name="adapter", **fields):
+    fields = {"r": 2, "target_modules": ["query", "value"], **fields}
+    model = splice.adapt(tiny[model_name].build(seed=seed), splice.LoraConfig(**fields))
+    with torch.no_grad():
+        for p in splice.trainable_parameters(model):
+            p.add_(0.1)
+    return splice.save_adapter(model, tmp_path / name), model
+
+
+# -- configs and targets -------------------------------------------------------------------------------------------
+def test_target_matching_nothing_lists_close_names(bert):
+    before = state(bert)
+    msg = error(splice.adapt, bert, splice.LoraConfig(target_modules=["qeury", "vlaue"]))
+    assert "qeury" in msg and "'query'" in msg and "BertModel" in msg
+    assert state(bert) == before
+
+
+def test_regex_target_matching_nothing(gpt2):
+    msg = error(splice.adapt, gpt2, splice.LoraConfig(target_modules=r".*\.c_atn"))
+    assert "c_atn" in msg and "c_attn" in msg
+
+
+def test_target_that_cannot_be_wrapped_is_named(bert):
+    msg = error(splice.adapt, bert, splice.LoraConfig(target_modules=["LayerNorm"]))
+    assert "LayerNorm" in msg and "cannot wrap" in msg
+
+
+def test_modules_to_save_matching_nothing(bert):
+    msg = error(splice.adapt, bert, splice.LoraConfig(target_modules=["query"], modules_to_save=["poolr"]))
+    assert "poolr" in msg and "'pooler'" in msg
+
+
+def test_unknown_config_key_suggests_the_valid_one():
+    msg = error(make_config, "lora", rnk=4)
+    assert "'rnk'" in msg and "'r'" in msg
+    msg = error(make_config, "dora", lora_alpah=4)
+    assert "'lora_alpha'" in msg
+
+
+def test_unknown_method_suggests_the_valid_one():
+    msg = error(make_config, "lroa", r=4)
+    assert "'lora'" in msg
+
+
+@pytest.mark.parametrize("fields, field", [(dict(r=0), "r"), (dict(r=2.5), "r"), (dict(lora_dropout=1.0), "lora_dropout"),
+                                           (dict(bias="some"), "bias"), (dict(init_lora_weights="olora"),
+                                                                          "init_lora_weights"),
+                                           (dict(target_modules=[]), "target_modules")])
+def test_invalid_values_name_the_field(fields, field):
+    msg = error(make_config, "lora", **fields)
+    assert msg.startswith(field) or f"{field}:" in msg
+
+
+def test_dora_refuses_pissa():
+    assert "pissa" in error(make_config, "dora", init_lora_weights="pissa")
+
+
+def test_rank_larger_than_the_layer(bert):
+    before = state(bert)
+    msg = error(splice.adapt, bert, splice.LoraConfig(r=64, target_modules=["query"]))
+    assert "64" in msg and "32" in msg
+    assert state(bert) == before
+
+
+def test_adapter_name_with_slash_or_dot_is_refused(bert):
+    for name in ("a/b", "a.b", ""):
+        msg = error(splice.adapt, bert, splice.LoraConfig(target_modules=["query"]), name)
+        assert repr(name) in msg
+    assert splice.active_adapters(bert) == []
+
+
+def test_adding_a_name_twice_is_refused(bert):
+    splice.adapt(bert, splice.LoraConfig(target_modules=["query"]), "a")
+    assert "'a'" in error(splice.adapt, bert, splice.LoraConfig(target_modules=["value"]), "a")
+
+
+def test_unknown_adapter_name_lists_the_known_ones(bert):
+    splice.adapt(bert, splice.LoraConfig(target_modules=["query"]), "french")
+    msg = error(splice.set_adapter, bert, "frnech")
+    assert "'french'" in msg
+    for fn in (splice.merge_adapter, splice.delete_adapter, splice.get_delta):
+        assert "'french'" in error(fn, bert, "frnech")
+
+
+def test_disable_while_merged_is_refused(bert):
+    splice.adapt(bert, splice.LoraConfig(target_modules=["query"]))
+    splice.merge_adapter(bert, "default")
+    with pytest.raises(splice.SpliceError, match="unmerge"):
+        with splice.disable_adapters(bert):
+            pass
+
+
+def test_config_object_of_the_wrong_type(bert):
+    assert "LoraConfig" in error(splice.adapt, bert, {"r": 4})
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+def test_load_into_a_base_of_other_shapes_names_the_tensor(tiny, tmp_path):
+    path, _ = saved_adapter(tiny, tmp_path)
+    other = tiny["bert"].build(hidden=48)
+    before = state(other)
+    msg = error(splice.load_adapter, other, path)
+    assert "adapter_model.safetensors" in msg and "lora_A.weight" in msg and ".query" in msg
+    assert "(2, 32)" in msg and "(2, 48)" in msg
+    assert state(other) == before  # refused before anything was wrapped or frozen
+
+
+def test_load_into_another_base_of_the_same_shapes_is_refused(tiny, tmp_path):
+    path, _ = saved_adapter(tiny, tmp_path)
+    other = tiny["bert"].build(seed=1)
+    before = state(other)
+    msg = error(splice.load_adapter, other, path)
+    assert "made for another base" in msg and ".query.weight" in msg
+    assert state(other) == before
+
+
+def test_load_into_the_same_base_after_a_merge_round_trip_is_accepted(tiny, tmp_path):
+    """Fingerprints compare with a tolerance: the float rounding of merge → unmerge does not make a base foreign."""
+    path, model = saved_adapter(tiny, tmp_path)
+    splice.merge_adapter(model, "default")
+    splice.unmerge_adapter(model, "default")
+    splice.load_adapter(model, path, "again")
+
+
+def test_truncated_weights_file_is_named(tiny, tmp_path):
+    path, _ = saved_adapter(tiny, tmp_path)
+    weights = path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    model = tiny["bert"].build()
+    before = state(model)
+    msg = error(splice.load_adapter, model, path)
+    assert str(weights) in msg and "truncated" in msg
+    assert state(model) == before
+
+
+def test_missing_weights_file_is_named(tiny, tmp_path):
+    path, _ = saved_adapter(tiny, tmp_path)
+    (path / "adapter_model.safetensors").unlink()
+    msg = error(splice.load_adapter, tiny["bert"].build(), path)
+    assert str(path) in msg and "adapter_model.safetensors" in msg
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{not json", ["invalid JSON", "line 1"]),
+    ("[1, 2]", ["JSON object"]),
+    ('{"peft_type": "LORA", "r": "four", "target_modules": ["query"]}', ["'four'"]),
+    ('{"peft_type": "LORA", "r": 2, "lora_dropout": "lots", "target_modules": ["query"]}', ["'lots'"]),
+    ('{"peft_type": "LORA", "r": 2, "bias": "some", "target_modules": ["query"]}', ["bias"]),
+    ('{"peft_type": "LORA", "r": 2, "lora_alhpa": 4, "target_modules": ["query"], "use_qalora": true}',
+     ["use_qalora"]),
+    ('{"peft_type": "IA3", "target_modules": ["query"]}', ["IA3"]),
+])
+def test_invalid_adapter_config_is_named(tiny, tmp_path, text, words):
+    path, _ = saved_adapter(tiny, tmp_path)
+    (path / "adapter_config.json").write_text(text)
+    msg = error(splice.load_adapter, tiny["bert"].build(), path)
+    assert str(path / "adapter_config.json") in msg
+    for w in words:
+        assert w in msg
+
+
+def test_missing_folder_is_named(bert, tmp_path):
+    msg = error(splice.load_adapter, bert, tmp_path / "nowhere")
+    assert "nowhere" in msg
+
+
+def test_adapter_targeting_modules_the_base_lacks(tiny, tmp_path):
+    path, _ = saved_adapter(tiny, tmp_path, model_name="llama", target_modules=["q_proj"])
+    msg = error(splice.load_adapter, tiny["bert"].build(), path)
+    assert "q_proj" in msg and "adapter_model.safetensors" in msg
+
+
+def test_weights_file_missing_lora_b(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, _ = saved_adapter(tiny, tmp_path)
+    weights = path / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if "lora_B" not in k}
+    save_file(tensors, weights)
+    msg = error(splice.load_adapter, tiny["bert"].build(), path)
+    assert "expected both A and B" in msg and str(weights) in msg
+
+
+def test_loading_under_a_taken_name_is_refused(tiny, tmp_path):
+    path, model = saved_adapter(tiny, tmp_path)
+    assert "'default'" in error(splice.load_adapter, model, path)
+
+
+# -- saving --------------------------------------------------------------------------------------------------------
+def test_save_to_an_existing_folder_needs_force(tiny, tmp_path):
+    fam = tiny["bert"]
+    path, _ = saved_adapter(tiny, tmp_path, r=2)
+    _, second = saved_adapter(tiny, tmp_path, name="other", r=4, target_modules=["key"])
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    msg = error(splice.save_adapter, second, path)
+    assert str(path) in msg and "exists" in msg
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # untouched
+
+    splice.save_adapter(second, path, force=True)
+    assert json.loads((path / "adapter_config.json").read_text())["r"] == 4
+    loaded = splice.load_adapter(fam.build(), path)
+    torch.testing.assert_close(fam.output(loaded), fam.output(second), atol=1e-5, rtol=0)
+    assert not list(tmp_path.glob(".adapter.*"))  # no temporary folders left behind
+
+
+def test_save_unknown_adapter_name(bert, tmp_path):
+    splice.adapt(bert, splice.LoraConfig(target_modules=["query"]), "mine")
+    msg = error(splice.save_adapter, bert, tmp_path / "x", "yours")
+    assert "'yours'" in msg and "mine" in msg
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,172 @@
+"""Parity with the installed PEFT (the reference implementation), both ways, on the same weights.
+
+For every row: PEFT builds the adapter, its weights are randomised (B, DoRA's magnitude and modules_to_save copies
+included, so that nothing is the identity), and then
+
+- PEFT `save_pretrained` → `splice.load_adapter` into a fresh base → the same outputs;
+- `splice.save_adapter` → `peft.PeftModel.from_pretrained` on a fresh base → the same outputs;
+- PEFT `merge_and_unload()` and splice `merge_and_unload` give the same weights.
+
+Tolerance: 1e-5 absolute on outputs and on merged weights (fp32; outputs of these models are O(0.1–1)).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import splice
+from splice.adapters import make_config
+
+ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    model: str  # a key of conftest.TINY
+    kwargs: dict[str, Any] = field(default_factory=dict)  # peft.LoraConfig fields
+
+    def peft_config(self) -> peft.LoraConfig:
+        return peft.LoraConfig(**copy.deepcopy(self.kwargs))
+
+    def splice_config(self):
+        kw = copy.deepcopy(self.kwargs)
+        kw.pop("fan_in_fan_out", None)  # PEFT's flag for GPT-2's Conv1D; splice sees the module type
+        method = "dora" if kw.pop("use_dora", False) else "lora"
+        return make_config(method, **kw)
+
+
+GPT2 = dict(fan_in_fan_out=True)
+ROWS = [
+    Row("lora-bert-alpha-ne-r", "bert", dict(r=4, lora_alpha=16, target_modules=["query", "value"])),
+    Row("lora-bert-all-linear", "bert", dict(r=2, lora_alpha=4, target_modules="all-linear")),
+    Row("lora-bert-rslora", "bert", dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["key", "dense"])),
+    Row("lora-bert-embedding", "bert", dict(r=4, lora_alpha=8, target_modules=["word_embeddings", "query"])),
+    Row("lora-bert-modules-to-save", "bert",
+        dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["pooler.dense"])),
+    Row("lora-llama", "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])),
+    Row("lora-llama-rslora-dropout", "llama",
+        dict(r=8, lora_alpha=4, use_rslora=True, lora_dropout=0.1, target_modules=["q_proj", "up_proj"])),
+    Row("lora-gpt2-conv1d", "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], **GPT2)),
+    Row("lora-cnn-conv2d", "cnn", dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "head"])),
+    Row("lora-cnn-modules-to-save", "cnn", dict(r=2, lora_alpha=2, target_modules=["conv2"], modules_to_save=["head"])),
+    Row("lora-bert-bias-all", "bert", dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all")),
+    Row("lora-gpt2-bias-lora-only", "gpt2",
+        dict(r=2, lora_alpha=8, target_modules=["c_attn", "c_fc"], bias="lora_only", **GPT2)),
+    Row("lora-cnn-bias-lora-only", "cnn", dict(r=2, lora_alpha=4, target_modules=["conv1", "head"], bias="lora_only")),
+    Row("dora-bert", "bert", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["query", "value", "dense"])),
+    Row("dora-bert-rslora", "bert", dict(r=4, lora_alpha=16, use_dora=True, use_rslora=True,
+                                         target_modules=["key"], modules_to_save=["pooler.dense"])),
+    Row("dora-bert-bias-all", "bert", dict(r=2, lora_alpha=4, use_dora=True, target_modules=["value"], bias="all")),
+    Row("dora-llama", "llama",
+        dict(r=4, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])),
+    Row("dora-gpt2-conv1d", "gpt2", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_proj"], **GPT2)),
+]
+rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+
+
+@torch.no_grad()
+def randomise(params: list[nn.Parameter], seed: int) -> None:
+    """Zeros become N(0, 0.1²); anything else gets 10% relative noise (keeps DoRA's magnitude positive)."""
+    g = torch.Generator().manual_seed(seed)
+    assert params
+    for p in params:
+        size = p.abs().mean().item()
+        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.1 * size if size > 0 else 0.1))
+
+
+def peft_model(tiny, row: Row, seed: int = 0) -> peft.PeftModel:
+    model = peft.get_peft_model(tiny[row.model].build(), row.peft_config())
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert any("modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad) \
+        == bool(row.kwargs.get("modules_to_save"))
+    randomise(trainable, seed)
+    return model.eval()
+
+
+def splice_model(tiny, row: Row, seed: int = 0) -> nn.Module:
+    model = splice.adapt(tiny[row.model].build(), row.splice_config())
+    randomise(splice.trainable_parameters(model, "default"), seed)
+    return model.eval()
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+@rows
+def test_peft_folder_loads_in_splice_with_same_outputs(tiny, row, tmp_path):
+    fam = tiny[row.model]
+    reference = peft_model(tiny, row)
+    reference.save_pretrained(tmp_path / "peft")
+    ours = splice.load_adapter(fam.build(), tmp_path / "peft")
+    expected = fam.output(reference)
+    assert (expected - fam.output(fam.build())).abs().max() > 1e-3  # the adapter does something
+    close(fam.output(ours), expected)
+
+
+@rows
+def test_splice_folder_loads_in_peft_with_same_outputs(tiny, row, tmp_path):
+    fam = tiny[row.model]
+    ours = splice_model(tiny, row)
+    splice.save_adapter(ours, tmp_path / "splice")
+    cfg = json.loads((tmp_path / "splice" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] == bool(row.kwargs.get("use_dora"))
+    reference = peft.PeftModel.from_pretrained(fam.build(), tmp_path / "splice").eval()
+    expected = fam.output(reference)
+    assert (expected - fam.output(fam.build())).abs().max() > 1e-3
+    close(fam.output(ours), expected)
+
+
+@rows
+def test_merge_and_unload_gives_peft_weights(tiny, row, tmp_path):
+    fam = tiny[row.model]
+    reference = peft_model(tiny, row)
+    reference.save_pretrained(tmp_path / "peft")
+    theirs = reference.merge_and_unload().state_dict()
+    ours = splice.merge_and_unload(splice.load_adapter(fam.build(), tmp_path / "peft")).state_dict()
+    base = fam.build().state_dict()
+    assert ours.keys() == theirs.keys() == base.keys()
+    changed = [k for k in base if (theirs[k] - base[k]).abs().max() > 1e-4]
+    assert changed, "the merge changed nothing"
+    for k in base:
+        torch.testing.assert_close(ours[k], theirs[k], atol=ATOL, rtol=0, msg=f"merged {k}")
+
+
+def test_pissa_matches_peft_init_and_outputs(tiny, tmp_path):
+    """PEFT's PiSSA moves −sB₀A₀ into the base weight; splice keeps the base and subtracts it in the layer. Same
+    SVD start, and after the same update the same outputs; splice's folder (rank 2r, plain LoRA) loads in PEFT."""
+    fam = tiny["llama"]
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    theirs = peft.get_peft_model(fam.build(), peft.LoraConfig(init_lora_weights="pissa", **fields)).eval()
+    ours = splice.adapt(fam.build(), splice.LoraConfig(init_lora_weights="pissa", **fields)).eval()
+    base_out = fam.output(fam.build())
+    close(fam.output(ours), base_out)
+    close(fam.output(theirs), base_out)
+
+    their_params = {n.replace("base_model.model.", "").replace(".default", ""): p
+                    for n, p in theirs.named_parameters() if "lora_" in n}
+    ours_params = {n.replace(".adapters.default", "") + ".weight": p
+                   for n, p in ours.named_parameters() if "lora_" in n}
+    assert their_params.keys() == ours_params.keys() and len(ours_params) == 8
+    for n, p in ours_params.items():
+        close(p, their_params[n])
+    randomise(list(ours_params.values()), seed=3)  # the same "training step" on both
+    with torch.no_grad():
+        for n, p in ours_params.items():
+            their_params[n].copy_(p)
+    expected = fam.output(theirs)
+    assert (expected - base_out).abs().max() > 1e-3
+    close(fam.output(ours), expected)
+
+    splice.save_adapter(ours, tmp_path / "pissa")
+    reloaded = peft.PeftModel.from_pretrained(fam.build(), tmp_path / "pissa").eval()
+    close(fam.output(reloaded), expected)

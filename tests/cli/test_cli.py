@@ -1,0 +1,152 @@
+"""`splice train / apply / inspect` end to end on tiny models, and their one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import splice
+from splice.cli import run
+
+FAST = ["--epochs", "2", "--batch-size", "8", "--max-length", "8", "--no-progress"]
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what fixtures printed (HF progress bars)
+    code = run([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_train_classification_then_apply_and_inspect(capsys, tmp_path, bert_dir, sentiment_csv):
+    out = tmp_path / "adapter"
+    code, stdout, _ = cli(capsys, "train", bert_dir, sentiment_csv, "--out", out, "--r", 4,
+                          "--target-modules", "query,value", "--lr", "0.01", *FAST)
+    assert code == 0, stdout
+    assert "frozen probe accuracy:" in stdout and "lora accuracy:" in stdout
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "task.json"} <= \
+        {p.name for p in out.iterdir()}
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["query", "value"]
+
+    # apply: a complete HF folder whose model equals base + adapter
+    merged = tmp_path / "merged"
+    code, stdout, _ = cli(capsys, "apply", bert_dir, out, merged, "--no-progress")
+    assert code == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in merged.iterdir()}
+    x = torch.randint(0, 32, (3, 6))
+    adapted = splice.load_adapter(AutoModel.from_pretrained(bert_dir).eval(), out)
+    full = AutoModel.from_pretrained(merged).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(full(input_ids=x).last_hidden_state, adapted(input_ids=x).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+
+    code, stdout, _ = cli(capsys, "inspect", out)
+    assert code == 0 and "lora" in stdout and "wrapped_modules" in stdout
+    code, stdout, _ = cli(capsys, "inspect", merged, "--json")
+    info = json.loads(stdout)
+    assert info["kind"] == "model" and info["architecture"] == "BertModel" and info["tokenizer"] is True
+
+
+def test_train_from_yaml_with_dora(capsys, tmp_path, bert_dir, sentiment_csv):
+    config = tmp_path / "train.yaml"
+    config.write_text("method: dora\nadapter: {r: 2, lora_alpha: 4, target_modules: all-linear}\n"
+                      "train: {epochs: 1, batch_size: 8, max_length: 8}\n")
+    code, stdout, err = cli(capsys, "train", bert_dir, sentiment_csv, "-o", tmp_path / "d", "-c", config,
+                            "--no-progress")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and cfg["r"] == 2 and cfg["target_modules"] == "all-linear"
+    assert any(k.endswith("lora_magnitude_vector") for k in load_file(tmp_path / "d" / "adapter_model.safetensors"))
+
+
+def test_train_causal_lm(capsys, tmp_path, gpt2_dir, pairs_jsonl):
+    code, stdout, err = cli(capsys, "train", gpt2_dir, pairs_jsonl, "--out", tmp_path / "lm", "--r", 2,
+                            "--target-modules", "c_attn", "--lr", "0.01", *FAST)
+    assert code == 0, err
+    assert "base perplexity:" in stdout and "lora perplexity:" in stdout
+    before = float(stdout.split("base perplexity:")[1].split()[0])
+    after = float(stdout.split("lora perplexity:")[1].split()[0])
+    assert after < before  # the completions are learnable from the prompt
+    assert json.loads((tmp_path / "lm" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+
+def test_help_has_examples(capsys):
+    for command in ("train", "apply", "inspect", "quickstart", "methods"):
+        code, stdout, _ = cli(capsys, command, "--help")
+        assert code == 0 and "Example" in stdout, command
+
+
+@pytest.mark.parametrize("case", ["missing-data", "bad-key", "no-target", "out-exists", "bad-yaml-key"])
+def test_train_errors_are_one_line(capsys, tmp_path, bert_dir, sentiment_csv, case):
+    out = tmp_path / "o"
+    args = ["train", bert_dir, sentiment_csv, "--out", out, *FAST]
+    expect = {"missing-data": "does not exist", "bad-key": "rnk", "no-target": "matched no module",
+              "out-exists": "exists; pass --force", "bad-yaml-key": "did you mean 'adapter'"}[case]
+    if case == "missing-data":
+        args[2] = tmp_path / "nope.csv"
+    elif case == "bad-key":
+        (tmp_path / "c.yaml").write_text("adapter: {rnk: 4}\n")
+        args += ["--config", tmp_path / "c.yaml"]
+    elif case == "no-target":
+        args += ["--target-modules", "qurey"]
+    elif case == "out-exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "bad-yaml-key":
+        (tmp_path / "c.yaml").write_text("adaptor: {r: 4}\n")
+        args += ["--config", tmp_path / "c.yaml"]
+    code, _, err = cli(capsys, *args)
+    assert code != 0
+    assert expect in one_error_line(err)
+    if case == "out-exists":
+        assert (out / "keep.txt").read_text() == "mine"
+    if case == "no-target":
+        assert "query" in err  # close names are listed
+        assert not out.exists()
+
+
+def test_apply_errors_and_force(capsys, tmp_path, bert_dir):
+    model = splice.adapt(AutoModel.from_pretrained(bert_dir), splice.LoraConfig(r=2, target_modules=["query"]))
+    splice.save_adapter(model, tmp_path / "ad")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    code, _, err = cli(capsys, "apply", bert_dir, tmp_path / "ad", out)
+    assert code != 0 and "exists" in one_error_line(err) and (out / "old.txt").exists()
+    code, _, err = cli(capsys, "apply", bert_dir, tmp_path / "ad", out, "--force", "--no-progress")
+    assert code == 0 and not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left
+
+    # a truncated base checkpoint: one line naming the file, and the existing output is untouched
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in bert_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    before = (out / "model.safetensors").read_bytes()
+    code, _, err = cli(capsys, "apply", broken, tmp_path / "ad", out, "--force", "--no-progress")
+    assert code != 0 and "model.safetensors" in one_error_line(err)
+    assert (out / "model.safetensors").read_bytes() == before
+
+    # an adapter whose shapes do not fit the base
+    torch.manual_seed(1)
+    from transformers import BertConfig, BertModel
+
+    other = BertModel(BertConfig(vocab_size=32, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=32))
+    splice.save_adapter(splice.adapt(other, splice.LoraConfig(r=2, target_modules=["query"])), tmp_path / "wide")
+    code, _, err = cli(capsys, "apply", bert_dir, tmp_path / "wide", tmp_path / "o2", "--no-progress")
+    line = one_error_line(err)
+    assert code != 0 and "query" in line and "shape" in line and not (tmp_path / "o2").exists()
