@@ -201,6 +201,46 @@ def test_two_adapters_each_give_their_own_outputs(tiny, row):
 
 
 @rows
+def test_two_active_adapters_add_their_deltas(tiny, row):
+    """With both active, each module adds both contributions: the base with both DeltaSets applied."""
+    fam = tiny[row.model]
+    model = add_adapter(add_adapter(fam.build(), row, "a", seed=1), row, "b", seed=2)
+    splice.set_adapter(model, ["a", "b"])
+    assert splice.active_adapters(model) == ["a", "b"]
+    out = fam.output(model)
+    base = fam.build()
+    state = base.state_dict()
+    splice.get_delta(model, "a").apply_to_state_dict(state)
+    splice.get_delta(model, "b").apply_to_state_dict(state)
+    base.load_state_dict(state)
+    close(fam.output(base), out, atol=merge_tol(out))
+
+
+@rows
+def test_adapter_on_top_of_a_merged_adapter(tiny, row):
+    """Merging "a" changes the base weights under "b": "b" must then act as it would on a base that has a's delta,
+    e.g. DoRA's row norms must be those of the new weights."""
+    fam = tiny[row.model]
+    model = add_adapter(add_adapter(fam.build(), row, "a", seed=1), row, "b", seed=2)
+    delta_a = splice.get_delta(model, "a")
+    splice.merge_adapter(model, "a")
+    splice.set_adapter(model, "b")
+    out = fam.output(model)
+
+    ref = fam.build()
+    state = ref.state_dict()
+    delta_a.apply_to_state_dict(state)
+    ref.load_state_dict(state)
+    add_adapter(ref, row, "b", seed=2)
+    b_state = {k: v for k, v in model.state_dict().items() if ".adapters.b." in k}  # b's own weights, exactly
+    assert not ref.load_state_dict(b_state, strict=False).unexpected_keys
+    close(fam.output(ref), out, atol=merge_tol(out))
+
+    splice.unmerge_adapter(model, "a")  # and back: b on the original base again
+    close(fam.output(model), fam.output(add_adapter(fam.build(), row, "b", seed=2)), atol=merge_tol(out))
+
+
+@rows
 def test_mixed_batch_equals_each_row_alone(tiny, row):
     fam = tiny[row.model]
     model = add_adapter(add_adapter(fam.build(), row, "a", seed=1), row, "b", seed=2)
@@ -310,9 +350,12 @@ def op_inputs(dtype, bias: bool, dora: bool, seed: int = 0):
     return x, W, t(4) if bias else None, A, B, t(4, positive=True) if dora else None
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "dropout"])
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_fused_op_gradcheck_float64(bias, dora):
+def test_fused_op_gradcheck_float64(bias, dora, p):
+    """With dropout the RNG is reseeded on every call, so the function gradcheck probes is deterministic and the
+    backward must use the forward's own mask and 1/(1-p) scaling."""
     x, W, b, A, B, m = op_inputs(torch.float64, bias, dora)
     s = 1.7
     norm = (W + s * B @ A).norm(dim=1).detach() if dora else None
@@ -324,7 +367,8 @@ def test_fused_op_gradcheck_float64(bias, dora):
         b_ = next(it) if bias else None
         A_, B_ = next(it), next(it)
         m_ = next(it) if dora else None
-        return lora_linear(x_, W_, b_, A_, B_, s, 0.0, magnitude=m_, norm=norm)
+        torch.manual_seed(0)
+        return lora_linear(x_, W_, b_, A_, B_, s, p, magnitude=m_, norm=norm)
 
     assert gradcheck(fused, inputs, eps=1e-6, atol=1e-6)
 

@@ -70,10 +70,10 @@ def test_unknown_method_suggests_the_valid_one():
     assert "'lora'" in msg
 
 
-@pytest.mark.parametrize("fields, field", [(dict(r=0), "r"), (dict(r=2.5), "r"), (dict(lora_dropout=1.0), "lora_dropout"),
-                                           (dict(bias="some"), "bias"), (dict(init_lora_weights="olora"),
-                                                                          "init_lora_weights"),
-                                           (dict(target_modules=[]), "target_modules")])
+@pytest.mark.parametrize("fields, field", [
+    (dict(r=0), "r"), (dict(r=2.5), "r"), (dict(lora_dropout=1.0), "lora_dropout"), (dict(bias="some"), "bias"),
+    (dict(init_lora_weights="olora"), "init_lora_weights"), (dict(target_modules=[]), "target_modules"),
+])
 def test_invalid_values_name_the_field(fields, field):
     msg = error(make_config, "lora", **fields)
     assert msg.startswith(field) or f"{field}:" in msg
@@ -116,6 +116,43 @@ def test_disable_while_merged_is_refused(bert):
     with pytest.raises(splice.SpliceError, match="unmerge"):
         with splice.disable_adapters(bert):
             pass
+
+
+def test_mixed_batch_while_merged_is_refused(bert):
+    """A merged adapter is in the base weights of every row, so a row asking for None or another adapter would
+    silently get it too."""
+    splice.adapt(bert, splice.LoraConfig(target_modules=["query"]), "a")
+    splice.adapt(bert, splice.LoraConfig(target_modules=["query"]), "b")
+    splice.merge_adapter(bert, "a")
+    with pytest.raises(splice.SpliceError, match="unmerge"):
+        with splice.mixed_batch(bert, ["b", None]):
+            pass
+    assert all(layer.row_groups is None for layer in bert.modules() if hasattr(layer, "row_groups"))
+
+
+def test_mixed_batch_with_unknown_adapter_name(bert):
+    splice.adapt(bert, splice.LoraConfig(target_modules=["query"]), "french")
+    assert "'french'" in error(lambda: splice.mixed_batch(bert, ["french", "frnech"]).__enter__())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_save_or_delta_of_a_merged_adapter_is_refused_and_works_after_unmerge(tiny, tmp_path, method):
+    """Merged, the base weights include the adapter: its fingerprints, trained biases and (for DoRA and
+    modules_to_save) its delta would be taken against the wrong weights."""
+    fam = tiny["bert"]
+    model = splice.adapt(fam.build(), make_config(method, r=2, target_modules="all-linear", bias="lora_only"))
+    with torch.no_grad():
+        for p in splice.trainable_parameters(model):
+            p.add_(0.1)
+    out = fam.output(model)
+    splice.merge_adapter(model, "default")
+    assert "unmerge" in error(splice.save_adapter, model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    assert "unmerge" in error(splice.get_delta, model, "default")
+    splice.unmerge_adapter(model, "default")
+    splice.save_adapter(model, tmp_path / "a")
+    loaded = splice.load_adapter(fam.build(), tmp_path / "a")
+    torch.testing.assert_close(fam.output(loaded), out, atol=1e-5, rtol=0)
 
 
 def test_config_object_of_the_wrong_type(bert):

@@ -1,7 +1,9 @@
 """An adapted HF model is still the user's HF model: `generate`, `torch.compile` and `transformers.Trainer` work."""
 from __future__ import annotations
 
+import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import Trainer, TrainingArguments
 
 import splice
@@ -44,12 +46,17 @@ def test_torch_compile_aot_eager_matches_eager(llama, tokens):
         return loss.detach(), grads
 
     eager_loss, eager_grads = step(llama)
-    compiled = torch.compile(llama, backend="aot_eager", fullgraph=False)
-    loss, grads = step(compiled)
+    counter = CompileCounterWithBackend("aot_eager")
+    # fullgraph: the adapter layers and the fused autograd.Function trace without a graph break
+    compiled = torch.compile(llama, backend=counter, fullgraph=True)
+    try:
+        loss, grads = step(compiled)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
     torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
-    torch._dynamo.reset()
 
 
 def test_trainer_trains_only_the_adapter(llama, tmp_path):
@@ -68,3 +75,18 @@ def test_trainer_trains_only_the_adapter(llama, tmp_path):
     for n, before in base.items():
         assert torch.equal(now[n], before), f"base weight {n} changed"
         assert not now[n].requires_grad
+
+
+def test_wrapped_modules_answer_for_the_module_they_wrap(tiny):
+    """HF code reads `get_input_embeddings().weight`, `in_features`, ...: the wrapper must answer for the base."""
+    import splice
+
+    model = tiny["llama"].build(seed=0)
+    emb = model.get_input_embeddings()
+    splice.adapt(model, splice.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    wrapped = model.get_input_embeddings()
+    assert wrapped is not emb and wrapped.weight is emb.weight and wrapped.padding_idx == emb.padding_idx
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.in_features == q.base.in_features and q.weight is q.base.weight
+    with pytest.raises(AttributeError):
+        q.no_such_attribute

@@ -68,7 +68,8 @@ ROWS = [
     Row("dora-bert-bias-all", "bert", dict(r=2, lora_alpha=4, use_dora=True, target_modules=["value"], bias="all")),
     Row("dora-llama", "llama",
         dict(r=4, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])),
-    Row("dora-gpt2-conv1d", "gpt2", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_proj"], **GPT2)),
+    Row("dora-gpt2-conv1d", "gpt2",
+        dict(r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_proj"], **GPT2)),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 

@@ -49,14 +49,11 @@ class DoraAdapter(LoraAdapter):
         if kind not in ("linear", "conv1d"):
             raise SpliceError(f"dora cannot wrap {type(base).__name__}; it wraps nn.Linear and HF Conv1D")
         super().__init__(base, kind, config)
-        W = linear_weight(base, kind).detach()
-        # ‖W₀‖² per row is reused by every forward to get ‖W₀ + sBA‖ in O(out·in·r).
-        self.register_buffer("weight_sq", W.float().pow(2).sum(1).to(W.dtype), persistent=False)
         self.lora_magnitude_vector = nn.Parameter(self.row_norm(base).detach().clone())
 
     def row_norm(self, base: nn.Module) -> Tensor:
         W = linear_weight(base, self.kind)
-        return dora_row_norm(W, self.weight_sq, self.lora_A.detach(), self.lora_B.detach(), self.scale).detach()
+        return dora_row_norm(W, self.lora_A.detach(), self.lora_B.detach(), self.scale).detach()
 
     def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor:
         bias = base.bias if self.lora_bias is None else base.bias + self.lora_bias

@@ -51,6 +51,16 @@ class AdapterLayer(nn.Module):
         self.row_groups: list[tuple[str, Tensor]] | None = None
         self._merge_cache: dict[str, object] = {}
 
+    def __getattr__(self, name: str):
+        # Model code reads attributes of the module it built (`embed_tokens.weight`, `q_proj.in_features`,
+        # `padding_idx`); the wrapper answers for the module it wraps so that such code keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "adapters"):
+                raise
+            return getattr(super().__getattr__("base"), name)
+
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disabled:
@@ -62,9 +72,10 @@ class AdapterLayer(nn.Module):
             fused = getattr(self.adapters[running[0]], "fused_forward", None)
             if fused is not None:
                 return fused(x, self.base)
-        out = self.base(x, *args, **kwargs)
-        for name in running:
-            out = out + self.adapters[name].contribution(x, out, self.base)
+        base_out = self.base(x, *args, **kwargs)
+        out = base_out
+        for name in running:  # each adapter sees the base output (not the running sum), as the docstring says
+            out = out + self.adapters[name].contribution(x, base_out, self.base)
         return out
 
     def _forward_mixed(self, x: Tensor, *args, **kwargs) -> Tensor:

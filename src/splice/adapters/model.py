@@ -133,6 +133,8 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterato
             _check_name(model, n)
             groups.setdefault(n, []).append(i)
     layers = [layer for _, layer in adapter_layers(model)]
+    if any(layer.merged for layer in layers):  # a merged adapter would reach every row, None rows included
+        raise SpliceError("cannot run a mixed batch while an adapter is merged into the base; unmerge it first")
     device = next(model.parameters()).device
     index = [(n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items()]
     for layer in layers:
@@ -196,6 +198,9 @@ def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.P
 def get_delta(model: nn.Module, name: str = "default") -> DeltaSet:
     """Adapter `name` as a DeltaSet keyed by the base model's own parameter names ('…query.weight')."""
     _check_name(model, name)
+    if any(name in layer.merged for _, layer in adapter_layers(model)):
+        # DoRA's and modules_to_save's deltas are measured against the base weights, which now include them.
+        raise SpliceError(f"adapter {name!r} is merged into the base; unmerge it before taking its delta")
     deltas = {}
     for path, layer in adapter_layers(model):
         if name in layer.adapters:

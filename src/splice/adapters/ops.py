@@ -10,7 +10,7 @@ Why a custom autograd function instead of `base(x) + B(A(drop(x))) * s` (what PE
 - what backward keeps is x (already kept by the base layer, so shared), the (N, r) product, and for dropout a
   one-byte mask instead of a second float copy of x per adapted layer;
 - DoRA keeps its output instead of recomputing the base matmul, and gets ‖W + sBA‖ without materialising W + sBA:
-  ‖W_j + s(BA)_j‖² = ‖W_j‖² + 2s·(W Aᵀ ∘ B)_j·1 + s²·(B (A Aᵀ) ∘ B)_j·1, all (out, r) work.
+  ‖W_j + s(BA)_j‖² = ‖W_j‖² + 2s·(W Aᵀ ∘ B)_j·1 + s²·(B (A Aᵀ) ∘ B)_j·1, (out, r) work past one read of W.
 """
 from __future__ import annotations
 
@@ -18,8 +18,13 @@ import torch
 from torch import Tensor
 
 
-def dora_row_norm(weight: Tensor, weight_sq: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """‖W + s·B·A‖ per output row, from the cached ‖W‖² per row; shape (out,). Exact, O(out·in·r)."""
+def dora_row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """‖W + s·B·A‖ per output row, shape (out,), without forming W + s·B·A. Exact; O(out·in·r).
+
+    ‖W‖² is recomputed on every call rather than cached: one pass over W costs little next to the activations,
+    and nothing can go stale when the base weights change (a merge, a `load_state_dict`).
+    """
+    weight_sq = weight.pow(2).sum(1)
     wa = weight @ A.t()  # (out, r)
     gram = A @ A.t()  # (r, r)
     sq = weight_sq + 2 * scale * (wa * B).sum(1) + scale * scale * ((B @ gram) * B).sum(1)

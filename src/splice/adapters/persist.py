@@ -28,6 +28,10 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     config = configs(model).get(adapter_name)
     if config is None:
         raise SpliceError(f"no adapter named {adapter_name!r} on this model; it has: {', '.join(configs(model))}")
+    if any(adapter_name in layer.merged for _, layer in adapter_layers(model)):
+        # Merged, the base weights include it: the fingerprints (and trained biases, saved as base + shift) would
+        # describe the merged weights, and the folder would then be refused by, or wrong on, the real base.
+        raise SpliceError(f"adapter {adapter_name!r} is merged into the base; unmerge it before saving")
     tensors: dict[str, Tensor] = {}
     fingerprint: dict[str, str] = {}
     kinds, pissa = set(), False
