@@ -59,8 +59,7 @@ class DoraAdapter(LoraAdapter):
         bias = base.bias if self.lora_bias is None else base.bias + self.lora_bias
         p = self.dropout if self.training else 0.0
         W = linear_weight(base, self.kind)
-        return lora_linear(x, W, bias, self.lora_A, self.lora_B, self.scale, p,
-                           magnitude=self.lora_magnitude_vector, norm=self.row_norm(base))
+        return lora_linear(x, W, bias, self.lora_A, self.lora_B, self.scale, p, magnitude=self.lora_magnitude_vector)
 
     def contribution(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
         W = linear_weight(base, self.kind)

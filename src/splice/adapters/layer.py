@@ -48,7 +48,7 @@ class AdapterLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         # Set only inside `mixed_batch(...)`: (adapter name, row indices) per group of rows.
-        self.row_groups: list[tuple[str, Tensor]] | None = None
+        self.row_groups: list[tuple[str, Tensor | slice]] | None = None
         self._merge_cache: dict[str, object] = {}
 
     def __getattr__(self, name: str):
@@ -79,13 +79,18 @@ class AdapterLayer(nn.Module):
         return out
 
     def _forward_mixed(self, x: Tensor, *args, **kwargs) -> Tensor:
+        # Groups are disjoint, so each group still reads base rows from `out`; updates are in place (autograd
+        # checks that nothing it saved was overwritten). A contiguous group (a slice) costs no copy at all.
         out = self.base(x, *args, **kwargs)
         for name, rows in self.row_groups or []:
             if name not in self.adapters or name in self.merged:
                 continue
-            xs = x.index_select(0, rows)
-            change = self.adapters[name].contribution(xs, out.index_select(0, rows), self.base)
-            out = out.index_add(0, rows, change.to(out.dtype))
+            adapter = self.adapters[name]
+            if isinstance(rows, slice):
+                out[rows] += adapter.contribution(x[rows], out[rows], self.base).to(out.dtype)
+            else:
+                change = adapter.contribution(x.index_select(0, rows), out.index_select(0, rows), self.base)
+                out.index_add_(0, rows, change.to(out.dtype))
         return out
 
     # -- adapters ------------------------------------------------------------------------------------------------

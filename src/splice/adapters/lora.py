@@ -177,7 +177,7 @@ class LoraAdapter(nn.Module):
             h = F.conv2d(xd.to(A.dtype), A, None, base.stride, base.padding, base.dilation)
             out = F.conv2d(h, B) * self.scale
         else:
-            out = (xd.to(A.dtype) @ A.t()) @ B.t() * self.scale
+            out = (xd.to(A.dtype) @ (A * self.scale).t()) @ B.t()  # scale the (r, in) factor, not the output
             if self.pissa:
                 out = out - (x.to(A.dtype) @ self.pissa_A0.t()) @ self.pissa_B0.t() * self.scale
         if self.lora_bias is not None:

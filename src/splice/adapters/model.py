@@ -125,7 +125,8 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterator[None]:
     """Inside the block, row i of every batch runs with adapter `row_adapters[i]` (None: the base alone).
 
-    The base runs once for the whole batch; each adapter's contribution is computed on its own rows only.
+    The base runs once for the whole batch; each adapter's contribution is computed on its own rows only
+    (sorting a batch by adapter makes every group a contiguous slice, which needs no gather at all).
     """
     groups: dict[str, list[int]] = {}
     for i, n in enumerate(row_adapters):
@@ -136,7 +137,8 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterato
     if any(layer.merged for layer in layers):  # a merged adapter would reach every row, None rows included
         raise SpliceError("cannot run a mixed batch while an adapter is merged into the base; unmerge it first")
     device = next(model.parameters()).device
-    index = [(n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items()]
+    index = [(n, slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1
+              else torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items()]
     for layer in layers:
         layer.row_groups = index
     try:
