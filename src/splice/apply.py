@@ -112,7 +112,7 @@ def apply_adapter(base: str, adapter: str | Path, out: str | Path, *, force: boo
         for name in reader.keys():
             t = reader.get(name)
             if name in deltas:
-                merged = t.float()
+                merged = t.to(torch.float32, copy=True)  # the reader may hand out shared storage
                 deltas[name].apply_to(merged)
                 t = merged.to(t.dtype)
             yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)

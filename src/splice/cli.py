@@ -154,6 +154,40 @@ def apply(
     typer.echo(f"wrote {path}")
 
 
+@app.command(epilog="Example:  splice merge ties.yaml merged-model --dry-run   (then without --dry-run)\n\n"
+                    "ties.yaml:  merge_method: ties / base_model: ./base / models: [{model: ./ft-a, parameters: "
+                    "{weight: 0.5, density: 0.5}}, {model: ./ft-b, parameters: {weight: [0.2, 0.8]}}] / "
+                    "dtype: bfloat16")
+def merge(
+    config: Path = typer.Argument(..., help="Merge config: mergekit's YAML (merge_method, base_model, models or "
+                                            "slices, parameters, dtype)."),
+    out: Path = typer.Argument(..., help="Output folder: an HF model (or a PEFT adapter with --out-format lora)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (atomically)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and every input's tensors, print the "
+                                                          "plan, write nothing."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="With --out-format lora: truncate each "
+                                                                      "module's merged update to this rank (SVD)."),
+    out_format: str = typer.Option("model", "--out-format", help="model, or lora when every input is a LoRA "
+                                                                 "adapter of base_model."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Data file (CSV/JSONL) or saved "
+                                                                           "calibration folder, for methods that "
+                                                                           "need Fisher / Gram statistics."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random methods (DARE, DELLA); per tensor, reproducible."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Merge fine-tunes of one base from a mergekit-style YAML, streaming tensor by tensor."""
+    from splice.merge import merge as run_merge
+
+    if out_format not in ("model", "lora"):
+        raise SpliceError(f"--out-format: {out_format!r} is not one of model, lora"
+                          f"{closest(out_format, ['model', 'lora'])}")
+    if lora_rank is not None and out_format != "lora":
+        raise SpliceError("--lora-rank needs --out-format lora")
+    result = run_merge(config, out, force=force, dry_run=dry_run, progress=progress, calibration=calibration,
+                       seed=seed, out_format=out_format, lora_rank=lora_rank)
+    typer.echo(str(result) if dry_run else f"wrote {result}")
+
+
 @app.command(epilog="Example:  splice inspect my-adapter")
 def inspect(path: Path = typer.Argument(..., help="An adapter folder, a model folder or a safetensors file."),
             json_out: bool = typer.Option(False, "--json", help="Print JSON instead of aligned text.")) -> None:

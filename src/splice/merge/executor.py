@@ -1,0 +1,178 @@
+"""Stream a `MergePlan` to disk: one output tensor at a time, bounded memory, atomic output.
+
+For each task the executor reads the tensors of that one name from every input (memory-mapped), rounds them to
+the config's ``dtype`` when one is set (mergekit reads inputs in that dtype), computes in float32 (float64 for
+float64 inputs), casts to the output dtype and hands the result to the sharded writer; then it drops them. Peak
+memory is O(inputs × largest tensor) plus the shard being assembled (`max_shard_bytes`), never O(model).
+
+Method call, per `MergeMethod.space`:
+
+- ``delta``: ``τ = fn(base, [θ_i − base ...], ctx=..., **params)`` and the output is ``base + τ``. An adapter input
+  contributes its exact update ``s·B·A`` rather than the rounded difference ``(base + s·B·A) − base``.
+- ``weights``: ``fn(base_or_None, [θ_i ...], ctx=..., **params)`` is the output.
+
+Integer tensors (buffers) are copied when every input agrees, else refused. Random methods draw from
+``ctx.generator``, seeded from (seed, tensor name): the same config and seed give the same bytes, whatever the
+order or subset of tensors.
+
+The output folder (config.json with the new dtype and layer count, generation config, tokenizer, safetensors shards
+with an HF index, README.md with the config) is written inside `atomic_output_dir`: a failure or Ctrl-C leaves no
+partial folder and an existing one untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from splice.errors import SpliceError
+from splice.io.checkpoints import atomic_output_dir, save_safetensors_sharded, write_json
+from splice.io.models import TOKENIZER_FILES, copy_model_files
+from splice.merge.card import model_card
+from splice.merge.config import torch_dtype
+from splice.merge.inputs import check_finite
+from splice.merge.methods.registry import TensorContext
+from splice.merge.plan import MergePlan, Source, TensorTask
+
+__all__ = ["execute", "merge_tensor", "tensor_generator", "DEFAULT_SHARD_BYTES"]
+
+# The writer assembles one shard in memory before writing it, so this bounds the output side of peak memory.
+DEFAULT_SHARD_BYTES = 2 * 2**30
+# config.json keys that hold the number of transformer blocks, by family.
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from (seed, tensor name): independent of tensor order, stable across runs."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
+                 extras: dict[str, list[Tensor]] | None = None) -> Tensor:
+    """Compute one output tensor of `plan` (in `task.dtype`).
+
+    Raises:
+        SpliceError: NaN/inf in an input or in the method's result, integer tensors that differ between inputs,
+            a result of the wrong shape; each naming the tensor.
+    """
+    raw = {s: s.input.get(s.name) for s in task.sources}  # memory-mapped reads of this one name
+    first = raw[task.sources[0]]
+    if not first.is_floating_point():
+        for s, t in raw.items():
+            if t.dtype != first.dtype or not torch.equal(t, first):
+                raise SpliceError(f"{s.input.where}: integer tensor {s.name!r} differs from the other inputs'; "
+                                  f"splice copies integer buffers only when all inputs agree")
+        return first.clone()
+    rounding = torch_dtype(plan.config.dtype)
+    work = torch.float64 if any(t.dtype == torch.float64 for t in raw.values()) else torch.float32
+
+    def prepared(s: Source) -> Tensor:
+        # Always a private copy: reads share the reader's memory-mapped storage, which a method must not change.
+        t = raw[s]
+        return (t.to(rounding) if rounding is not None else t).to(work, copy=True)
+
+    method = plan.method
+    ctx = TensorContext(name=task.name, layer=task.layer, num_layers=task.num_layers,
+                        generator=tensor_generator(seed, task.name), extras=dict(extras or {}))
+    base = prepared(task.base) if task.base is not None else None
+    if method.space == "delta":
+        assert base is not None  # the config check refuses a delta method without base_model
+        deltas = []
+        for s in task.inputs:
+            exact = s.input.delta(s.name, task.base.input) if rounding is None else None
+            deltas.append(exact.to(work) if exact is not None else prepared(s) - base)
+        out = method.fn(base, deltas, ctx=ctx, **task.params, **task.model_params)
+        out = base + out.to(work)
+    else:
+        out = method.fn(base, [prepared(s) for s in task.inputs], ctx=ctx, **task.params, **task.model_params)
+    if tuple(out.shape) != tuple(task.shape):
+        raise SpliceError(f"merge method {method.name!r} returned shape {tuple(out.shape)} for tensor {task.name!r}, "
+                          f"expected {tuple(task.shape)}")
+    check_finite(out, f"merge method {method.name!r}", task.name)
+    return out.to(task.dtype)
+
+
+def _stream(plan: MergePlan, seed: int, progress: bool,
+            extras: Any = None) -> Iterator[tuple[str, Tensor]]:
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+                   file=sys.stderr, dynamic_ncols=True)
+    try:
+        for task in plan.tasks:
+            if bar is not None:
+                bar.set_postfix_str(task.name, refresh=False)
+            found = extras.for_task(task) if extras is not None else None
+            yield task.name, merge_tensor(plan, task, seed=seed, extras=found)
+            if bar is not None:
+                bar.update(task.nbytes)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def output_config(plan: MergePlan) -> dict[str, Any]:
+    """The donor's config.json with the output dtype and (for slices) the output layer count."""
+    config = dict(plan.donor.config)
+    dtype = plan.config.out_dtype or plan.config.dtype
+    if dtype:
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = dtype
+    if plan.config.slices:
+        old = next((config[k] for k in _LAYER_KEYS if isinstance(config.get(k), int)), None)
+        for key in _LAYER_KEYS:
+            if isinstance(config.get(key), int):
+                config[key] = plan.num_layers
+        # Per-layer lists (e.g. Qwen's / Gemma's layer_types) follow their layers into the new order.
+        for key, value in list(config.items()):
+            if isinstance(value, list) and old is not None and len(value) == old and old > 0:
+                config[key] = [value[i] for i in plan.layer_map]
+    return config
+
+
+def write_support_files(plan: MergePlan, folder: Path, yaml_text: str, name: str) -> None:
+    """config.json, generation_config.json, tokenizer files and README.md of the output model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer is reported below, in one line
+        copied = copy_model_files(plan.tokenizer_from, folder) if Path(plan.tokenizer_from).is_dir() else []
+    if not set(copied) & set(TOKENIZER_FILES):
+        print(f"note: {plan.tokenizer_from} has no tokenizer files, so the output has none either", file=sys.stderr)
+    if plan.donor.config:
+        write_json(folder / "config.json", output_config(plan))
+    gen = plan.donor.folder / "generation_config.json"
+    if gen.is_file() and plan.tokenizer_from != plan.donor.folder:
+        shutil.copy2(gen, folder / "generation_config.json")
+    (folder / "README.md").write_text(model_card(plan, yaml_text, name), encoding="utf-8")
+
+
+def execute(plan: MergePlan, out: str | Path, yaml_text: str, *, force: bool = False, progress: bool = True,
+            seed: int = 0, max_shard_bytes: int = DEFAULT_SHARD_BYTES, extras: Any = None) -> Path:
+    """Run `plan` and write a complete HF model folder at `out`, atomically.
+
+    Args:
+        yaml_text: the config as YAML, for the model card.
+        force: replace an existing `out` (atomically).
+        seed: the global seed of random methods (per tensor: see `tensor_generator`).
+        max_shard_bytes: the largest shard; more shards get an HF index.
+        extras: per-tensor extra inputs for methods that declare `needs` (see `splice.merge.calibration`).
+
+    Returns:
+        The output folder.
+    """
+    out = Path(out)
+    with atomic_output_dir(out, force=force) as tmp:
+        write_support_files(plan, tmp, yaml_text, out.name)
+        save_safetensors_sharded(_stream(plan, seed, progress, extras), tmp, max_shard_bytes=max_shard_bytes,
+                                 metadata={"format": "pt"})
+    return out
+

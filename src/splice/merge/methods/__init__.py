@@ -1,0 +1,1 @@
+"""Merge methods, one file each; see registry.py for the contract."""

@@ -1,0 +1,102 @@
+"""Merge methods registered by name: a pure function on the tensors of ONE weight name, plus its parameter schema.
+
+Two kinds of method, told apart by `space`:
+
+- ``space="delta"`` (task arithmetic and its family: TIES, DARE, breadcrumbs, DELLA, PCB, ...): the function gets
+  the task vectors ``deltas[i] = models[i] - base`` and returns the merged delta; the executor adds it to the base.
+- ``space="weights"`` (model soups, SLERP, Karcher mean, model stock, nearswap, passthrough): the function gets the
+  base tensor (or None when the config has no base) and the full model tensors, and returns the merged tensor.
+
+Per-model parameters (``weight``, ``density``, ...) arrive as lists aligned with the inputs; global parameters as
+scalars. Methods that need more than the weights (Fisher information, Gram matrices of layer inputs) name those
+inputs in `needs`; the planner supplies them in ``ctx.extras``. Random methods draw only from ``ctx.generator``,
+which the executor seeds per tensor name, so a merge is reproducible.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from splice.errors import SpliceError, closest
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method: its type, default (None with required=True means it must be given)."""
+
+    kind: type = float
+    default: Any = None
+    required: bool = False
+    help: str = ""
+
+
+@dataclass
+class TensorContext:
+    """What a method may know about the tensor it merges besides the tensors themselves."""
+
+    name: str
+    layer: int | None = None  # transformer block index, when the name has one
+    num_layers: int | None = None
+    generator: torch.Generator | None = None
+    extras: dict[str, list[Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[..., Tensor]
+    space: Literal["delta", "weights"]
+    reference: str
+    params: dict[str, Param]
+    model_params: dict[str, Param]
+    needs_base: bool
+    needs: frozenset[str] = frozenset()
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(name: str, *, space: Literal["delta", "weights"], reference: str = "",
+                 params: dict[str, Param] | None = None, model_params: dict[str, Param] | None = None,
+                 needs_base: bool | None = None, needs: set[str] | frozenset[str] = frozenset()):
+    """Register `fn(base, tensors, *, ctx, **params)` as merge method `name`.
+
+    `tensors` are deltas when space="delta" (then a base is always required), full weights when space="weights".
+    """
+
+    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in MERGE_METHODS:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        MERGE_METHODS[name] = MergeMethod(name, fn, space, reference, dict(params or {}), dict(model_params or {}),
+                                          space == "delta" if needs_base is None else needs_base, frozenset(needs))
+        return fn
+
+    return wrap
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    _load_builtin()
+    if name not in MERGE_METHODS:
+        raise SpliceError(f"unknown merge_method {name!r}{closest(name, MERGE_METHODS)}; "
+                          f"known: {', '.join(sorted(MERGE_METHODS))}")
+    return MERGE_METHODS[name]
+
+
+def merge_method_names() -> list[str]:
+    _load_builtin()
+    return sorted(MERGE_METHODS)
+
+
+def _load_builtin() -> None:
+    import importlib
+    import pkgutil
+
+    import splice.merge.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):  # one file per method: importing registers it
+        if info.name != "registry" and not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")

@@ -1,0 +1,136 @@
+"""Sparsification of one task vector τ = θ_ft − θ_0: the `sparsify` knob of generalized task arithmetic.
+
+Not a merge method (it registers nothing); `generalized.py` applies one of these to every delta before weighting and
+sign consensus. Each keeps a subset of entries, m ⊙ τ with a 0/1 mask m, and optionally rescales the survivors so the
+L1 norm is unchanged (mergekit's ``rescale``):
+
+    rescale(τ, m) = (m ⊙ τ) · ‖τ‖₁ / ‖m ⊙ τ‖₁          (left unscaled when either norm is < 1e-7)
+
+mergekit uses this L1 form, and so do we. For DARE it is ≈ 1/density, the paper's 1/(1 − p); for DELLA it is one
+factor per tensor (≈ ‖τ‖₁ / Σ p_i|τ_i|) where the paper divides each survivor by its own keep probability p_i.
+
+- ``magnitude`` (TIES, https://arxiv.org/abs/2306.01708): keep the k = max(1, ⌊density·n⌋) largest |τ|.
+- ``random`` (DARE, https://arxiv.org/abs/2311.03099): m_i ~ Bernoulli(density).
+- ``magnitude_outliers`` (Model Breadcrumbs, https://arxiv.org/abs/2312.06795): drop the ⌊gamma·n⌋ largest |τ|
+  and then the smallest, keeping ⌊density·n⌋ in between.
+- ``rank_magnitude_sampling`` (DELLA's MAGPRUNE, https://arxiv.org/abs/2406.11617): m_i ~ Bernoulli(p_i) with
+  p_i = density − ε + 2ε · (r_i − 1)/(n_row − 1), r_i the magnitude rank of entry i within its row.
+
+Numerics follow mergekit 0.1.5 (``mergekit/sparsify.py``): the same orderings (so the same tie-breaking), the same
+float32 work dtype on CPU, DELLA's ranks taken along dim 1 of a ≥2-D tensor (a 1-D tensor is one row), and one draw
+of ``torch.bernoulli`` per tensor, so a generator seeded like torch's global one gives mergekit's exact masks.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from splice.errors import SpliceError
+
+SparsifyMethod = Literal["none", "magnitude", "random", "magnitude_outliers", "rank_magnitude_sampling"]
+SPARSIFY_METHODS: tuple[str, ...] = ("none", "magnitude", "random", "magnitude_outliers", "rank_magnitude_sampling")
+
+
+def rescaled(tensor: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> Tensor:
+    """`mask ⊙ tensor`, scaled to keep ‖tensor‖₁ when `rescale` (unless either L1 norm is below `eps`)."""
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before, after = tensor.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def _cpu_float(w: Tensor) -> Tensor:
+    # Sorting half-precision magnitudes on CPU is slow and coarse; mergekit sorts them in float32 there.
+    return w.float() if w.device.type == "cpu" else w
+
+
+def magnitude(tensor: Tensor, density: float, rescale: bool = False) -> Tensor:
+    """TIES trimming: keep the k = max(1, ⌊density·n⌋) entries of largest magnitude (any positive density keeps one)."""
+    if density >= 1:
+        return tensor
+    if density <= 0 or tensor.numel() == 0:
+        return torch.zeros_like(tensor)
+    k = max(1, int(density * tensor.numel()))
+    order = torch.argsort(_cpu_float(tensor.abs().reshape(-1)), descending=True)  # (n,) largest first
+    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    mask[order[:k]] = 1
+    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+
+
+def magnitude_outliers(tensor: Tensor, density: float, gamma: float = 0.01, rescale: bool = False) -> Tensor:
+    """Breadcrumbs: drop the ⌊gamma·n⌋ largest-magnitude outliers and the smallest, keeping ⌊density·n⌋ in between.
+
+    When density + gamma > 1 the outlier cut shrinks so that ⌊density·n⌋ entries are still kept.
+    """
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - keep - n_top)
+    order = torch.sort(_cpu_float(tensor.abs().reshape(-1)), descending=False).indices  # (n,) smallest first
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[order[n_bottom:n_bottom + keep]] = 1
+    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+
+
+def _draw_dtype(tensor: Tensor) -> torch.dtype:
+    # torch.bernoulli has no float16 CPU kernel: draw in float32 there (bfloat16 and accelerators keep their dtype).
+    return tensor.dtype if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16 else torch.float32
+
+
+def random(tensor: Tensor, density: float, rescale: bool = False,
+           generator: torch.Generator | None = None) -> Tensor:
+    """DARE: keep each entry independently with probability `density` (drop rate p = 1 − density)."""
+    if density >= 1:
+        return tensor
+    dtype = _draw_dtype(tensor)
+    mask = torch.bernoulli(torch.full_like(tensor, density, dtype=dtype), generator=generator)
+    return rescaled(tensor.to(dtype), mask, rescale).to(tensor.dtype)
+
+
+def rank_magnitude_sampling(tensor: Tensor, density: float, epsilon: float, rescale: bool = False,
+                            generator: torch.Generator | None = None) -> Tensor:
+    """DELLA's MAGPRUNE: keep probability rises linearly with magnitude rank, from density − ε to density + ε.
+
+    Ranks are taken within each row (along dim 1; a 1-D tensor is one row), as in mergekit.
+    """
+    if density >= 1:
+        return tensor
+    if density <= 0:
+        return torch.zeros_like(tensor)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise SpliceError(f"parameter 'epsilon' must keep density ± epsilon inside (0, 1), "
+                          f"got density={density}, epsilon={epsilon}")
+    shape = tensor.shape
+    dtype = _draw_dtype(tensor)
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor  # (R, C, ...)
+    ranks = torch.argsort(rows.abs(), dim=1).argsort(dim=1).to(dtype) + 1  # 1 = smallest in its row
+    lo = ranks.min(dim=1, keepdim=True).values
+    span = ranks.max(dim=1, keepdim=True).values - lo
+    # A row of one entry has no rank spread (mergekit divides 0/0 there and fails); give it the middle probability.
+    rank01 = torch.where(span > 0, (ranks - lo) / span, 0.5).clamp(0, 1)
+    probs = (density - epsilon) + rank01 * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(dtype)
+    return rescaled(rows.to(dtype), mask, rescale).to(tensor.dtype).reshape(shape)
+
+
+def sparsify(tensor: Tensor, method: SparsifyMethod | str, density: float, *, gamma: float = 0.01, epsilon: float = 0.15,
+             rescale: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """Apply sparsification `method` (one of SPARSIFY_METHODS) to one task vector."""
+    if method == "none":
+        return tensor
+    if method == "magnitude":
+        return magnitude(tensor, density, rescale)
+    if method == "random":
+        return random(tensor, density, rescale, generator)
+    if method == "magnitude_outliers":
+        return magnitude_outliers(tensor, density, gamma, rescale)
+    if method == "rank_magnitude_sampling":
+        return rank_magnitude_sampling(tensor, density, epsilon, rescale, generator)
+    raise SpliceError(f"parameter 'sparsify' must be one of {', '.join(SPARSIFY_METHODS)}, got {method!r}")

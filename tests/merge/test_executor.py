@@ -1,0 +1,298 @@
+"""The merge executor end to end on tiny saved models: complete output folders, streaming, layer stacking, and bad
+inputs that must fail with one line and write nothing."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import splice.io.checkpoints as checkpoints
+from splice.cli import run as cli
+from splice.errors import SpliceError
+from splice.merge import MergeReport, merge
+from splice.merge.inputs import ModelFolder
+
+
+def ta_config(fam, **extra):
+    return {"merge_method": "task_arithmetic", "base_model": str(fam.base),
+            "models": [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fam.fts, (0.7, 0.4, 0.2))],
+            **extra}
+
+
+def nothing_written(tmp_path, out):
+    assert not out.exists()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def fails(config, out, match, **kw) -> str:
+    with pytest.raises(SpliceError, match=match) as info:
+        merge(config, out, progress=False, **kw)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- the output folder
+def test_output_is_a_complete_sharded_hf_folder(family, write_yaml, weights, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fam = family("llama", n=2)
+    path = write_yaml(ta_config(fam, out_dtype="bfloat16"))
+    out = merge(path, tmp_path / "out", max_shard_bytes=20_000)  # ~120 KB of bf16 weights → several shards
+    names = sorted(p.name for p in out.iterdir())
+    shards = [n for n in names if n.endswith(".safetensors")]
+    assert len(shards) > 2 and all(n.startswith("model-0000") for n in shards)
+    assert {"config.json", "model.safetensors.index.json", "README.md", "tokenizer.json",
+            "tokenizer_config.json"} <= set(names)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
+    assert path.read_text().strip() in (out / "README.md").read_text()  # the card holds the exact config
+    assert "task_arithmetic" in (out / "README.md").read_text()
+
+    base, a, b = weights(fam.base), weights(fam.fts[0]), weights(fam.fts[1])
+    got = weights(out)
+    assert set(got) == set(base)
+    for name, w in got.items():
+        assert w.dtype == torch.bfloat16
+        want = (base[name] + 0.7 * (a[name] - base[name]) + 0.4 * (b[name] - base[name])).bfloat16()
+        torch.testing.assert_close(w, want, atol=0, rtol=2 ** -7)  # at most one bf16 rounding apart
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    logits = model(**tokenizer("w1 w2 w3", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+    err = capsys.readouterr().err
+    assert "merging" in err and "B/s" in err  # the progress bar shows bytes per second
+
+
+def test_dry_run_validates_and_writes_nothing(family, write_yaml, tmp_path, capsys):
+    fam = family("llama", n=3)
+    report = merge(write_yaml(ta_config(fam)), tmp_path / "out", dry_run=True, progress=False)
+    assert isinstance(report, MergeReport)
+    assert report.num_tensors == 3 + 4 * 9 and report.num_layers == 4  # embed, norm, lm_head + 9 per layer
+    assert "task_arithmetic" in str(report) and "models[2]" in str(report) and "weight[1]: 0.4" in str(report)
+    nothing_written(tmp_path, tmp_path / "out")
+    assert cli(["merge", str(write_yaml(ta_config(fam))), str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "output: 39 tensors" in capsys.readouterr().out
+    nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_gpt2_tied_head_stays_tied(family, weights, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    fam = family("gpt2", n=2, layers=2)
+    out = merge(ta_config(fam), tmp_path / "out", progress=False)
+    got = weights(out)
+    assert "lm_head.weight" not in got and set(got) == set(weights(fam.base))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    torch.testing.assert_close(model.transformer.wte.weight, got["transformer.wte.weight"])
+
+
+def test_a_tied_checkpoint_stands_in_for_the_base_lm_head(family, weights, tmp_path):
+    """A fine-tune saved with tied embeddings has no lm_head.weight; its embedding is its head."""
+    fam = family("llama", n=2, layers=2)
+    file = fam.fts[1] / "model.safetensors"
+    tensors = load_file(file)
+    tensors.pop("lm_head.weight")
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    got = weights(merge(ta_config(fam), tmp_path / "out", progress=False))
+    base, a = weights(fam.base), weights(fam.fts[0])
+    want = base["lm_head.weight"] + 0.7 * (a["lm_head.weight"] - base["lm_head.weight"]) + \
+        0.4 * (tensors["model.embed_tokens.weight"] - base["lm_head.weight"])
+    torch.testing.assert_close(got["lm_head.weight"], want)
+
+
+def test_reads_one_tensor_name_at_a_time(family, tmp_path, monkeypatch):
+    """Streaming: every read of a name happens together, before the next name is read (memory O(one name))."""
+    fam = family("llama", n=3, layers=2)
+    reads = []
+    original = ModelFolder.get
+    monkeypatch.setattr(ModelFolder, "get", lambda self, name: reads.append(name) or original(self, name))
+    merge(ta_config(fam), tmp_path / "out", progress=False)
+    runs = [n for i, n in enumerate(reads) if i == 0 or reads[i - 1] != n]
+    assert len(runs) == len(set(reads)) == 3 + 2 * 9
+    assert len(reads) == 4 * len(runs)  # base + 3 fine-tunes, each read once
+
+
+def test_frankenmerge_slices_renumber_layers(family, weights, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    fam = family("llama", n=2, layers=4)
+    method = "passthrough"
+    config = {"merge_method": method, "slices": [
+        {"sources": [{"model": str(fam.fts[0]), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(fam.fts[1]), "layer_range": [1, 4]}]}]}
+    out = merge(config, tmp_path / "out", progress=False)
+    got, a, b = weights(out), weights(fam.fts[0]), weights(fam.fts[1])
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
+    layer = "model.layers.{}.mlp.down_proj.weight"
+    for i in range(3):
+        assert torch.equal(got[layer.format(i)], a[layer.format(i)])
+        assert torch.equal(got[layer.format(3 + i)], b[layer.format(1 + i)])
+    assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])  # from the first slice
+    assert torch.equal(got["model.norm.weight"], b["model.norm.weight"])  # from the last slice
+    assert torch.equal(got["lm_head.weight"], b["lm_head.weight"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 6
+
+
+def test_random_methods_are_reproducible_from_the_seed(family, tmp_path):
+    fam = family("llama", n=2, layers=2)
+    config = {**ta_config(fam), "merge_method": "dare_ties", "parameters": {"density": 0.5}}
+    runs = [merge(config, tmp_path / f"out{i}", progress=False, seed=s) for i, s in enumerate((7, 7, 8))]
+    first, again, other = (load_file(o / "model.safetensors") for o in runs)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+def test_existing_output_needs_force(family, tmp_path):
+    fam = family("llama", n=2, layers=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    fails(ta_config(fam), out, "output folder exists; pass --force")
+
+
+def test_different_architectures(family, tmp_path):
+    llama, gpt2 = family("llama", n=1, layers=2), family("gpt2", n=1, layers=2)
+    config = ta_config(llama)
+    config["models"][0]["model"] = str(gpt2.fts[0])
+    text = fails(config, tmp_path / "out", "architecture")
+    assert "models[0]" in text and str(gpt2.fts[0]) in text and "GPT2LMHeadModel" in text
+    nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_different_shapes(family, tmp_path):
+    small, wide = family("llama", n=1, layers=2), family("llama", n=1, layers=2, hidden=48)
+    config = ta_config(small)
+    config["models"][0]["model"] = str(wide.fts[0])
+    text = fails(config, tmp_path / "out", r"has shape \(100, 48\), but")
+    assert "models[0]" in text and str(wide.fts[0]) in text and "model.embed_tokens.weight" in text
+    nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_different_layer_counts(family, tmp_path):
+    two, three = family("llama", n=1, layers=2), family("llama", n=1, layers=3)
+    config = ta_config(two)
+    config["models"][0]["model"] = str(three.fts[0])
+    fails(config, tmp_path / "out", "has 3 layers")
+    nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_missing_tensor(family, tmp_path):
+    fam = family("llama", n=2, layers=2)
+    file = fam.fts[1] / "model.safetensors"
+    tensors = load_file(file)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    text = fails(ta_config(fam), tmp_path / "out", "tensor 'model.layers.1.mlp.up_proj.weight' is missing")
+    assert text.startswith(f"models[1] {fam.fts[1]}:")
+    nothing_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_or_inf_in_an_input(family, tmp_path, bad):
+    fam = family("llama", n=2, layers=2)
+    file = fam.fts[0] / "model.safetensors"
+    tensors = load_file(file)
+    tensors["model.layers.1.self_attn.k_proj.weight"][3, 5] = bad
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    what = "NaN" if math.isnan(bad) else "inf"
+    text = fails(ta_config(fam), tmp_path / "out", f"tensor 'model.layers.1.self_attn.k_proj.weight' holds {what}")
+    assert text.startswith(f"models[0] {fam.fts[0]}:")
+    nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_truncated_shard(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    fam = family("llama", n=2, layers=2)
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(fam.fts[0]).save_pretrained(sharded, max_shard_size="20KB")
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    config = ta_config(fam)
+    config["models"][0]["model"] = str(sharded)
+    text = fails(config, tmp_path / "out", "truncated")
+    assert shard.name in text and "models[0]" in text
+    nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_lora_made_for_another_base(family, tmp_path):
+    import splice
+
+    fam, other = family("llama", n=1, layers=2), family("llama", n=1, layers=2, seed=1)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fam.base)
+    splice.adapt(model, splice.LoraConfig(r=2, target_modules=["q_proj"]))
+    splice.save_adapter(model, tmp_path / "adapter")  # records fingerprints of the base it was made on
+    config = {"merge_method": "task_arithmetic", "base_model": str(other.base),
+              "models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}}]}
+    text = fails(config, tmp_path / "out", "made for another base model")
+    assert "models[0]" in text and "adapter" in text
+    nothing_written(tmp_path, tmp_path / "out")
+    config["base_model"] = None
+    fails(config, tmp_path / "out", "needs base_model")
+
+
+def test_bare_adapter_without_a_base_model(family, lora, tmp_path):
+    fam = family("llama", n=1, layers=2)
+    adapter = lora(fam.base, tmp_path / "adapter", 0)
+    config = {"merge_method": "linear", "models": [{"model": str(adapter), "parameters": {"weight": 1.0}},
+                                                   {"model": str(fam.fts[0]), "parameters": {"weight": 1.0}}]}
+    fails(config, tmp_path / "out", "is a LoRA adapter folder.*set base_model")
+
+
+def test_missing_model_folder_and_offline_hub_id(family, tmp_path, monkeypatch):
+    fam = family("llama", n=1, layers=2)
+    config = ta_config(fam)
+    config["models"][0]["model"] = str(tmp_path / "nowhere")
+    fails(config, tmp_path / "out", "models\\[0\\].*does not exist")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config["models"][0]["model"] = "someone/not-cached-model"
+    fails(config, tmp_path / "out", "not a local folder and could not be fetched from the hub")
+
+
+def test_method_needing_calibration(family, tmp_path):
+    fam = family("llama", n=2, layers=2)
+    config = {"merge_method": "regmean", "models": [{"model": str(f)} for f in fam.fts]}
+    fails(config, tmp_path / "out", "needs gram computed from calibration texts", dry_run=True)
+
+
+def test_interrupted_run_keeps_the_previous_output(family, tmp_path, monkeypatch):
+    fam = family("llama", n=2, layers=2)
+    out = merge(ta_config(fam), tmp_path / "out", progress=False, max_shard_bytes=30_000)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second shard is written
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", interrupted)
+    changed = {**ta_config(fam), "out_dtype": "float16"}
+    with pytest.raises(KeyboardInterrupt):
+        merge(changed, out, force=True, progress=False, max_shard_bytes=30_000)
+    assert len(calls) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+
+def test_cli_errors_are_one_line(family, write_yaml, tmp_path, capsys):
+    fam = family("llama", n=1, layers=2)
+    path = write_yaml({**ta_config(fam), "merge_method": "ties_merging"})
+    capsys.readouterr()  # drop what building the models printed
+    assert cli(["merge", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: merge_method: unknown merge_method 'ties_merging'") and "\n" not in err
+    assert cli(["merge", str(path), str(tmp_path / "out"), "--out-format", "lorra"]) == 2
+    assert "did you mean 'lora'" in capsys.readouterr().err
+    assert cli(["merge", "--help"]) == 0
+    assert "Example:" in capsys.readouterr().out
