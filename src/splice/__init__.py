@@ -11,10 +11,11 @@ from splice.adapters import (AdaptedModel, DoraConfig, LoraConfig, active_adapte
                              unmerge_adapter)
 from splice.delta import Delta, DeltaSet, Dense, LowRank, Scale, Sparse
 from splice.errors import SpliceError
+import splice.merge as merge  # callable: splice.merge(config, out)
 
 __version__ = "0.1.0"
 
 __all__ = ["AdaptedModel", "Delta", "DeltaSet", "Dense", "DoraConfig", "LoraConfig", "LowRank", "Scale",
            "SpliceError", "Sparse", "active_adapters", "adapt", "delete_adapter", "disable_adapters", "get_delta",
-           "load_adapter", "merge_adapter", "merge_and_unload", "method_names", "mixed_batch", "save_adapter",
+           "load_adapter", "merge", "merge_adapter", "merge_and_unload", "method_names", "mixed_batch", "save_adapter",
            "set_adapter", "trainable_parameters", "unmerge_adapter"]

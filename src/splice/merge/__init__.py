@@ -1,11 +1,13 @@
 """Merging many fine-tunes of one base: methods, planner, streaming executor.
 
-    import splice.merge
-    splice.merge.merge("merge.yaml", "merged-model")                  # mergekit YAML → a complete HF model folder
-    splice.merge.merge("merge.yaml", "merged-model", dry_run=True)    # validate everything, print the plan
-    splice.merge.merge(MergeConfig(merge_method="task_arithmetic", base_model="base",
-                                   models=[{"model": "ft-a", "parameters": {"weight": 0.7}},
-                                           {"model": "ft-b", "parameters": {"weight": 0.3}}]), "out")
+    import splice
+    splice.merge("merge.yaml", "merged-model")                        # mergekit YAML → a complete HF model folder
+    splice.merge("merge.yaml", "merged-model", dry_run=True)          # validate everything, print the plan
+    splice.merge(MergeConfig(merge_method="task_arithmetic", base_model="base",
+                             models=[{"model": "ft-a", "parameters": {"weight": 0.7}},
+                                     {"model": "ft-b", "parameters": {"weight": 0.3}}]), "out")
+
+`splice.merge` is this package and is also callable as the function `merge` (`splice.merge.merge` is the same).
 
 The pieces: `config.py` (the YAML schema), `inputs.py` (model folders and LoRA adapters, read lazily),
 `plan.py` (config → one task per output tensor, all validation up front), `executor.py` (streams tasks to shards),
@@ -15,6 +17,7 @@ them), `card.py` (README.md), and `methods/` (one file per merge method).
 from __future__ import annotations
 
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -110,3 +113,13 @@ def merge(config: str | Path | dict[str, Any] | MergeConfig, out: str | Path, *,
                 extras.close()
     finally:
         plan.inputs.close()
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `splice.merge(config, out)` call `merge` while `splice.merge.config` etc. stay importable modules."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path | MergeReport:
+        return merge(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -95,8 +95,7 @@ def _load_builtin() -> None:
     import importlib
     import pkgutil
 
-    import splice.merge.methods as pkg
-
+    pkg = importlib.import_module("splice.merge.methods")  # `splice.merge` the attribute is the merge function
     for info in pkgutil.iter_modules(pkg.__path__):  # one file per method: importing registers it
         if info.name != "registry" and not info.name.startswith("_"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
