@@ -24,14 +24,9 @@ YAML_KEYS = ("method", "task", "adapter", "train")
 def _load_yaml(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    import yaml
+    from splice.io.checkpoints import parse_yaml, read_text
 
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise SpliceError(f"{path}: config file does not exist") from None
-    except yaml.YAMLError as err:
-        raise SpliceError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+    data = parse_yaml(read_text(path, "config file"), path) or {}
     if not isinstance(data, dict):
         raise SpliceError(f"{path}: expected a mapping with keys {', '.join(YAML_KEYS)}")
     for key in data:

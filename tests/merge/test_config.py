@@ -218,7 +218,7 @@ def test_slice_errors():
 
 
 def test_file_errors(tmp_path):
-    assert error(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: config file does not exist"
+    assert error(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: config file not found"
     bad = tmp_path / "bad.yaml"
     bad.write_text("merge_method: [ties\n")
     assert error(bad).startswith(f"{bad}: invalid YAML:")

@@ -387,19 +387,24 @@ def atomic_output_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]
             old.unlink(missing_ok=True)
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The text of `path`, or a one-line SpliceError naming it (missing, unreadable, not UTF-8)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpliceError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpliceError(f"{path}: cannot read ({e})") from None
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
     """Read a JSON object from `path`.
 
     Raises:
         SpliceError: the file is missing, unreadable, not valid JSON (with line and column) or not an object.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpliceError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpliceError(f"{path}: cannot read ({e})") from None
+    text = read_text(path)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -407,6 +412,16 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise SpliceError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def parse_yaml(text: str, path: str | Path) -> Any:
+    """`yaml.safe_load(text)`, with a one-line SpliceError naming `path` on invalid YAML."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpliceError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -462,20 +462,11 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[Merg
     if isinstance(source, dict):
         cfg = _from_dict(source, "config")
         return cfg, cfg.to_yaml()
-    import yaml
+    from splice.io.checkpoints import parse_yaml, read_text
 
     path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpliceError(f"{path}: config file does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpliceError(f"{path}: cannot read ({err})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise SpliceError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
-    return _from_dict(data, str(path)), text.strip()
+    text = read_text(path, "config file")
+    return _from_dict(parse_yaml(text, path), str(path)), text.strip()
 
 
 def _from_dict(data: Any, where: str) -> MergeConfig:

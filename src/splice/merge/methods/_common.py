@@ -34,6 +34,19 @@ def per_model(method: str, name: str, value: Any, n: int, ctx: TensorContext | N
     return values
 
 
+def model_weights(tensors: Sequence[Tensor], weight: Sequence[float] | None, ctx: TensorContext) -> list[float]:
+    """Per-model weights (default 1) after checking there are inputs, one weight each, and equal shapes."""
+    if not tensors:
+        raise SpliceError(f"{ctx.name}: no input tensors to merge")
+    weights = [1.0] * len(tensors) if weight is None else [float(w) for w in weight]
+    if len(weights) != len(tensors):
+        raise SpliceError(f"{ctx.name}: {len(weights)} weights for {len(tensors)} models")
+    for t in tensors:
+        if t.shape != tensors[0].shape:
+            raise SpliceError(f"{ctx.name}: input shapes differ ({tuple(t.shape)} vs {tuple(tensors[0].shape)})")
+    return weights
+
+
 def in_range(method: str, name: str, values: float | Sequence[float], lo: float, hi: float,
              ctx: TensorContext | None = None) -> None:
     """Raise unless every value lies in the closed interval [lo, hi]."""

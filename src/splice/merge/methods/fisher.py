@@ -24,19 +24,8 @@ import torch
 from torch import Tensor
 
 from splice.errors import SpliceError
+from splice.merge.methods._common import model_weights
 from splice.merge.methods.registry import Param, TensorContext, merge_method
-
-
-def _check(tensors: list[Tensor], weight: list[float] | None, ctx: TensorContext) -> list[float]:
-    if not tensors:
-        raise SpliceError(f"{ctx.name}: no input tensors to merge")
-    weights = [1.0] * len(tensors) if weight is None else [float(w) for w in weight]
-    if len(weights) != len(tensors):
-        raise SpliceError(f"{ctx.name}: {len(weights)} weights for {len(tensors)} models")
-    for t in tensors:
-        if t.shape != tensors[0].shape:
-            raise SpliceError(f"{ctx.name}: input shapes differ ({tuple(t.shape)} vs {tuple(tensors[0].shape)})")
-    return weights
 
 
 def weighted_average(tensors: list[Tensor], weights: list[float]) -> Tensor:
@@ -58,7 +47,7 @@ def weighted_average(tensors: list[Tensor], weights: list[float]) -> Tensor:
 def fisher(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContext, epsilon: float = 1e-6,
            weight: list[float] | None = None, **_: object) -> Tensor:
     """Element-wise Fisher-weighted average of the models' tensors."""
-    weights = _check(tensors, weight, ctx)
+    weights = model_weights(tensors, weight, ctx)
     fishers = ctx.extras.get("fisher")
     if fishers is None or all(f is None for f in fishers):
         return weighted_average(tensors, weights).to(tensors[0].dtype)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from splice.errors import SpliceError, closest
 from splice.merge.methods.fisher import weighted_average
+from splice.merge.methods._common import model_weights
 from splice.merge.methods.registry import Param, TensorContext, merge_method
 
 LAYOUTS = ("out_in", "in_out")
@@ -86,12 +87,7 @@ def regmean(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContext, a
         raise SpliceError(f"regmean layout {layout!r} is not one of {', '.join(LAYOUTS)}{closest(layout, LAYOUTS)}")
     if not 0.0 <= alpha <= 1.0:
         raise SpliceError(f"regmean alpha must be in [0, 1], got {alpha}")
-    weights = [1.0] * len(tensors) if weight is None else [float(w) for w in weight]
-    if len(weights) != len(tensors):
-        raise SpliceError(f"{ctx.name}: {len(weights)} weights for {len(tensors)} models")
-    for t in tensors:
-        if t.shape != tensors[0].shape:
-            raise SpliceError(f"{ctx.name}: input shapes differ ({tuple(t.shape)} vs {tuple(tensors[0].shape)})")
+    weights = model_weights(tensors, weight, ctx)
     grams = ctx.extras.get("gram")
     if grams is None or all(g is None for g in grams) or tensors[0].dim() != 2:
         return weighted_average(tensors, weights).to(tensors[0].dtype)

@@ -32,19 +32,12 @@ import torch
 from torch import Tensor
 
 from splice.errors import SpliceError
+from splice.merge.methods._common import model_weights
 from splice.merge.methods.registry import Param, TensorContext, merge_method
 
 
 def _weighted(tensors: list[Tensor], weight: list[float] | None, ctx: TensorContext) -> list[Tensor]:
-    if not tensors:
-        raise SpliceError(f"{ctx.name}: no input tensors to merge")
-    weights = [1.0] * len(tensors) if weight is None else [float(w) for w in weight]
-    if len(weights) != len(tensors):
-        raise SpliceError(f"{ctx.name}: {len(weights)} weights for {len(tensors)} models")
-    for t in tensors:
-        if t.shape != tensors[0].shape:
-            raise SpliceError(f"{ctx.name}: input shapes differ ({tuple(t.shape)} vs {tuple(tensors[0].shape)})")
-    return [t.float() * w for t, w in zip(tensors, weights)]
+    return [t.float() * w for t, w in zip(tensors, model_weights(tensors, weight, ctx))]
 
 
 def _polar(x: Tensor) -> Tensor:
