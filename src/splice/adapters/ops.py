@@ -108,7 +108,7 @@ class _LoraLinear(torch.autograd.Function):
         if mag is not None and ctx.needs_input_grad[5]:
             # ∂L/∂m_j = Σ_i g_ij z_ij / ‖W'_j‖ with z = (y − b) / c, and c·‖W'_j‖ = m_j: read off the saved output.
             y = out.reshape(-1, out_f)
-            gy = torch.einsum("ij,ij->j", g2, y)
+            gy = (g2 * y).sum(0)  # not einsum("ij,ij->j"): on CPU that is ~20× slower for these shapes
             if bias is not None:
                 gy = gy - bias * (g2.sum(0) if grad_bias is None else grad_bias)
             grad_mag = (gy / mag.to(gy.dtype)).to(mag.dtype)
