@@ -2,8 +2,8 @@
 """Adapter benchmark: splice vs PEFT on all-MiniLM-L6-v2 (BertModel) + mean pooling + a 2-class linear head.
 
     python bench/adapters.py                 # full run (< 20 min on 2 CPU cores), writes bench/RESULTS.md
-    python bench/adapters.py --quick         # smoke run (< 3 min): main dropout only, fewer rounds
-    python bench/adapters.py --profile       # torch.profiler: one LoRA all-linear step vs the frozen floor
+    python bench/adapters.py --quick         # smoke run (< 3 min): dropout 0.1 only, no q/v rows, 2 rounds
+    python bench/adapters.py --profile       # torch.profiler: LoRA/DoRA all-linear steps (splice, PEFT) vs floor
 
 What is measured (batch 32, sequence 128: every row filled with random token ids, fixed seed, no padding):
 
@@ -13,10 +13,14 @@ What is measured (batch 32, sequence 128: every row filled with random token ids
   splice and PEFT with the same config (r=8, lora_alpha=16), with lora_dropout 0.1 (main table) and 0.0.
   The configurations are interleaved round-robin (shuffled order in every round) so machine noise hits all of
   them alike; speed is reported as the median over rounds of the ratio to the floor measured in the same round.
-- peak memory: one fresh subprocess per configuration; peak RSS (VmHWM) over a few steps, and its increment
-  over the RSS right after the base model was loaded.
+  A step during which other processes took more than 10% of the CPUs (read from /proc/stat) is retried once the
+  machine is quiet, so a burst from a neighbour does not land on one configuration only.
+- peak memory: one fresh subprocess per configuration; peak RSS (VmHWM, reset after loading) over 5 steps (glibc's
+  heap keeps growing for the first few steps, so one step under-reports), and its increment over the RSS right
+  after the base model was loaded.
 - inference (eval, no_grad): base model, LoRA all-linear unmerged / merged (splice.merge_adapter), a mixed batch
-  of 3 adapters (splice.mixed_batch) vs a single-adapter batch, and PEFT for reference; interleaved likewise.
+  of 3 adapters (splice.mixed_batch; rows sorted by adapter, and interleaved) vs a single-adapter batch, and PEFT
+  for reference; interleaved likewise.
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ from torch import nn  # noqa: E402
 
 BATCH, SEQ, R, ALPHA, SEED = 32, 128, 8, 16, 0
 HEADING = "## Adapters (bench/adapters.py)"
+SORTED = "splice 3 adapters, mixed batch, rows sorted by adapter (11/11/10)"
+INTERLEAVED = "splice 3 adapters, mixed batch, interleaved rows (a,b,c,a,…)"
 
 # kind → (target_modules, use_dora, label)
 KINDS = {
@@ -84,10 +90,10 @@ class Spec:
         return f"{self.impl} {KINDS[self.kind][2]}"
 
 
-def specs_for(dropouts: list[float]) -> list[Spec]:
+def specs_for(dropouts: list[float], kinds: list[str] = list(KINDS)) -> list[Spec]:
     out = [Spec("-", "floor"), Spec("-", "full")]
     for d in dropouts:
-        for kind in KINDS:
+        for kind in kinds:
             for impl in ("splice", "peft"):
                 out.append(Spec(impl, kind, d))
     return out
@@ -208,17 +214,23 @@ def memory_child(key: str, steps: int, threads: int) -> None:
     rss_loaded = common.rss_bytes()
     reset = common.reset_peak_rss()
     trainer = Trainer(spec, batch, model=model)
+    peaks = []
     for _ in range(steps):
         trainer.step()
-    peak = common.peak_rss_bytes()
+        peaks.append(common.peak_rss_bytes())
+    peak = peaks[-1]
     print("MEM " + json.dumps({"key": key, "rss_imports": rss_imports, "rss_loaded": rss_loaded, "peak": peak,
                                "rss_end": common.rss_bytes(), "peak_reset": reset, "loss": trainer.last_loss,
+                               "digest": common.source_digest(ROOT / "src" / "splice"), "peak_per_step": peaks,
                                **trainer.info}), flush=True)
 
 
-def measure_memory(specs: list[Spec], steps: int, threads: int, log) -> dict[str, dict]:
-    out = {}
-    for i, spec in enumerate(specs):
+def measure_memory(specs: list[Spec], steps: int, threads: int, jobs: int, log) -> dict[str, dict]:
+    """One fresh subprocess per configuration, `jobs` at a time (peak RSS is per process, so running two side by
+    side changes only how long it takes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(spec: Spec) -> tuple[str, dict, float]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_mem", spec.key, "--mem-steps", str(steps),
                "--threads", str(threads)]
         t0 = time.perf_counter()
@@ -226,10 +238,14 @@ def measure_memory(specs: list[Spec], steps: int, threads: int, log) -> dict[str
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEM ")]
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"memory subprocess for {spec.key} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        out[spec.key] = json.loads(lines[-1][4:])
-        m = out[spec.key]
-        log(f"  [{i + 1}/{len(specs)}] {spec.key:24s} peak {common.mib(m['peak'])} MiB, "
-            f"+{common.mib(m['peak'] - m['rss_loaded'])} MiB over loaded ({time.perf_counter() - t0:.0f} s)")
+        return spec.key, json.loads(lines[-1][4:]), time.perf_counter() - t0
+
+    out = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for i, (key, m, dt) in enumerate(pool.map(one, specs)):
+            out[key] = m
+            log(f"  [{i + 1}/{len(specs)}] {key:24s} peak {common.mib(m['peak'])} MiB, "
+                f"+{common.mib(m['peak'] - m['rss_loaded'])} MiB over loaded ({dt:.0f} s)")
     return out
 
 
@@ -249,7 +265,8 @@ def build_inference(batch: dict[str, torch.Tensor]) -> tuple[dict, dict[str, flo
     import splice
 
     names = ["a", "b", "c"]
-    rows = [names[i * 3 // BATCH] for i in range(BATCH)]  # 11 / 11 / 10 rows
+    rows = [names[i * 3 // BATCH] for i in range(BATCH)]  # sorted by adapter: 11 / 11 / 10 contiguous rows
+    mixed_rows = [names[i % 3] for i in range(BATCH)]  # interleaved a, b, c, a, ... (an unsorted serving batch)
     cfg = dict(r=R, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.1)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
@@ -276,8 +293,8 @@ def build_inference(batch: dict[str, torch.Tensor]) -> tuple[dict, dict[str, flo
     def run(model, **kw):
         return model(**inputs, **kw).last_hidden_state
 
-    def mixed():
-        with splice.mixed_batch(three, rows):
+    def mixed(order=rows):
+        with splice.mixed_batch(three, order):
             return run(three)
 
     runners = {
@@ -285,64 +302,75 @@ def build_inference(batch: dict[str, torch.Tensor]) -> tuple[dict, dict[str, flo
         "splice LoRA all-linear, unmerged": lambda: run(one),
         "splice LoRA all-linear, merged": lambda: run(merged),
         "splice 3 adapters, single-adapter batch": lambda: run(three),
-        "splice 3 adapters, mixed batch (11/11/10 rows)": mixed,
+        SORTED: mixed,
+        INTERLEAVED: lambda: mixed(mixed_rows),
         "PEFT LoRA all-linear, unmerged": lambda: run(p_one),
-        "PEFT 3 adapters, mixed batch (adapter_names=)": lambda: run(p_three, adapter_names=rows),
+        "PEFT 3 adapters, mixed batch, interleaved rows (adapter_names=)": lambda: run(p_three, adapter_names=mixed_rows),
     }
 
     checks = {}
     with torch.no_grad():
         checks["merged vs unmerged"] = (run(merged) - run(one)).abs().max().item()
         checks["unmerged vs base (should be > 0)"] = (run(one) - run(base)).abs().max().item()
-        out_mixed = mixed()
-        worst = 0.0
-        for n in names:
-            splice.set_adapter(three, n)
-            idx = [i for i, r in enumerate(rows) if r == n]
-            worst = max(worst, (out_mixed[idx] - run(three)[idx]).abs().max().item())
+        outs = {n: (splice.set_adapter(three, n), run(three))[1] for n in names}
         splice.set_adapter(three, "a")
-        checks["mixed batch vs per-adapter batches"] = worst
+        for label, order in (("sorted", rows), ("interleaved", mixed_rows)):
+            out_mixed = mixed(order)
+            checks[f"mixed batch ({label}) vs per-adapter batches"] = max(
+                (out_mixed[i] - outs[n][i]).abs().max().item() for i, n in enumerate(order))
     return runners, checks
 
 
 # -- profile ---------------------------------------------------------------------------------------------------------
-def profile(threads: int, rows: int) -> None:
+def profile(threads: int, rows: int, reps: int = 3) -> None:
+    """torch.profiler over `reps` steps per configuration, interleaved (steps disturbed by other processes are
+    retried); per-op self CPU time is the median over the profiled steps."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     torch.set_num_threads(threads)
     base = load_base()
     batch = make_batch(base.config.vocab_size)
-    specs = [Spec("-", "floor"), Spec("splice", "lora_all", 0.1), Spec("splice", "lora_all", 0.0),
-             Spec("peft", "lora_all", 0.1)]
+    del base
+    specs = [Spec("-", "floor")] + [Spec(impl, kind, d) for impl in ("splice", "peft") for kind in ("lora_all", "dora_all")
+                                    for d in (0.1, 0.0)]
+    trainers = {s.key: Trainer(s, batch) for s in specs}
+
+    def profiled(tr):
+        def run():
+            with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+                tr.step()
+            return {"ops": {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}}
+        return run
+
+    walls = common.interleaved({k: tr.step for k, tr in trainers.items()}, reps, 1, 2, log=print)
+    profs = common.interleaved({k: profiled(tr) for k, tr in trainers.items()}, reps, 1, 0, log=print)
     tables = {}
+    for k, rounds in profs.items():
+        reps_ = [c["ops"] for calls in rounds for c in calls]
+        names = set().union(*reps_)
+        tables[k] = {n: (statistics.median(r.get(n, (0.0, 0))[0] for r in reps_),
+                         max(r.get(n, (0, 0))[1] for r in reps_)) for n in names}
+    floor_wall = walls["floor"]
     for spec in specs:
-        tr = Trainer(spec, batch)
-        for _ in range(2):
-            tr.step()
-        walls = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            tr.step()
-            walls.append(time.perf_counter() - t0)
-        with tprofile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-            tr.step()
-        ka = prof.key_averages()
-        tables[spec.key] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in ka}
-        total = sum(v for v, _ in tables[spec.key].values())
-        print(f"\n### {spec.label} (dropout {spec.dropout:g}): step {statistics.fmean(walls):.2f} s unprofiled, "
-              f"{total / 1e3:.2f} s self CPU profiled")
-        print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
-        del tr
+        t = tables[spec.key]
+        total = sum(v for v, _ in t.values())
+        top = sorted(t.items(), key=lambda kv: -kv[1][0])[:rows]
+        print(f"\n### {spec.label}, lora_dropout {spec.dropout:g}: unprofiled step median "
+              f"{common.median_all(walls[spec.key]):.2f} s ({common.fmt_ratio(common.ratio_stats(walls[spec.key], floor_wall))}"
+              f" floor); profiled self CPU {total / 1e3:.2f} s (median per op over {reps} profiled steps)\n")
+        print(common.md_table(["op", "self CPU ms", "% of step", "calls"],
+                              [[n, f"{v:.0f}", f"{100 * v / total:.1f}", c] for n, (v, c) in top]))
     floor = tables["floor"]
-    for key in specs[1:]:
-        t = tables[key.key]
-        diff = sorted(((t.get(k, (0, 0))[0] - floor.get(k, (0, 0))[0], k) for k in set(t) | set(floor)), reverse=True)
-        print(f"\n### self CPU ms: {key.label} (dropout {key.dropout:g}) minus floor, top {rows}")
+    for spec in specs[1:]:
+        t = tables[spec.key]
+        diff = sorted(((t.get(n, (0, 0))[0] - floor.get(n, (0, 0))[0], n) for n in set(t) | set(floor)),
+                      reverse=True)
+        print(f"\n### {spec.label}, lora_dropout {spec.dropout:g}, minus the floor: largest extra self CPU\n")
         print(common.md_table(["op", "floor ms (calls)", "adapter ms (calls)", "extra ms"],
-                              [[k, f"{floor.get(k, (0, 0))[0]:.0f} ({floor.get(k, (0, 0))[1]})",
-                                f"{t.get(k, (0, 0))[0]:.0f} ({t.get(k, (0, 0))[1]})", f"{d:+.0f}"]
-                               for d, k in diff[:rows]]))
+                              [[n, f"{floor.get(n, (0, 0))[0]:.0f} ({floor.get(n, (0, 0))[1]})",
+                                f"{t.get(n, (0, 0))[0]:.0f} ({t.get(n, (0, 0))[1]})", f"{d:+.0f}"]
+                               for d, n in diff[:rows]]))
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
@@ -362,10 +390,16 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
                "0.0 is shown too. The floor freezes every encoder weight but makes the input embeddings' output "
                "require grad, so backward runs through all layers; only the head trains.\n")
     out.append(common.md_table(["machine", ""], [[k, v] for k, v in info.items()]))
-    out.append(f"\nReproduce: `{args.command}` ({elapsed / 60:.1f} min). Speed: {args.rounds} rounds × "
-               f"{args.per_round} timed steps per configuration after {args.warmup} warm-up step(s), configurations "
+    out.append(f"\nReproduce: `{args.command}` ({elapsed / 60:.1f} min). Speed: {args.rounds_done} rounds × "
+               f"{args.per_round} timed step(s) per configuration after {args.warmup} warm-up step(s) (inference: "
+               f"{args.inf_rounds} rounds × {args.inf_per_round} calls), configurations "
                "interleaved round-robin in a shuffled order each round; ratios are medians over rounds of the "
-               "per-round ratio (range over rounds in brackets). Memory: a fresh subprocess per configuration, "
+               "per-round ratio (range over rounds in brackets). A step during which other processes used more "
+               "than 10% of the CPUs (from /proc/stat) was discarded and retried once the machine was quiet: "
+               f"training {args.train_stats['discarded']} discarded / {args.train_stats['calls']} kept "
+               f"({args.train_stats['kept_under_load']} kept under load after {1 if args.quick else 3} retries), inference "
+               f"{args.inf_stats['discarded']} / {args.inf_stats['calls']} "
+               f"({args.inf_stats['kept_under_load']}). Memory: a fresh subprocess per configuration, "
                f"peak RSS (VmHWM{', reset after loading' if all(m.get('peak_reset') for m in memory.values()) else ''})"
                f" over {args.mem_steps} step(s); '+ over loaded' is peak minus the RSS right after loading the "
                "base model (adapters, gradients, optimizer state, activations).")
@@ -430,11 +464,16 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
                       f"absolute {common.mib(s_abs)} vs {common.mib(p_abs)} MiB", verdict(s_inc <= p_inc)])
     r = common.ratio_stats(inf_timing["splice LoRA all-linear, merged"], base_t)
     trows.append(["merged inference ≤ 1.05× base latency", "eval", common.fmt_ratio(r), verdict(r[0] <= 1.05)])
-    r = common.ratio_stats(inf_timing["splice 3 adapters, mixed batch (11/11/10 rows)"], single)
-    trows.append(["mixed batch of 3 adapters ≤ 1.10× single-adapter batch", "eval", common.fmt_ratio(r),
-                  verdict(r[0] <= 1.10)])
+    for label, key in (("rows sorted by adapter", SORTED), ("interleaved rows", INTERLEAVED)):
+        r = common.ratio_stats(inf_timing[key], single)
+        trows.append([f"mixed batch of 3 adapters ≤ 1.10× single-adapter batch ({label})", "eval",
+                      common.fmt_ratio(r), verdict(r[0] <= 1.10)])
     out.append("\n### Targets\n")
     out.append(common.md_table(["target", "lora_dropout", "measured", "verdict"], trows))
+    digests = {m.get("digest") for m in memory.values()}
+    if digests != {args.digest}:
+        out.append(f"\n**Warning:** the splice sources changed during the run (digests {sorted(map(str, digests))} "
+                   f"in the memory subprocesses vs {args.digest} for the timings); rerun on a quiet tree.")
     out.append("\nMemory targets are judged on the increment over the loaded model (the part adapters, gradients, "
                "optimizer state and activations add); the absolute peak is shown beside it.")
     if args.quick:
@@ -445,13 +484,17 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
 # -- main ------------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: main dropout only, fewer rounds (< 3 min)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run (< 3 min): main dropout only, no query/value rows, 2 rounds, 2 memory steps")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown file to update (default bench/RESULTS.md)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--rounds", type=int, help="timed rounds (default 5; quick 2)")
-    ap.add_argument("--per-round", type=int, help="timed steps per configuration per round (default 2; quick 1)")
+    ap.add_argument("--rounds", type=int, help="most timed training rounds (default 12; quick 2)")
+    ap.add_argument("--budget", type=float, help="minutes for the timed training rounds, at least 3 rounds "
+                    "(default 8; quick: no budget)")
+    ap.add_argument("--per-round", type=int, help="timed steps per configuration per round (default 1)")
     ap.add_argument("--warmup", type=int, help="untimed steps per configuration first (default 2; quick 1)")
-    ap.add_argument("--mem-steps", type=int, help="steps in each memory subprocess (default 3; quick 1)")
+    ap.add_argument("--mem-steps", type=int, help="steps in each memory subprocess (default 5; quick 2)")
+    ap.add_argument("--mem-jobs", type=int, default=2, help="memory subprocesses run side by side (default 2)")
     ap.add_argument("--dropouts", type=float, nargs="+", help="lora_dropout values (default 0.1 0.0; quick 0.1)")
     ap.add_argument("--profile", action="store_true", help="profile one LoRA all-linear step vs the floor and exit")
     ap.add_argument("--profile-rows", type=int, default=15)
@@ -459,17 +502,18 @@ def main() -> None:
     args = ap.parse_args()
 
     if args._mem:
-        memory_child(args._mem, args.mem_steps or 3, args.threads)
+        memory_child(args._mem, args.mem_steps or 5, args.threads)
         return
     if args.profile:
         profile(args.threads, args.profile_rows)
         return
 
     q = args.quick
-    args.rounds = args.rounds or (2 if q else 5)
-    args.per_round = args.per_round or (1 if q else 2)
+    args.rounds = args.rounds or (2 if q else 12)
+    args.budget = args.budget if args.budget is not None else (None if q else 8.0)
+    args.per_round = args.per_round or 1
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
-    args.mem_steps = args.mem_steps or (1 if q else 3)
+    args.mem_steps = args.mem_steps or (2 if q else 5)
     args.dropouts = args.dropouts or ([0.1] if q else [0.1, 0.0])
     args.command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, Path.cwd())] + sys.argv[1:])
     t_start = time.perf_counter()
@@ -479,10 +523,12 @@ def main() -> None:
     import peft
     import transformers
 
-    specs = specs_for(args.dropouts)
+    specs = specs_for(args.dropouts, ["lora_all", "dora_all"] if q else list(KINDS))
     info = common.machine_info(args.threads)
     info["transformers"] = transformers.__version__
     info["peft"] = peft.__version__
+    args.digest = common.source_digest(ROOT / "src" / "splice")
+    info["splice sources (sha256 of src/splice/**/*.py)"] = args.digest
 
     log(f"training step timing: {len(specs)} configurations, {args.warmup} warm-up + {args.rounds} rounds × "
         f"{args.per_round} steps")
@@ -491,8 +537,11 @@ def main() -> None:
     batch = make_batch(base.config.vocab_size)
     del base
     trainers = {s.key: Trainer(s, batch) for s in specs}
+    args.train_stats, args.inf_stats = {}, {}
     timing = common.interleaved({k: t.step for k, t in trainers.items()}, args.rounds, args.per_round, args.warmup,
-                                log=log)
+                                log=log, budget_s=args.budget * 60 if args.budget else None, min_rounds=3,
+                                stats=args.train_stats, retries=1 if q else 3, max_wait_s=10 if q else 45)
+    args.rounds_done = len(timing["floor"])
     for k, t in trainers.items():
         if t.last_loss != t.last_loss:
             raise RuntimeError(f"{k}: loss is NaN")
@@ -501,12 +550,13 @@ def main() -> None:
     log("inference timing")
     runners, checks = build_inference(batch)
     with torch.no_grad():
-        inf_timing = common.interleaved(runners, max(args.rounds, 3) + 2, 3 if not q else 2, 2 if not q else 1,
-                                        seed=1, log=log)
+        args.inf_rounds, args.inf_per_round = (2, 1) if q else (8, 2)
+        inf_timing = common.interleaved(runners, args.inf_rounds, args.inf_per_round, 1 if q else 2, seed=1, log=log,
+                                        stats=args.inf_stats, retries=1 if q else 3, max_wait_s=10 if q else 45)
     del runners
 
     log(f"peak memory: {len(specs)} subprocesses × {args.mem_steps} step(s)")
-    memory = measure_memory(specs, args.mem_steps, args.threads, log)
+    memory = measure_memory(specs, args.mem_steps, args.threads, args.mem_jobs, log)
 
     body = report(args, info, specs, timing, memory, inf_timing, checks, time.perf_counter() - t_start)
     print(f"{HEADING}\n\n{body}")

@@ -46,6 +46,16 @@ def machine_info(threads: int) -> dict[str, str]:
     return info
 
 
+def source_digest(folder: Path) -> str:
+    """Short sha256 over the .py files under `folder` (names and contents): which library code was measured."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*.py")):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 # -- memory ----------------------------------------------------------------------------------------------------------
 def _status_kib(field: str) -> int | None:
     try:
@@ -84,11 +94,11 @@ def peak_rss_bytes() -> int:
 
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux ≥ 4.0: write 5 to /proc/self/clear_refs). True if it worked."""
+    if _status_kib("VmHWM") is None:
+        return False
     try:
-        before = _status_kib("VmHWM")
         Path("/proc/self/clear_refs").write_text("5")
-        after = _status_kib("VmHWM")
-        return before is not None and after is not None and after <= before
+        return True
     except OSError:
         return False
 
@@ -98,42 +108,117 @@ def mib(n: float) -> str:
 
 
 # -- timing ----------------------------------------------------------------------------------------------------------
+class CpuLoad:
+    """How much CPU other processes used while we ran: the shared machine's noise, measured rather than guessed.
+
+    Share = (busy CPU time of the whole machine − this process's CPU time) / (wall time × CPUs), from /proc/stat
+    (steal time counts as busy). None where /proc/stat is unreadable (then nothing is discarded).
+    """
+
+    def __init__(self) -> None:
+        self.ncpu = os.cpu_count() or 1
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.ok = self._busy() is not None
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            f = Path("/proc/stat").read_text().splitlines()[0].split()
+        except (OSError, IndexError):
+            return None
+        v = [int(x) for x in f[1:9]]  # user nice system idle iowait irq softirq steal
+        return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+
+    def snap(self) -> tuple[float, float | None, float]:
+        t = os.times()
+        return time.perf_counter(), self._busy(), t.user + t.system
+
+    def foreign(self, a, b) -> float | None:
+        if a[1] is None or b[1] is None:
+            return None
+        wall = max(b[0] - a[0], 1e-3)
+        other = (b[1] - a[1]) / self.tick - (b[2] - a[2])
+        return max(other, 0.0) / (wall * self.ncpu)
+
+    def wait_quiet(self, limit: float, max_wait_s: float, log: Callable[[str], None]) -> float:
+        """Sleep in 1 s probes until other processes use ≤ `limit` of the CPUs; returns the seconds waited."""
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < max_wait_s:
+            a = self.snap()
+            time.sleep(1.0)
+            share = self.foreign(a, self.snap())
+            if share is None or share <= limit:
+                break
+        return time.perf_counter() - t0
+
+
 def interleaved(
-    runners: dict[str, Callable[[], dict[str, float] | None]],
+    runners: dict[str, Callable[[], object]],
     rounds: int,
     per_round: int,
     warmup: int,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    budget_s: float | None = None,
+    min_rounds: int = 2,
+    max_foreign: float = 0.10,
+    retries: int = 3,
+    max_wait_s: float = 45.0,
+    stats: dict | None = None,
 ) -> dict[str, list[list[dict[str, float]]]]:
-    """Run every runner `warmup` times, then `rounds` rounds of `per_round` timed calls each, round-robin.
+    """Run every runner `warmup` times, then up to `rounds` rounds of `per_round` timed calls each, round-robin.
 
     The order of the configurations is shuffled in every round (fixed seed) so that neither a slow drift of the
-    machine nor a position in the round favours one of them. A runner may return a dict of phase timings
-    (seconds); the total wall time of the call is always recorded under "total".
+    machine nor a position in the round favours one of them. A call during which other processes used more than
+    `max_foreign` of the CPUs is discarded and retried (up to `retries` times) once the machine is quiet again;
+    `stats` receives the counts. A runner may return a dict of phase timings (seconds); the total wall time of the
+    call is always recorded under "total", the foreign CPU share under "foreign". With `budget_s`, rounds stop
+    (after at least `min_rounds`) when the next round would end past the budget, counted from the first round.
 
     Returns:
-        name → per round → per call → {"total": s, phase: s, ...}
+        name → per round → per call → {"total": s, "foreign": share, phase: s, ...}
     """
     names = list(runners)
+    load = CpuLoad()
+    stats = {} if stats is None else stats
+    stats.update(discarded=0, kept_under_load=0, waited_s=0.0, calls=0)
     for w in range(warmup):
         for n in names:
             runners[n]()
         log(f"  warm-up {w + 1}/{warmup} done")
     out: dict[str, list[list[dict[str, float]]]] = {n: [] for n in names}
     rng = random.Random(seed)
+    t_start = time.perf_counter()
     for r in range(rounds):
+        spent = time.perf_counter() - t_start
+        if budget_s is not None and r >= min_rounds and spent + spent / r > budget_s:
+            log(f"  stopping after {r} rounds: time budget {budget_s:.0f} s")
+            break
         order = names[:]
         rng.shuffle(order)
         t_round = time.perf_counter()
         for n in order:
             calls = []
             for _ in range(per_round):
-                t0 = time.perf_counter()
-                phases = runners[n]() or {}
-                calls.append({"total": time.perf_counter() - t0, **phases})
+                for attempt in range(retries + 1):
+                    if attempt:
+                        stats["waited_s"] += load.wait_quiet(max_foreign, max_wait_s, log)
+                    a = load.snap()
+                    res = runners[n]()
+                    b = load.snap()
+                    share = load.foreign(a, b)
+                    if share is None or share <= max_foreign:
+                        break
+                    if attempt < retries:
+                        stats["discarded"] += 1
+                    else:
+                        stats["kept_under_load"] += 1
+                phases = res if isinstance(res, dict) else {}
+                calls.append({"total": b[0] - a[0], "foreign": share if share is not None else 0.0, **phases})
+                stats["calls"] += 1
             out[n].append(calls)
-        log(f"  round {r + 1}/{rounds} done in {time.perf_counter() - t_round:.0f} s")
+        log(f"  round {r + 1}/{rounds} done in {time.perf_counter() - t_round:.0f} s "
+            f"(discarded so far: {stats['discarded']}, waited {stats['waited_s']:.0f} s)")
     return out
 
 
