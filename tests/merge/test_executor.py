@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import splice.io.checkpoints as checkpoints
+import splice.merge.executor as executor
 from splice.cli import run as cli
 from splice.errors import SpliceError
 from splice.merge import MergeReport, merge
@@ -268,19 +268,21 @@ def test_interrupted_run_keeps_the_previous_output(family, tmp_path, monkeypatch
     fam = family("llama", n=2, layers=2)
     out = merge(ta_config(fam), tmp_path / "out", progress=False, max_shard_bytes=30_000)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len([n for n in before if n.endswith(".safetensors")]) > 2
     calls = []
+    real = executor.merge_tensor
 
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C while the second shard is written
-        return save_file(*args, **kwargs)
+    def interrupted(plan, task, **kwargs):
+        calls.append(task.name)
+        if len(calls) == len(plan.tasks):
+            raise KeyboardInterrupt  # Ctrl-C at the last tensor: earlier shards are complete on disk by then
+        return real(plan, task, **kwargs)
 
-    monkeypatch.setattr(checkpoints, "save_file", interrupted)
+    monkeypatch.setattr(executor, "merge_tensor", interrupted)
     changed = {**ta_config(fam), "out_dtype": "float16"}
     with pytest.raises(KeyboardInterrupt):
         merge(changed, out, force=True, progress=False, max_shard_bytes=30_000)
-    assert len(calls) == 2
+    assert len(calls) > 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
 

@@ -3,7 +3,8 @@
 For each task the executor reads the tensors of that one name from every input (memory-mapped), rounds them to
 the config's ``dtype`` when one is set (mergekit reads inputs in that dtype), computes in float32 (float64 for
 float64 inputs), casts to the output dtype and hands the result to the sharded writer; then it drops them. Peak
-memory is O(inputs × largest tensor) plus the shard being assembled (`max_shard_bytes`), never O(model).
+memory is O(inputs × largest tensor), never O(model): the output's layout is known from the plan, so each shard's
+header is written first and every tensor's bytes are appended as soon as it is computed (`write_planned_shards`).
 
 Method call, per `MergeMethod.space`:
 
@@ -33,8 +34,9 @@ import torch
 from torch import Tensor
 
 from splice.errors import SpliceError
-from splice.io.checkpoints import atomic_output_dir, save_safetensors_sharded, write_json
+from splice.io.checkpoints import atomic_output_dir, write_json
 from splice.io.models import TOKENIZER_FILES, copy_model_files
+from splice.io.stream_writer import write_planned_shards
 from splice.merge.card import model_card
 from splice.merge.config import torch_dtype
 from splice.merge.inputs import check_finite
@@ -43,8 +45,7 @@ from splice.merge.plan import MergePlan, Source, TensorTask
 
 __all__ = ["execute", "merge_tensor", "tensor_generator", "DEFAULT_SHARD_BYTES"]
 
-# The writer assembles one shard in memory before writing it, so this bounds the output side of peak memory.
-DEFAULT_SHARD_BYTES = 2 * 2**30
+DEFAULT_SHARD_BYTES = 2 * 2**30  # the output's largest shard file (memory does not depend on it)
 # config.json keys that hold the number of transformer blocks, by family.
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -172,7 +173,7 @@ def execute(plan: MergePlan, out: str | Path, yaml_text: str, *, force: bool = F
     out = Path(out)
     with atomic_output_dir(out, force=force) as tmp:
         write_support_files(plan, tmp, yaml_text, out.name)
-        save_safetensors_sharded(_stream(plan, seed, progress, extras), tmp, max_shard_bytes=max_shard_bytes,
-                                 metadata={"format": "pt"})
+        layout = [(task.name, task.shape, task.dtype) for task in plan.tasks]
+        write_planned_shards(layout, _stream(plan, seed, progress, extras), tmp, max_shard_bytes=max_shard_bytes)
     return out
 
