@@ -5,13 +5,37 @@
     ...train...
     splice.save_adapter(model, "my-adapter")          # a PEFT folder: loads in PEFT, vLLM, LoRAX
 """
-from splice.adapters import (AdaptedModel, DoraConfig, LoraConfig, active_adapters, adapt, delete_adapter,
-                             disable_adapters, get_delta, load_adapter, merge_adapter, merge_and_unload,
-                             method_names, mixed_batch, save_adapter, set_adapter, trainable_parameters,
-                             unmerge_adapter)
-from splice.delta import Delta, DeltaSet, Dense, LowRank, Scale, Sparse
-from splice.errors import SpliceError
-import splice.merge as merge  # callable: splice.merge(config, out)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names resolve on first use (PEP 562): `splice merge` and `splice inspect` need neither the adapter code nor
+# transformers, and importing everything up front cost a CLI call ~1–3 s.
+_EXPORTS = {
+    "splice.adapters": ("AdaptedModel", "DoraConfig", "LoraConfig", "active_adapters", "adapt", "delete_adapter",
+                        "disable_adapters", "get_delta", "load_adapter", "merge_adapter", "merge_and_unload",
+                        "method_names", "mixed_batch", "save_adapter", "set_adapter", "trainable_parameters",
+                        "unmerge_adapter"),
+    "splice.delta": ("Delta", "DeltaSet", "Dense", "LowRank", "Scale", "Sparse"),
+    "splice.errors": ("SpliceError",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "merge":  # the callable module: splice.merge(config, out)
+        return importlib.import_module("splice.merge")
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'splice' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE, "merge"])
+
 
 __version__ = "0.1.0"
 

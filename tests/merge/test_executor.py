@@ -111,7 +111,7 @@ def test_reads_one_tensor_name_at_a_time(family, tmp_path, monkeypatch):
     fam = family("llama", n=3, layers=2)
     reads = []
     original = ModelFolder.get
-    monkeypatch.setattr(ModelFolder, "get", lambda self, name: reads.append(name) or original(self, name))
+    monkeypatch.setattr(ModelFolder, "get", lambda self, name, **kw: reads.append(name) or original(self, name, **kw))
     merge(ta_config(fam), tmp_path / "out", progress=False)
     runs = [n for i, n in enumerate(reads) if i == 0 or reads[i - 1] != n]
     assert len(runs) == len(set(reads)) == 3 + 2 * 9

@@ -64,7 +64,8 @@ def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
         SpliceError: NaN/inf in an input or in the method's result, integer tensors that differ between inputs,
             a result of the wrong shape; each naming the tensor.
     """
-    raw = {s: s.input.get(s.name) for s in task.sources}  # memory-mapped reads of this one name
+    # Memory-mapped reads of this one name; NaN/inf is checked on the float32 working copies below (faster there).
+    raw = {s: s.input.get(s.name, check=False) for s in task.sources}
     first = raw[task.sources[0]]
     if not first.is_floating_point():
         for s, t in raw.items():
@@ -78,7 +79,7 @@ def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
     def prepared(s: Source) -> Tensor:
         # Always a private copy: reads share the reader's memory-mapped storage, which a method must not change.
         t = raw[s]
-        return (t.to(rounding) if rounding is not None else t).to(work, copy=True)
+        return check_finite((t.to(rounding) if rounding is not None else t).to(work, copy=True), s.input.where, s.name)
 
     method = plan.method
     ctx = TensorContext(name=task.name, layer=task.layer, num_layers=task.num_layers,

@@ -12,6 +12,8 @@ offline). In a config, ``"model+adapter"`` applies `adapter` to `model`; a bare 
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,12 @@ def local_folder(path: str, revision: str | None = None, where: str = "model") -
 
 def check_finite(t: Tensor, where: str, name: str) -> Tensor:
     """Return `t`, or raise naming the input and tensor when it holds NaN or inf."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # Any NaN/inf makes the sum non-finite, and a sum is one fast reduction where isfinite().all() writes a mask
+    # the size of the tensor; only a non-finite sum (or a legitimate overflow) pays for the exact test.
+    if not t.is_floating_point():
+        return t
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if not math.isfinite(t.sum(dtype=acc).item()) and not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
         raise SpliceError(f"{where}: tensor {name!r} holds {bad} values; refusing to merge it")
     return t
@@ -82,8 +89,8 @@ class MergeInput:
     def dtype(self, name: str) -> torch.dtype:
         raise NotImplementedError
 
-    def get(self, name: str) -> Tensor:
-        """The tensor `name`, read now, checked for NaN/inf."""
+    def get(self, name: str, *, check: bool = True) -> Tensor:
+        """The tensor `name`, read now, checked for NaN/inf unless `check` is False (the caller checks)."""
         raise NotImplementedError
 
     def delta(self, name: str, base: MergeInput) -> Tensor | None:
@@ -121,8 +128,9 @@ class ModelFolder(MergeInput):
     def dtype(self, name: str) -> torch.dtype:
         return self.reader.dtype(name)
 
-    def get(self, name: str) -> Tensor:
-        return check_finite(self.reader.get(name), self.where, name)
+    def get(self, name: str, *, check: bool = True) -> Tensor:
+        t = self.reader.get(name)
+        return check_finite(t, self.where, name) if check else t
 
     def close(self) -> None:
         self.reader.close()
@@ -166,15 +174,15 @@ class LoraInput(MergeInput):
     def dtype(self, name: str) -> torch.dtype:
         return self.base.dtype(name)
 
-    def get(self, name: str) -> Tensor:
-        w = self.base.get(name)
+    def get(self, name: str, *, check: bool = True) -> Tensor:
+        w = self.base.get(name, check=check)
         if name not in self.deltas:
             return w
         # A private copy: the reader hands out the same memory-mapped storage on every read of a name, so an
         # in-place add on it would change what the base (and every later read) sees.
         merged = w.to(torch.float32, copy=True)
         self.deltas[name].apply_to(merged)
-        return check_finite(merged, self.where, name)
+        return check_finite(merged, self.where, name) if check else merged
 
     def delta(self, name: str, base: MergeInput) -> Tensor | None:
         if base is not self.base:

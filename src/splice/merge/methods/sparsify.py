@@ -16,9 +16,13 @@ factor per tensor (≈ ‖τ‖₁ / Σ p_i|τ_i|) where the paper divides each 
 - ``rank_magnitude_sampling`` (DELLA's MAGPRUNE, https://arxiv.org/abs/2406.11617): m_i ~ Bernoulli(p_i) with
   p_i = density − ε + 2ε · (r_i − 1)/(n_row − 1), r_i the magnitude rank of entry i within its row.
 
-Numerics follow mergekit 0.1.5 (``mergekit/sparsify.py``): the same orderings (so the same tie-breaking), the same
-float32 work dtype on CPU, DELLA's ranks taken along dim 1 of a ≥2-D tensor (a 1-D tensor is one row), and one draw
+Numerics follow mergekit 0.1.5 (``mergekit/sparsify.py``): the same float32 work dtype on CPU, DELLA's ranks taken along dim 1 of a ≥2-D tensor (a 1-D tensor is one row), and one draw
 of ``torch.bernoulli`` per tensor, so a generator seeded like torch's global one gives mergekit's exact masks.
+One deliberate difference: mergekit ranks by a full ``argsort``, whose order among equal magnitudes is unspecified
+(on large tensors it is neither index order nor stable), so where entries tie at the cut its choice is arbitrary.
+Here the cut is found by selection (``kthvalue``, O(n), ~3× faster than sorting a 32M-entry tensor) and ties at the
+cut are kept in index order: the same masks wherever magnitudes do not tie at the cut, and a reproducible one where
+they do (low-precision deltas, e.g. bfloat16, tie often).
 """
 from __future__ import annotations
 
@@ -49,6 +53,22 @@ def _cpu_float(w: Tensor) -> Tensor:
     return w.float() if w.device.type == "cpu" else w
 
 
+def largest_mask(values: Tensor, k: int) -> Tensor:
+    """A 0/1 mask (dtype of `values`, flat) of the `k` largest entries of flat `values`; ties at the cut by index."""
+    n = values.numel()
+    if k >= n:
+        return torch.ones_like(values)
+    mask = torch.zeros_like(values)
+    if k <= 0:
+        return mask
+    cut = torch.kthvalue(values, n - k + 1).values  # the k-th largest
+    above = values > cut
+    mask[above] = 1
+    need = k - int(above.sum())
+    mask[(values == cut).nonzero().squeeze(1)[:need]] = 1
+    return mask
+
+
 def magnitude(tensor: Tensor, density: float, rescale: bool = False) -> Tensor:
     """TIES trimming: keep the k = max(1, ⌊density·n⌋) entries of largest magnitude (any positive density keeps one)."""
     if density >= 1:
@@ -56,9 +76,7 @@ def magnitude(tensor: Tensor, density: float, rescale: bool = False) -> Tensor:
     if density <= 0 or tensor.numel() == 0:
         return torch.zeros_like(tensor)
     k = max(1, int(density * tensor.numel()))
-    order = torch.argsort(_cpu_float(tensor.abs().reshape(-1)), descending=True)  # (n,) largest first
-    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    mask[order[:k]] = 1
+    mask = largest_mask(_cpu_float(tensor.abs().reshape(-1)), k).to(tensor.dtype)
     return rescaled(tensor, mask.reshape_as(tensor), rescale)
 
 
@@ -73,10 +91,10 @@ def magnitude_outliers(tensor: Tensor, density: float, gamma: float = 0.01, resc
     keep = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - keep - n_top)
-    order = torch.sort(_cpu_float(tensor.abs().reshape(-1)), descending=False).indices  # (n,) smallest first
-    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
-    mask[order[n_bottom:n_bottom + keep]] = 1
-    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+    magnitudes = _cpu_float(tensor.abs().reshape(-1))
+    # The kept band is "the largest n − n_bottom" minus "the largest n − n_bottom − keep" (ties at a cut by index).
+    mask = largest_mask(magnitudes, n - n_bottom) - largest_mask(magnitudes, n - n_bottom - keep)
+    return rescaled(tensor, mask.clamp(min=0).to(tensor.dtype).reshape_as(tensor), rescale)
 
 
 def _draw_dtype(tensor: Tensor) -> torch.dtype:
@@ -110,7 +128,10 @@ def rank_magnitude_sampling(tensor: Tensor, density: float, epsilon: float, resc
     shape = tensor.shape
     dtype = _draw_dtype(tensor)
     rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor  # (R, C, ...)
-    ranks = torch.argsort(rows.abs(), dim=1).argsort(dim=1).to(dtype) + 1  # 1 = smallest in its row
+    order = torch.argsort(rows.abs(), dim=1)
+    # The inverse permutation by scatter: the rank of each entry in its row (1 = smallest), without a second sort.
+    positions = torch.arange(1, rows.shape[1] + 1, dtype=dtype).view(1, -1, *[1] * (rows.dim() - 2)).expand_as(order)
+    ranks = torch.empty(order.shape, dtype=dtype).scatter_(1, order, positions.contiguous())
     lo = ranks.min(dim=1, keepdim=True).values
     span = ranks.max(dim=1, keepdim=True).values - lo
     # A row of one entry has no rank spread (mergekit divides 0/0 there and fails); give it the middle probability.

@@ -1,0 +1,42 @@
+"""The selection behind TIES / breadcrumbs trimming: exactly k kept, never a smaller magnitude over a larger one."""
+from __future__ import annotations
+
+import torch
+
+from splice.merge.methods.sparsify import largest_mask, magnitude, magnitude_outliers
+
+
+def tied_values(n: int = 100_000) -> torch.Tensor:
+    # bfloat16 deltas tie constantly: this is the case where the choice at the cut matters.
+    return (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.002).to(torch.bfloat16).float().abs()
+
+
+def test_largest_mask_keeps_exactly_k_and_breaks_ties_by_index():
+    v = tied_values()
+    for k in (1, 17, 50_000, 99_999):
+        m = largest_mask(v, k)
+        assert int(m.sum()) == k
+        assert v[m == 1].min() >= v[m == 0].max()
+        cut = v[m == 1].min()
+        tied = (v == cut).nonzero().squeeze(1)
+        kept = tied[m[tied] == 1]
+        assert torch.equal(kept, tied[: len(kept)])  # the first tied entries by index
+    assert int(largest_mask(v, 0).sum()) == 0 and int(largest_mask(v, len(v)).sum()) == len(v)
+
+
+def test_magnitude_matches_a_full_sort_when_nothing_ties():
+    t = torch.randn(300, 70, generator=torch.Generator().manual_seed(1))
+    k = int(0.3 * t.numel())
+    order = torch.argsort(t.abs().reshape(-1), descending=True)
+    expected = torch.zeros(t.numel())
+    expected[order[:k]] = 1
+    assert torch.equal(magnitude(t, 0.3), t * expected.reshape_as(t))
+
+
+def test_breadcrumbs_band_drops_the_top_and_the_bottom():
+    v = tied_values(10_000)
+    out = magnitude_outliers(v, density=0.5, gamma=0.1)
+    kept = out != 0
+    assert int(kept.sum()) == 5_000 - int((v[kept] == 0).sum())  # zero magnitudes stay zero when kept
+    assert v[kept].max() <= torch.sort(v).values[-1000]  # the 1,000 largest are gone
+    assert v[kept].min() >= torch.sort(v).values[4000 - 1]  # and the 4,000 smallest
