@@ -40,3 +40,15 @@ def test_breadcrumbs_band_drops_the_top_and_the_bottom():
     assert int(kept.sum()) == 5_000 - int((v[kept] == 0).sum())  # zero magnitudes stay zero when kept
     assert v[kept].max() <= torch.sort(v).values[-1000]  # the 1,000 largest are gone
     assert v[kept].min() >= torch.sort(v).values[4000 - 1]  # and the 4,000 smallest
+
+
+def test_large_tensors_take_the_radix_path_and_agree_with_kthvalue():
+    g = torch.Generator().manual_seed(3)
+    for v in (torch.randn(1 << 21, generator=g).abs(), tied_values(1 << 21),
+              torch.cat([torch.zeros(1 << 20), torch.rand(1 << 20, generator=g) * 1e-30])):  # zeros, subnormals
+        n = v.numel()
+        for k in (1, n // 7, n // 2, n - 1):
+            m = largest_mask(v, k)
+            assert int(m.sum()) == k
+            cut = torch.kthvalue(v, n - k + 1).values
+            assert v[m == 1].min() == cut and bool((v[m == 0] <= cut).all())
