@@ -16,13 +16,14 @@ factor per tensor (≈ ‖τ‖₁ / Σ p_i|τ_i|) where the paper divides each 
 - ``rank_magnitude_sampling`` (DELLA's MAGPRUNE, https://arxiv.org/abs/2406.11617): m_i ~ Bernoulli(p_i) with
   p_i = density − ε + 2ε · (r_i − 1)/(n_row − 1), r_i the magnitude rank of entry i within its row.
 
-Numerics follow mergekit 0.1.5 (``mergekit/sparsify.py``): the same float32 work dtype on CPU, DELLA's ranks taken along dim 1 of a ≥2-D tensor (a 1-D tensor is one row), and one draw
-of ``torch.bernoulli`` per tensor, so a generator seeded like torch's global one gives mergekit's exact masks.
-One deliberate difference: mergekit ranks by a full ``argsort``, whose order among equal magnitudes is unspecified
-(on large tensors it is neither index order nor stable), so where entries tie at the cut its choice is arbitrary.
-Here the cut is found by selection (a radix select on the float bits, O(n), ~10× faster than sorting a 32M-entry
-tensor) and ties at the cut are kept in index order: the same masks wherever magnitudes do not tie at the cut, and a reproducible one where
-they do (low-precision deltas, e.g. bfloat16, tie often).
+Numerics follow mergekit 0.1.5 (``mergekit/sparsify.py``): the same float32 work dtype on CPU, DELLA's ranks taken
+along dim 1 of a ≥2-D tensor (a 1-D tensor is one row), and one draw of ``torch.bernoulli`` per tensor, so a
+generator seeded like torch's global one gives mergekit's exact masks. One deliberate difference: mergekit ranks by a
+full ``argsort``, whose order among equal magnitudes is unspecified (on large tensors it is neither index order nor
+stable), so where entries tie at the cut its choice is arbitrary. Here the cut is found by selection (a radix select
+on the float bits, O(n), ~10× faster than sorting a 32M-entry tensor) and ties at the cut are kept in index order:
+the same masks wherever magnitudes do not tie at the cut, and a reproducible one where they do (low-precision deltas,
+e.g. bfloat16, tie often).
 """
 from __future__ import annotations
 
