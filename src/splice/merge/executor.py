@@ -90,9 +90,10 @@ def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
         deltas = []
         for s in task.inputs:
             exact = s.input.delta(s.name, task.base.input) if rounding is None else None
-            deltas.append(exact.to(work) if exact is not None else prepared(s) - base)
-        out = method.fn(base, deltas, ctx=ctx, **task.params, **task.model_params)
-        out = base + out.to(work)
+            deltas.append(exact.to(work) if exact is not None else prepared(s).sub_(base))
+        out = method.fn(base, deltas, ctx=ctx, **task.params, **task.model_params).to(work)
+        del deltas
+        out = out.add_(base) if out.data_ptr() != base.data_ptr() else base + out
     else:
         out = method.fn(base, [prepared(s) for s in task.inputs], ctx=ctx, **task.params, **task.model_params)
     if tuple(out.shape) != tuple(task.shape):

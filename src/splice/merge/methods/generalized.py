@@ -105,9 +105,15 @@ def generalized_task_arithmetic(
     stacked.mul_(w)
 
     if consensus != "none":
-        mask = consensus_mask(stacked, consensus, torch.int8 if int8_mask else dtype)  # (N, *shape) bool
-        merged = (stacked * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        # In place and with an int8 sign: the largest tensors (embeddings) bound a merge's memory, and these
+        # (N, *shape) temporaries were most of it. int8_mask is therefore always on; the result does not change.
+        mask = consensus_mask(stacked, consensus, torch.int8)  # (N, *shape) bool
+        merged = stacked.mul_(mask).sum(dim=0)
+        del stacked
+        divisor = torch.zeros_like(merged)
+        for i in range(n):
+            divisor.add_(mask[i].to(dtype), alpha=weight[i])
+        del mask
         divisor[divisor == 0] = 1
     else:
         merged = stacked.sum(dim=0)
