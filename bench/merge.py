@@ -44,7 +44,7 @@ METHODS = {  # method → (uses base_model, global parameters, per-model paramet
     "task_arithmetic": (True, {}, {"weight": 0.5}),
     "ties": (True, {"normalize": True}, {"weight": 1.0, "density": 0.5}),
     "dare_ties": (True, {"normalize": True}, {"weight": 1.0, "density": 0.5}),
-    "della": (True, {"normalize": True}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1, "lambda": 1.0}),
+    "della": (True, {"normalize": True, "lambda": 1.0}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
     "slerp": (True, {"t": 0.5}, {}),
     "model_stock": (True, {}, {}),
 }
@@ -80,7 +80,7 @@ def make_models(size: str, root: Path) -> tuple[Path, list[Path], int]:
     params = sum(torch.Size(s).numel() for _, s in names)
     folders = [root / size / "base"] + [root / size / f"ft{k}" for k in range(1, FINETUNES + 1)]
     for k, folder in enumerate(folders):
-        if (folder / "model.safetensors.index.json").exists():
+        if (folder / "config.json").exists():
             continue
         print(f"generating {folder} ({params / 1e9:.2f}B parameters)", flush=True)
 
