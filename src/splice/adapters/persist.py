@@ -1,7 +1,6 @@
 """Save an adapter of a model as a PEFT folder, and load PEFT (or splice) folders into a model."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -9,14 +8,13 @@ from torch import Tensor, nn
 
 from splice.adapters.extras import BiasShift, FullCopy
 from splice.adapters.inject import adapter_layers, module_kind, plain_modules, wrap
-from splice.adapters.lora import module_dims
 from splice.adapters.model import configs, set_adapter
 from splice.adapters.registry import get_method
 from splice.delta.deltaset import fingerprints_match, tensor_fingerprint
 from splice.errors import SpliceError
 from splice.io.checkpoints import atomic_output_dir, write_json
-from splice.io.peft_format import (CONFIG_FILE, PREFIX, SPLICE_FILE, WEIGHTS_FILE, check_shape, lora_shapes,
-                                   module_prefixes, peft_config_dict, read_adapter_folder, resolve_module)
+from splice.io.peft_format import (CONFIG_FILE, PREFIX, SPLICE_FILE, WEIGHTS_FILE, check_shape, module_prefixes,
+                                   read_adapter_folder, resolve_module)
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, force: bool = False) -> Path:
@@ -34,22 +32,19 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         raise SpliceError(f"adapter {adapter_name!r} is merged into the base; unmerge it before saving")
     tensors: dict[str, Tensor] = {}
     fingerprint: dict[str, str] = {}
-    kinds, pissa = set(), False
+    kinds, adapters = set(), []
     for name, layer in adapter_layers(model):
         adapter = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
         if adapter is None:
             continue
         kinds.add(layer.kind)
-        pissa |= bool(getattr(adapter, "pissa", False))
+        adapters.append(adapter)
         for key, t in adapter.peft_state(layer.base).items():
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().contiguous().clone()
         if isinstance(getattr(layer.base, "weight", None), Tensor):
             fingerprint[f"{name}.weight"] = tensor_fingerprint(layer.base.weight)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    r, alpha = config.r, config.lora_alpha
-    if pissa:  # saved as the equivalent plain LoRA of rank 2r with the same scaling
-        r, alpha = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2)
-    peft_cfg = peft_config_dict(config, fan_in_fan_out="conv1d" in kinds, base=base, r=r, lora_alpha=alpha)
+    peft_cfg = config.to_peft(base=base, kinds=kinds, adapters=adapters)
     with atomic_output_dir(path, force=force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, peft_cfg)
@@ -75,20 +70,24 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     where = str(path / WEIGHTS_FILE)
     method = get_method(folder.config.method)
     built: list[tuple[str, nn.Module, str, nn.Module, dict[str, Tensor]]] = []
-    for src, tensors in folder.lora.items():
+    for src, tensors in folder.modules.items():
         name = resolve_module(src, modules.__contains__, names, prefixes, where)
         module, kind = modules[name], module_kind(modules[name])
         base = module.base if hasattr(module, "adapters") else module
         if kind is None:
-            raise SpliceError(f"{where}: module {name!r} is a {type(base).__name__}, which LoRA cannot wrap")
-        in_f, out_f = module_dims(base, kind)
-        expected = lora_shapes(kind, in_f, out_f, folder.rank(src), base)
-        if "lora_magnitude_vector" in tensors:
-            expected["lora_magnitude_vector"] = (out_f,)
+            raise SpliceError(f"{where}: module {name!r} is a {type(base).__name__}, which {method.name} cannot wrap")
+        config = folder.module_config(src)
+        expected = method.adapter.peft_shapes(base, kind, config)
+        for key in tensors:
+            if key not in expected:
+                raise SpliceError(f"{where}: module {name!r} has tensor {key!r}, which {method.name} does not use "
+                                  f"on a {type(base).__name__} (expected {', '.join(expected)})")
         for key, shape in expected.items():
+            if key not in tensors:
+                raise SpliceError(f"{where}: module {name!r} lacks tensor {key!r}")
             check_shape(tensors[key], shape, key, name, path)
         _check_fingerprint(folder.fingerprint.get(f"{src}.weight"), base, name, path)
-        adapter = method.adapter(base, kind, folder.module_config(src))
+        adapter = method.adapter(base, kind, config)
         bias = folder.biases.pop(src, None)
         built.append((name, module, kind, adapter, {**tensors, **({"bias": bias} if bias is not None else {})}))
     for src, state in folder.saved.items():
