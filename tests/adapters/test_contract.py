@@ -59,6 +59,13 @@ ROWS = [
     Row("dora-llama", "llama", "dora",
         dict(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "gate_proj"])),
     Row("dora-cnn-head-modules-to-save", "cnn", "dora", dict(r=2, target_modules=["head"], modules_to_save=["conv2"])),
+    Row("ia3-bert", "bert", "ia3",
+        dict(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])),
+    Row("ia3-gpt2-conv1d", "gpt2", "ia3", dict(target_modules=["c_attn", "c_fc", "c_proj"], feedforward_modules=["c_fc"])),
+    Row("ia3-llama", "llama", "ia3",
+        dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    Row("ia3-cnn-conv2d-modules-to-save", "cnn", "ia3",
+        dict(target_modules=["conv1", "conv2"], feedforward_modules=["conv2"], modules_to_save=["head"])),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 
@@ -210,8 +217,13 @@ def test_two_active_adapters_add_their_deltas(tiny, row):
     out = fam.output(model)
     base = fam.build()
     state = base.state_dict()
-    splice.get_delta(model, "a").apply_to_state_dict(state)
-    splice.get_delta(model, "b").apply_to_state_dict(state)
+    original = {k: v.clone() for k, v in state.items()}
+    # Each delta is measured against the original base and both are added (for additive forms the same as applying
+    # one after the other; a multiplicative Scale applied twice would compound instead of add).
+    with torch.no_grad():
+        for name_ in ("a", "b"):
+            for tensor, d in splice.get_delta(model, name_).items():
+                state[tensor] += d.materialize(original[tensor]).reshape(state[tensor].shape)
     base.load_state_dict(state)
     close(fam.output(base), out, atol=merge_tol(out))
 

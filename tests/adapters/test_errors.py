@@ -214,7 +214,7 @@ def test_missing_weights_file_is_named(tiny, tmp_path):
     ('{"peft_type": "LORA", "r": 2, "bias": "some", "target_modules": ["query"]}', ["bias"]),
     ('{"peft_type": "LORA", "r": 2, "lora_alhpa": 4, "target_modules": ["query"], "use_qalora": true}',
      ["use_qalora"]),
-    ('{"peft_type": "IA3", "target_modules": ["query"]}', ["IA3"]),
+    ('{"peft_type": "XLORA", "target_modules": ["query"]}', ["XLORA"]),
 ])
 def test_invalid_adapter_config_is_named(tiny, tmp_path, text, words):
     path, _ = saved_adapter(tiny, tmp_path)

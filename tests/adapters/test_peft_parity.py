@@ -27,20 +27,29 @@ from splice.adapters import make_config
 ATOL = 1e-5
 
 
+# splice method → PEFT's config class for it (DoRA is PEFT's LoRA with use_dora).
+PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config}
+
+
 @dataclass(frozen=True)
 class Row:
     id: str
     model: str  # a key of conftest.TINY
-    kwargs: dict[str, Any] = field(default_factory=dict)  # peft.LoraConfig fields
+    kwargs: dict[str, Any] = field(default_factory=dict)  # fields of PEFT's config for the method
+    method: str = "lora"  # splice's method name (a row with use_dora=True is "dora")
 
-    def peft_config(self) -> peft.LoraConfig:
-        return peft.LoraConfig(**copy.deepcopy(self.kwargs))
+    @property
+    def splice_method(self) -> str:
+        return "dora" if self.kwargs.get("use_dora") else self.method
+
+    def peft_config(self) -> peft.PeftConfig:
+        return PEFT_CONFIGS[self.splice_method](**copy.deepcopy(self.kwargs))
 
     def splice_config(self):
         kw = copy.deepcopy(self.kwargs)
         kw.pop("fan_in_fan_out", None)  # PEFT's flag for GPT-2's Conv1D; splice sees the module type
-        method = "dora" if kw.pop("use_dora", False) else "lora"
-        return make_config(method, **kw)
+        kw.pop("use_dora", None)
+        return make_config(self.splice_method, **kw)
 
 
 GPT2 = dict(fan_in_fan_out=True)
@@ -70,6 +79,17 @@ ROWS = [
         dict(r=4, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])),
     Row("dora-gpt2-conv1d", "gpt2",
         dict(r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_proj"], **GPT2)),
+    Row("ia3-bert", "bert", dict(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]),
+        "ia3"),
+    Row("ia3-bert-modules-to-save", "bert",
+        dict(target_modules=["query", "intermediate.dense"], feedforward_modules=["intermediate.dense"],
+             modules_to_save=["pooler.dense"]), "ia3"),
+    Row("ia3-llama", "llama",
+        dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), "ia3"),
+    Row("ia3-gpt2-conv1d", "gpt2",
+        dict(target_modules=["c_attn", "c_fc", "c_proj"], feedforward_modules=["c_fc"], **GPT2), "ia3"),
+    Row("ia3-cnn-conv2d", "cnn", dict(target_modules=["conv1", "conv2", "head"], feedforward_modules=["conv2"]),
+        "ia3"),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 
@@ -120,7 +140,8 @@ def test_splice_folder_loads_in_peft_with_same_outputs(tiny, row, tmp_path):
     ours = splice_model(tiny, row)
     splice.save_adapter(ours, tmp_path / "splice")
     cfg = json.loads((tmp_path / "splice" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] == bool(row.kwargs.get("use_dora"))
+    assert cfg["peft_type"] == str(row.peft_config().peft_type.value)
+    assert cfg.get("use_dora", False) == bool(row.kwargs.get("use_dora"))
     reference = peft.PeftModel.from_pretrained(fam.build(), tmp_path / "splice").eval()
     expected = fam.output(reference)
     assert (expected - fam.output(fam.build())).abs().max() > 1e-3

@@ -150,3 +150,24 @@ def test_apply_errors_and_force(capsys, tmp_path, bert_dir):
     code, _, err = cli(capsys, "apply", bert_dir, tmp_path / "wide", tmp_path / "o2", "--no-progress")
     line = one_error_line(err)
     assert code != 0 and "query" in line and "shape" in line and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("method", splice.method_names())
+def test_every_method_trains_then_applies(capsys, tmp_path, bert_dir, sentiment_csv, method):
+    """`splice train --method NAME` with the method's defaults runs a few steps and saves a folder that loads back
+    and that `splice apply` merges into the same model."""
+    out = tmp_path / method
+    code, stdout, err = cli(capsys, "train", bert_dir, sentiment_csv, "--out", out, "--method", method,
+                            "--max-steps", 3, "--batch-size", 8, "--max-length", 8, "--lr", "0.01", "--no-progress")
+    assert code == 0, err
+    assert f"{method} accuracy:" in stdout
+    x = torch.randint(0, 32, (3, 6))
+    with torch.no_grad():
+        base = AutoModel.from_pretrained(bert_dir).eval()(input_ids=x).last_hidden_state
+        adapted = splice.load_adapter(AutoModel.from_pretrained(bert_dir).eval(), out)(input_ids=x).last_hidden_state
+    assert (adapted - base).abs().max() > 1e-4  # three steps moved the adapter away from the identity
+    code, _, err = cli(capsys, "apply", bert_dir, out, tmp_path / "merged", "--no-progress")
+    assert code == 0, err
+    with torch.no_grad():
+        full = AutoModel.from_pretrained(tmp_path / "merged").eval()(input_ids=x).last_hidden_state
+    torch.testing.assert_close(full, adapted, atol=1e-5, rtol=1e-5)

@@ -43,6 +43,10 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    def for_target(self, name: str) -> "AdapterConfig":
+        """The config one wrapped module named `name` is built with (IA3 marks its feed-forward modules here)."""
+        return self
+
     # -- PEFT's adapter_config.json: each method maps its own fields (io/peft_format.py only dispatches) ----------
     @classmethod
     def claims_peft(cls, cfg: dict[str, Any]) -> bool:
@@ -61,7 +65,7 @@ class AdapterConfig:
         return {"peft_type": self.peft_type, "task_type": None, "base_model_name_or_path": base, "revision": None,
                 "target_modules": target if isinstance(target, str) else list(target),
                 "exclude_modules": self.exclude_modules, "modules_to_save": self.modules_to_save,
-                "inference_mode": True, "layers_to_transform": None, "layers_pattern": None}
+                "inference_mode": True}
 
     def for_module(self, module: str, tensors: dict[str, Any], peft_cfg: dict[str, Any]) -> "AdapterConfig":
         """The config of one module of a loaded folder (PEFT's rank_pattern / alpha_pattern); default: the same."""

@@ -57,7 +57,7 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     # Build every adapter before touching the model: a method may refuse a module (DoRA on an embedding), and a
     # refusal half-way must not leave some modules wrapped and the base frozen.
     built = [(name, module, kind, method.adapter(module.base if isinstance(module, AdapterLayer) else module,
-                                                 kind, config))
+                                                 kind, config.for_target(name)))
              for name, module, kind in targets]
     for p in model.parameters():
         p.requires_grad_(False)

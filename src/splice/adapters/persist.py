@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from splice.adapters.extras import BiasShift, FullCopy
 from splice.adapters.inject import adapter_layers, module_kind, plain_modules, wrap
 from splice.adapters.model import configs, set_adapter
-from splice.adapters.registry import get_method
+from splice.adapters.config import AdapterConfig
+from splice.adapters.registry import Method, get_method
 from splice.delta.deltaset import fingerprints_match, tensor_fingerprint
 from splice.errors import SpliceError
 from splice.io.checkpoints import atomic_output_dir, write_json
@@ -76,16 +77,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         base = module.base if hasattr(module, "adapters") else module
         if kind is None:
             raise SpliceError(f"{where}: module {name!r} is a {type(base).__name__}, which {method.name} cannot wrap")
-        config = folder.module_config(src)
-        expected = method.adapter.peft_shapes(base, kind, config)
-        for key in tensors:
-            if key not in expected:
-                raise SpliceError(f"{where}: module {name!r} has tensor {key!r}, which {method.name} does not use "
-                                  f"on a {type(base).__name__} (expected {', '.join(expected)})")
-        for key, shape in expected.items():
-            if key not in tensors:
-                raise SpliceError(f"{where}: module {name!r} lacks tensor {key!r}")
-            check_shape(tensors[key], shape, key, name, path)
+        config = folder.module_config(src).for_target(name)
+        check_module_tensors(method, base, kind, config, tensors, name, path)
         _check_fingerprint(folder.fingerprint.get(f"{src}.weight"), base, name, path)
         adapter = method.adapter(base, kind, config)
         bias = folder.biases.pop(src, None)
@@ -113,6 +106,20 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         if adapter_name in layer.adapters:
             layer.adapters[adapter_name].requires_grad_(is_trainable)
     return model
+
+
+def check_module_tensors(method: Method, base: nn.Module, kind: str, config: AdapterConfig,
+                         tensors: dict[str, Tensor], name: str, path: Path) -> None:
+    """The folder's tensors for module `name` are exactly those `method` uses on `base`, with its shapes."""
+    expected = method.adapter.peft_shapes(base, kind, config)
+    for key in tensors:
+        if key not in expected:
+            raise SpliceError(f"{path / WEIGHTS_FILE}: module {name!r} has tensor {key!r}, which {method.name} does "
+                              f"not use on a {type(base).__name__} (expected {', '.join(expected)})")
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise SpliceError(f"{path / WEIGHTS_FILE}: module {name!r} lacks tensor {key!r}")
+        check_shape(tensors[key], shape, key, name, path)
 
 
 def _check_fingerprint(expected: str | None, base: nn.Module, name: str, path: Path) -> None:
