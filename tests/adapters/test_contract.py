@@ -66,6 +66,21 @@ ROWS = [
         dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     Row("ia3-cnn-conv2d-modules-to-save", "cnn", "ia3",
         dict(target_modules=["conv1", "conv2"], feedforward_modules=["conv2"], modules_to_save=["head"])),
+    Row("loha-bert-all-linear", "bert", "loha", dict(r=2, alpha=4, target_modules="all-linear")),
+    Row("loha-llama-rank-dropout", "llama", "loha",
+        dict(r=4, alpha=8, rank_dropout=0.2, target_modules=["q_proj", "v_proj", "down_proj"])),
+    Row("loha-cnn-conv2d", "cnn", "loha", dict(r=2, alpha=2, target_modules=["conv1", "conv2", "head"])),
+    Row("loha-cnn-effective-conv2d", "cnn", "loha",
+        dict(r=2, alpha=4, use_effective_conv2d=True, target_modules=["conv1", "conv2"], modules_to_save=["head"])),
+    Row("lokr-bert-all-linear", "bert", "lokr", dict(r=2, alpha=4, target_modules="all-linear")),
+    Row("lokr-llama-decompose-both-factor", "llama", "lokr",
+        dict(r=1, alpha=2, decompose_both=True, decompose_factor=8, rank_dropout=0.2, rank_dropout_scale=True,
+             target_modules=["q_proj", "k_proj", "up_proj"])),
+    Row("lokr-bert-full-factors-lycoris-init", "bert", "lokr",
+        dict(r=8, alpha=8, init_weights="lycoris", target_modules=["query", "value"])),
+    Row("lokr-cnn-conv2d", "cnn", "lokr", dict(r=1, alpha=2, target_modules=["conv1", "conv2", "head"])),
+    Row("lokr-cnn-effective-conv2d", "cnn", "lokr",
+        dict(r=1, alpha=2, use_effective_conv2d=True, target_modules=["conv1", "conv2"])),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 

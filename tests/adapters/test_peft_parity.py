@@ -28,7 +28,8 @@ ATOL = 1e-5
 
 
 # splice method → PEFT's config class for it (DoRA is PEFT's LoRA with use_dora).
-PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config}
+PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config, "loha": peft.LoHaConfig,
+                "lokr": peft.LoKrConfig}
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,21 @@ ROWS = [
         dict(target_modules=["c_attn", "c_fc", "c_proj"], feedforward_modules=["c_fc"], **GPT2), "ia3"),
     Row("ia3-cnn-conv2d", "cnn", dict(target_modules=["conv1", "conv2", "head"], feedforward_modules=["conv2"]),
         "ia3"),
+    Row("loha-bert", "bert", dict(r=2, alpha=4, target_modules=["query", "value", "dense"]), "loha"),
+    Row("loha-llama-patterns", "llama", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                             rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}), "loha"),
+    Row("loha-cnn-conv2d", "cnn", dict(r=2, alpha=2, target_modules=["conv1", "conv2", "head"]), "loha"),
+    Row("loha-cnn-effective-conv2d", "cnn",
+        dict(r=2, alpha=4, use_effective_conv2d=True, target_modules=["conv1", "conv2"], modules_to_save=["head"]),
+        "loha"),
+    Row("lokr-bert", "bert", dict(r=2, alpha=4, target_modules=["query", "value", "dense"]), "lokr"),
+    Row("lokr-bert-full-factors", "bert", dict(r=8, alpha=8, target_modules=["key"]), "lokr"),
+    Row("lokr-llama-decompose-both-factor", "llama",
+        dict(r=1, alpha=2, decompose_both=True, decompose_factor=8, target_modules=["q_proj", "k_proj", "up_proj"],
+             rank_pattern={"up_proj": 2}), "lokr"),
+    Row("lokr-cnn-conv2d", "cnn", dict(r=1, alpha=2, target_modules=["conv1", "conv2", "head"]), "lokr"),
+    Row("lokr-cnn-effective-conv2d", "cnn",
+        dict(r=1, alpha=2, use_effective_conv2d=True, target_modules=["conv1", "conv2"]), "lokr"),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 

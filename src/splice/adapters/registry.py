@@ -62,4 +62,6 @@ def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register decorators.
     import splice.adapters.dora  # noqa: F401
     import splice.adapters.ia3  # noqa: F401
+    import splice.adapters.loha  # noqa: F401
+    import splice.adapters.lokr  # noqa: F401
     import splice.adapters.lora  # noqa: F401
