@@ -9,6 +9,7 @@ import math
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -47,13 +48,18 @@ def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
     where = str(folder.path)
     deltas: dict[str, Delta] = {}
     lora = folder.config.method in ("lora", "dora")
+    resolved = {src: resolve_module(src, has, names, module_prefixes(), where) for src in folder.modules}
+    standins = {} if lora else _stand_ins(folder, resolved, base)
+    prepared = None if lora else folder.config.prepare([(m, *standins[s]) for s, m in resolved.items()],
+                                                       folder.shared)
     for src, t in folder.modules.items():
-        module = resolve_module(src, has, names, module_prefixes(), where)
+        module = resolved[src]
         weight = f"{module}.weight"
         if lora:
             deltas[weight] = _lora_delta(folder, src, t, weight, base)  # checks shapes first: the clearer message
         else:
-            deltas.update({f"{module}.{p}": d for p, d in _method_delta(folder, src, t, module, base).items()})
+            deltas.update({f"{module}.{p}": d
+                           for p, d in _method_delta(folder, prepared, src, t, module, *standins[src]).items()})
         expected = folder.fingerprint.get(f"{src}.weight")
         if expected and not fingerprints_match(tensor_fingerprint(base.get(weight)), expected):
             raise SpliceError(f"{where}: this adapter was made for another base model: tensor {weight} differs")
@@ -114,20 +120,27 @@ def _stand_in(weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> tupl
     return module, kind
 
 
-def _method_delta(folder: AdapterFolder, src: str, tensors: dict[str, Tensor], module: str,
-                  base: CheckpointReader) -> dict[str, Delta]:
+def _stand_ins(folder: AdapterFolder, resolved: dict[str, str], base: CheckpointReader) -> dict[str, tuple]:
+    """Folder module → (stand-in module, kind) holding the base tensors it updates."""
+    out = {}
+    for src, module in resolved.items():
+        bias = base.get(f"{module}.bias").float() if f"{module}.bias" in base else None
+        try:
+            out[src] = _stand_in(base.get(f"{module}.weight").float(), bias,
+                                 bool(folder.peft_config.get("fan_in_fan_out")))
+        except SpliceError as err:
+            raise SpliceError(f"{folder.path}: module {src!r}: {err}") from None
+    return out
+
+
+def _method_delta(folder: AdapterFolder, prepared: Any, src: str, tensors: dict[str, Tensor], module: str,
+                  standin: nn.Module, kind: str) -> dict[str, Delta]:
     """A non-LoRA method's deltas for one module: its adapter built on a stand-in of the base module."""
     from splice.adapters.persist import check_module_tensors
     from splice.adapters.registry import get_method
 
     method = get_method(folder.config.method)
-    bias = base.get(f"{module}.bias").float() if f"{module}.bias" in base else None
-    try:
-        standin, kind = _stand_in(base.get(f"{module}.weight").float(), bias,
-                                  bool(folder.peft_config.get("fan_in_fan_out")))
-    except SpliceError as err:
-        raise SpliceError(f"{folder.path}: module {src!r}: {err}") from None
-    config = folder.module_config(src).for_target(module)
+    config = prepared.for_module(src, tensors, folder.peft_config).for_target(module)
     check_module_tensors(method, standin, kind, config, tensors, module, folder.path)
     adapter = method.adapter(standin, kind, config)
     adapter.load_peft_state({k: v.float() for k, v in tensors.items()}, standin)

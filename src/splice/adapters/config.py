@@ -43,6 +43,11 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    def prepare(self, targets: list[tuple[str, Any, str]], shared: dict[str, Any] | None) -> "AdapterConfig":
+        """The config every module of one adapter is built with, given all its (name, module, kind) targets and
+        the tensors a loaded folder shares across modules (VeRA's projections); default: the same."""
+        return self
+
     def for_target(self, name: str) -> "AdapterConfig":
         """The config one wrapped module named `name` is built with (IA3 marks its feed-forward modules here)."""
         return self

@@ -14,8 +14,8 @@ from splice.adapters.registry import Method, get_method
 from splice.delta.deltaset import fingerprints_match, tensor_fingerprint
 from splice.errors import SpliceError
 from splice.io.checkpoints import atomic_output_dir, write_json
-from splice.io.peft_format import (CONFIG_FILE, PREFIX, SPLICE_FILE, WEIGHTS_FILE, check_shape, module_prefixes,
-                                   read_adapter_folder, resolve_module)
+from splice.io.peft_format import (CONFIG_FILE, PREFIX, SHARED_PREFIX, SPLICE_FILE, WEIGHTS_FILE, check_shape,
+                                   module_prefixes, read_adapter_folder, resolve_module)
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, force: bool = False) -> Path:
@@ -40,6 +40,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
             continue
         kinds.add(layer.kind)
         adapters.append(adapter)
+        for key, t in getattr(adapter, "peft_shared", dict)().items():  # once, however many modules share it
+            tensors.setdefault(f"{SHARED_PREFIX}{key}", t.detach().contiguous().clone())
         for key, t in adapter.peft_state(layer.base).items():
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().contiguous().clone()
         if isinstance(getattr(layer.base, "weight", None), Tensor):
@@ -71,13 +73,20 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     where = str(path / WEIGHTS_FILE)
     method = get_method(folder.config.method)
     built: list[tuple[str, nn.Module, str, nn.Module, dict[str, Tensor]]] = []
+    targets = []
     for src, tensors in folder.modules.items():
         name = resolve_module(src, modules.__contains__, names, prefixes, where)
         module, kind = modules[name], module_kind(modules[name])
         base = module.base if hasattr(module, "adapters") else module
         if kind is None:
             raise SpliceError(f"{where}: module {name!r} is a {type(base).__name__}, which {method.name} cannot wrap")
-        config = folder.module_config(src).for_target(name)
+        targets.append((src, name, module, base, kind, tensors))
+    try:
+        prepared = folder.config.prepare([(n, b, k) for _, n, _, b, k, _ in targets], folder.shared)
+    except SpliceError as err:
+        raise SpliceError(f"{where}: {err}") from None
+    for src, name, module, base, kind, tensors in targets:
+        config = prepared.for_module(src, tensors, folder.peft_config).for_target(name)
         check_module_tensors(method, base, kind, config, tensors, name, path)
         _check_fingerprint(folder.fingerprint.get(f"{src}.weight"), base, name, path)
         adapter = method.adapter(base, kind, config)

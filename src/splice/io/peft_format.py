@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from splice.errors import SpliceError, closest
 
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # tensors a method shares across modules: base_model.vera_A
 LORA_KEYS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
              "lora_magnitude_vector.weight")
 CONFIG_FILE, WEIGHTS_FILE, SPLICE_FILE = "adapter_config.json", "adapter_model.safetensors", "splice_config.json"
@@ -42,6 +43,7 @@ class AdapterFolder:
     modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → {"lora_A.weight": ..}
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # modules_to_save module → its state
     biases: dict[str, Tensor] = field(default_factory=dict)  # module → trained bias
+    shared: dict[str, Tensor] = field(default_factory=dict)  # tensors shared by all modules ("vera_A")
     fingerprint: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -75,7 +77,11 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     reader = CheckpointReader(path)
     folder = AdapterFolder(path, config, cfg, fingerprint=splice_meta.get("fingerprint", {}))
     saved_names = config.modules_to_save or []
+    shared_keys = getattr(adapter_cls, "peft_shared_keys", ())
     for key in reader.keys():
+        if key.startswith(SHARED_PREFIX) and key[len(SHARED_PREFIX):] in shared_keys:
+            folder.shared[key[len(SHARED_PREFIX):]] = reader.get(key)
+            continue
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         suffix = next((s for s in keys if name.endswith("." + s)), None)
         if suffix is not None:
