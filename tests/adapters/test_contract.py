@@ -81,6 +81,11 @@ ROWS = [
     Row("lokr-cnn-conv2d", "cnn", "lokr", dict(r=1, alpha=2, target_modules=["conv1", "conv2", "head"])),
     Row("lokr-cnn-effective-conv2d", "cnn", "lokr",
         dict(r=1, alpha=2, use_effective_conv2d=True, target_modules=["conv1", "conv2"])),
+    Row("vera-bert", "bert", "vera", dict(r=16, target_modules=["query", "value", "intermediate.dense"])),
+    Row("vera-gpt2-conv1d-no-saved-projection", "gpt2", "vera",
+        dict(r=8, projection_prng_key=3, save_projection=False, target_modules=["c_attn", "c_fc"])),
+    Row("vera-llama-dropout", "llama", "vera",
+        dict(r=64, vera_dropout=0.1, target_modules="all-linear", modules_to_save=["lm_head"])),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 

@@ -29,7 +29,7 @@ ATOL = 1e-5
 
 # splice method → PEFT's config class for it (DoRA is PEFT's LoRA with use_dora).
 PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config, "loha": peft.LoHaConfig,
-                "lokr": peft.LoKrConfig}
+                "lokr": peft.LoKrConfig, "vera": peft.VeraConfig}
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,13 @@ ROWS = [
     Row("lokr-cnn-conv2d", "cnn", dict(r=1, alpha=2, target_modules=["conv1", "conv2", "head"]), "lokr"),
     Row("lokr-cnn-effective-conv2d", "cnn",
         dict(r=1, alpha=2, use_effective_conv2d=True, target_modules=["conv1", "conv2"]), "lokr"),
+    Row("vera-bert", "bert", dict(r=16, target_modules=["query", "value", "intermediate.dense"]), "vera"),
+    Row("vera-bert-no-saved-projection", "bert",
+        dict(r=8, projection_prng_key=7, save_projection=False, target_modules=["key", "output.dense"],
+             modules_to_save=["pooler.dense"]), "vera"),
+    Row("vera-llama", "llama", dict(r=32, d_initial=0.5, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+        "vera"),
+    Row("vera-gpt2-conv1d", "gpt2", dict(r=8, target_modules=["c_attn", "c_proj"], **GPT2), "vera"),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 
