@@ -113,6 +113,8 @@ def _stand_in(weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> tupl
         kind, module = "conv1d", Conv1D(weight.shape[1], weight.shape[0])
     elif weight.dim() == 2:
         kind, module = "linear", nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    elif weight.dim() == 1:  # a norm layer (for methods that wrap any module, as LN tuning)
+        kind, module = "module", nn.Module()
     else:
         raise SpliceError(f"a {weight.dim()}-D weight is not a module the adapter's method can wrap")
     module.weight = nn.Parameter(weight, requires_grad=False)

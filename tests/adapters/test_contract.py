@@ -86,6 +86,9 @@ ROWS = [
         dict(r=8, projection_prng_key=3, save_projection=False, target_modules=["c_attn", "c_fc"])),
     Row("vera-llama-dropout", "llama", "vera",
         dict(r=64, vera_dropout=0.1, target_modules="all-linear", modules_to_save=["lm_head"])),
+    Row("ln-tuning-bert", "bert", "ln_tuning", dict(target_modules=["LayerNorm"])),
+    Row("ln-tuning-llama-rmsnorm", "llama", "ln_tuning", dict(target_modules=["input_layernorm", "norm"])),
+    Row("ln-tuning-gpt2", "gpt2", "ln_tuning", dict(target_modules=["ln_1", "ln_2"], modules_to_save=["ln_f"])),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 

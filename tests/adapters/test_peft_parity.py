@@ -29,7 +29,7 @@ ATOL = 1e-5
 
 # splice method → PEFT's config class for it (DoRA is PEFT's LoRA with use_dora).
 PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config, "loha": peft.LoHaConfig,
-                "lokr": peft.LoKrConfig, "vera": peft.VeraConfig}
+                "lokr": peft.LoKrConfig, "vera": peft.VeraConfig, "ln_tuning": peft.LNTuningConfig}
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,10 @@ ROWS = [
     Row("vera-llama", "llama", dict(r=32, d_initial=0.5, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
         "vera"),
     Row("vera-gpt2-conv1d", "gpt2", dict(r=8, target_modules=["c_attn", "c_proj"], **GPT2), "vera"),
+    Row("ln-tuning-bert", "bert", dict(target_modules=["LayerNorm"]), "ln_tuning"),
+    Row("ln-tuning-llama-rmsnorm", "llama", dict(target_modules=["post_attention_layernorm", "norm"]), "ln_tuning"),
+    # (no modules_to_save: PEFT's LN-tuning merge_and_unload leaves its modules_to_save wrappers in place)
+    Row("ln-tuning-gpt2", "gpt2", dict(target_modules=["ln_2", "ln_f"]), "ln_tuning"),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 

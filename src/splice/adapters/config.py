@@ -20,6 +20,8 @@ class AdapterConfig:
     method: ClassVar[str] = ""
     # PEFT's `peft_type` for this method (adapter_config.json); None for methods PEFT does not have.
     peft_type: ClassVar[str | None] = None
+    # Whether the method wraps modules of any type (as kind "module"; LN tuning), not only the kinds inject knows.
+    wraps_any_module: ClassVar[bool] = False
 
     target_modules: list[str] | str = doc(
         "Modules to wrap: a list of name suffixes (['query', 'value']), one regex matched against the full module "

@@ -76,7 +76,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     targets = []
     for src, tensors in folder.modules.items():
         name = resolve_module(src, modules.__contains__, names, prefixes, where)
-        module, kind = modules[name], module_kind(modules[name])
+        module = modules[name]
+        kind = module_kind(module) or ("module" if folder.config.wraps_any_module else None)
         base = module.base if hasattr(module, "adapters") else module
         if kind is None:
             raise SpliceError(f"{where}: module {name!r} is a {type(base).__name__}, which {method.name} cannot wrap")

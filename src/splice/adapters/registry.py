@@ -63,6 +63,7 @@ def _load_builtin_methods() -> None:
     import splice.adapters.dora  # noqa: F401
     import splice.adapters.ia3  # noqa: F401
     import splice.adapters.loha  # noqa: F401
+    import splice.adapters.ln_tuning  # noqa: F401
     import splice.adapters.lokr  # noqa: F401
     import splice.adapters.vera  # noqa: F401
     import splice.adapters.lora  # noqa: F401
