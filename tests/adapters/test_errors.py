@@ -90,6 +90,36 @@ def test_rank_larger_than_the_layer(bert):
     assert state(bert) == before
 
 
+@pytest.mark.parametrize("method, fields, field", [
+    ("ia3", dict(target_modules=["query"], feedforward_modules=["value"]), "feedforward_modules"),
+    ("ia3", dict(init_ia3_weights="yes"), "init_ia3_weights"),
+    ("loha", dict(r=0), "r"), ("loha", dict(rank_dropout=1.5), "rank_dropout"),
+    ("loha", dict(rank_pattern={"query": 0}), "rank_pattern"), ("lokr", dict(decompose_factor=0), "decompose_factor"),
+    ("lokr", dict(init_weights="olora"), "init_weights"), ("vera", dict(r=-1), "r"),
+    ("vera", dict(vera_dropout=1.0), "vera_dropout"),
+])
+def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
+    msg = error(make_config, method, **fields)
+    assert msg.startswith(field) or f"{field}:" in msg
+
+
+@pytest.mark.parametrize("method, model_name, fields, words", [
+    ("loha", "bert", dict(r=64, target_modules=["query"]), ["r:", "64", "32"]),
+    ("ia3", "bert", dict(target_modules=["word_embeddings"]), ["ia3", "Embedding"]),
+    ("loha", "gpt2", dict(target_modules=["c_attn"]), ["loha", "Conv1D"]),
+    ("lokr", "bert", dict(target_modules=["query", "word_embeddings"]), ["lokr", "Embedding"]),
+    ("vera", "cnn", dict(target_modules=["head", "conv1"]), ["vera", "Conv2d"]),
+    ("ln_tuning", "cnn", dict(target_modules=["act1"]), ["ln_tuning", "ReLU", "no parameters"]),
+])
+def test_a_method_refuses_what_it_cannot_wrap_before_touching_the_model(tiny, method, model_name, fields, words):
+    model = tiny[model_name].build()
+    before = state(model)
+    msg = error(splice.adapt, model, make_config(method, **fields))
+    for w in words:
+        assert w in msg
+    assert state(model) == before and splice.active_adapters(model) == []
+
+
 def test_adapter_name_with_slash_or_dot_is_refused(bert):
     for name in ("a/b", "a.b", ""):
         msg = error(splice.adapt, bert, splice.LoraConfig(target_modules=["query"]), name)

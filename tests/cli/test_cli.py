@@ -58,6 +58,14 @@ def test_train_classification_then_apply_and_inspect(capsys, tmp_path, bert_dir,
     assert info["kind"] == "model" and info["architecture"] == "BertModel" and info["tokenizer"] is True
 
 
+def test_alpha_flag_reaches_a_method_whose_field_is_alpha(capsys, tmp_path, bert_dir, sentiment_csv):
+    code, _, err = cli(capsys, "train", bert_dir, sentiment_csv, "--out", tmp_path / "k", "--method", "lokr",
+                       "--r", 2, "--alpha", 6, "--max-steps", 1, "--batch-size", 8, "--max-length", 8, "--no-progress")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "k" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LOKR" and cfg["r"] == 2 and cfg["alpha"] == 6
+
+
 def test_train_from_yaml_with_dora(capsys, tmp_path, bert_dir, sentiment_csv):
     config = tmp_path / "train.yaml"
     config.write_text("method: dora\nadapter: {r: 2, lora_alpha: 4, target_modules: all-linear}\n"
@@ -154,8 +162,8 @@ def test_apply_errors_and_force(capsys, tmp_path, bert_dir):
 
 @pytest.mark.parametrize("method", splice.method_names())
 def test_every_method_trains_then_applies(capsys, tmp_path, bert_dir, sentiment_csv, method):
-    """`splice train --method NAME` with the method's defaults runs a few steps and saves a folder that loads back
-    and that `splice apply` merges into the same model."""
+    """`splice train --method NAME` with the method's defaults runs a few steps and saves a folder that loads back,
+    that `splice inspect` describes and that `splice apply` merges into the same model."""
     out = tmp_path / method
     code, stdout, err = cli(capsys, "train", bert_dir, sentiment_csv, "--out", out, "--method", method,
                             "--max-steps", 3, "--batch-size", 8, "--max-length", 8, "--lr", "0.01", "--no-progress")
@@ -166,6 +174,9 @@ def test_every_method_trains_then_applies(capsys, tmp_path, bert_dir, sentiment_
         base = AutoModel.from_pretrained(bert_dir).eval()(input_ids=x).last_hidden_state
         adapted = splice.load_adapter(AutoModel.from_pretrained(bert_dir).eval(), out)(input_ids=x).last_hidden_state
     assert (adapted - base).abs().max() > 1e-4  # three steps moved the adapter away from the identity
+    code, stdout, _ = cli(capsys, "inspect", out, "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["method"] == method and info["wrapped_modules"] >= 1
     code, _, err = cli(capsys, "apply", bert_dir, out, tmp_path / "merged", "--no-progress")
     assert code == 0, err
     with torch.no_grad():
