@@ -85,6 +85,9 @@ ROWS = [
     Row("ia3-bert-modules-to-save", "bert",
         dict(target_modules=["query", "intermediate.dense"], feedforward_modules=["intermediate.dense"],
              modules_to_save=["pooler.dense"]), "ia3"),
+    # No feedforward_modules: PEFT then picks its per-architecture default (BERT: output.dense), splice none; each
+    # library's folder must still load the same in the other.
+    Row("ia3-bert-feedforward-unset", "bert", dict(target_modules=["value", "output.dense"]), "ia3"),
     Row("ia3-llama", "llama",
         dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), "ia3"),
     Row("ia3-gpt2-conv1d", "gpt2",

@@ -74,7 +74,8 @@ class IA3Config(AdapterConfig):
     def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
         ff = self.feedforward_modules
         return {**super().to_peft(base=base, kinds=kinds, adapters=adapters),
-                "feedforward_modules": ff if ff is None or isinstance(ff, str) else list(ff),
+                # [] and not None: PEFT reads None as "its per-architecture default list".
+                "feedforward_modules": [] if ff is None else ff if isinstance(ff, str) else list(ff),
                 "fan_in_fan_out": "conv1d" in kinds, "init_ia3_weights": self.init_ia3_weights}
 
 
