@@ -10,7 +10,9 @@ What is measured (batch 32, sequence 128: every row filled with random token ids
 - training step = forward + backward + AdamW step, for the frozen FLOOR (every encoder weight frozen but the
   gradient flows back through the whole encoder: the input embeddings' output requires grad; only the head
   trains), full fine-tuning, and LoRA r8 on query/value, LoRA r8 all-linear and DoRA r8 all-linear, each for
-  splice and PEFT with the same config (r=8, lora_alpha=16), with lora_dropout 0.1 (main table) and 0.0.
+  splice and PEFT with the same config (r=8, lora_alpha=16), with lora_dropout 0.1 (main table) and 0.0; and every
+  other registered method that PEFT also has (IA3, LoHa, LoKr, VeRA, LN tuning, ...: found through the registry),
+  with its default config on all linear layers, PEFT's config built from splice's own adapter_config.json mapping.
   The configurations are interleaved round-robin (shuffled order in every round) so machine noise hits all of
   them alike; speed is reported as the median over rounds of the ratio to the floor measured in the same round.
   A step during which other processes took more than 10% of the CPUs (read from /proc/stat) is retried once the
