@@ -96,7 +96,7 @@ def test_rank_larger_than_the_layer(bert):
     ("loha", dict(r=0), "r"), ("loha", dict(rank_dropout=1.5), "rank_dropout"),
     ("loha", dict(rank_pattern={"query": 0}), "rank_pattern"), ("lokr", dict(decompose_factor=0), "decompose_factor"),
     ("lokr", dict(init_weights="olora"), "init_weights"), ("vera", dict(r=-1), "r"),
-    ("vera", dict(vera_dropout=1.0), "vera_dropout"),
+    ("vera", dict(vera_dropout=1.0), "vera_dropout"), ("shira", dict(mask_type="lowrank"), "mask_type"),
 ])
 def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     msg = error(make_config, method, **fields)
@@ -110,6 +110,8 @@ def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     ("lokr", "bert", dict(target_modules=["query", "word_embeddings"]), ["lokr", "Embedding"]),
     ("vera", "cnn", dict(target_modules=["head", "conv1"]), ["vera", "Conv2d"]),
     ("ln_tuning", "cnn", dict(target_modules=["act1"]), ["ln_tuning", "ReLU", "no parameters"]),
+    ("shira", "bert", dict(r=17, target_modules=["query"]), ["r:", "17", "1024"]),
+    ("shira", "gpt2", dict(target_modules=["c_attn"]), ["shira", "Conv1D"]),
 ])
 def test_a_method_refuses_what_it_cannot_wrap_before_touching_the_model(tiny, method, model_name, fields, words):
     model = tiny[model_name].build()

@@ -29,7 +29,8 @@ ATOL = 1e-5
 
 # splice method → PEFT's config class for it (DoRA is PEFT's LoRA with use_dora).
 PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config, "loha": peft.LoHaConfig,
-                "lokr": peft.LoKrConfig, "vera": peft.VeraConfig, "ln_tuning": peft.LNTuningConfig}
+                "lokr": peft.LoKrConfig, "vera": peft.VeraConfig, "ln_tuning": peft.LNTuningConfig,
+                "shira": peft.ShiraConfig}
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ ROWS = [
     Row("vera-llama", "llama", dict(r=32, d_initial=0.5, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
         "vera"),
     Row("vera-gpt2-conv1d", "gpt2", dict(r=8, target_modules=["c_attn", "c_proj"], **GPT2), "vera"),
+    Row("shira-bert", "bert", dict(r=2, target_modules=["query", "value", "intermediate.dense"]), "shira"),
+    Row("shira-llama-seeded", "llama", dict(r=4, random_seed=11, target_modules=["k_proj", "up_proj", "down_proj"],
+                                            modules_to_save=["lm_head"]), "shira"),
     Row("ln-tuning-bert", "bert", dict(target_modules=["LayerNorm"]), "ln_tuning"),
     Row("ln-tuning-llama-rmsnorm", "llama", dict(target_modules=["post_attention_layernorm", "norm"]), "ln_tuning"),
     # (no modules_to_save: PEFT's LN-tuning merge_and_unload leaves its modules_to_save wrappers in place)

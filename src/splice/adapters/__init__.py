@@ -11,10 +11,11 @@ from splice.adapters.ia3 import IA3Config
 from splice.adapters.ln_tuning import LNTuningConfig
 from splice.adapters.loha import LoHaConfig
 from splice.adapters.lokr import LoKrConfig
+from splice.adapters.shira import ShiraConfig
 from splice.adapters.vera import VeraConfig
 
 __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_adapters", "adapt", "delete_adapter",
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
            "merge_and_unload", "method_names", "mixed_batch", "register", "save_adapter", "set_adapter",
            "trainable_parameters", "unmerge_adapter"]
-__all__ += ["IA3Config", "LNTuningConfig", "LoHaConfig", "LoKrConfig", "VeraConfig"]
+__all__ += ["IA3Config", "LNTuningConfig", "LoHaConfig", "LoKrConfig", "ShiraConfig", "VeraConfig"]
