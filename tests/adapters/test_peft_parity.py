@@ -30,7 +30,7 @@ ATOL = 1e-5
 # splice method → PEFT's config class for it (DoRA is PEFT's LoRA with use_dora).
 PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config, "loha": peft.LoHaConfig,
                 "lokr": peft.LoKrConfig, "vera": peft.VeraConfig, "ln_tuning": peft.LNTuningConfig,
-                "shira": peft.ShiraConfig}
+                "shira": peft.ShiraConfig, "fourierft": peft.FourierFTConfig}
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,13 @@ ROWS = [
     Row("shira-bert", "bert", dict(r=2, target_modules=["query", "value", "intermediate.dense"]), "shira"),
     Row("shira-llama-seeded", "llama", dict(r=4, random_seed=11, target_modules=["k_proj", "up_proj", "down_proj"],
                                             modules_to_save=["lm_head"]), "shira"),
+    Row("fourierft-bert", "bert", dict(n_frequency=64, scaling=10.0, target_modules=["query", "intermediate.dense"]),
+        "fourierft"),
+    Row("fourierft-llama-pattern-seed", "llama",
+        dict(n_frequency=48, scaling=30.0, random_loc_seed=5, n_frequency_pattern={"v_proj": 20},
+             target_modules=["q_proj", "v_proj", "down_proj"]), "fourierft"),
+    Row("fourierft-gpt2-conv1d", "gpt2",
+        dict(n_frequency=32, scaling=20.0, target_modules=["c_attn", "c_proj"], **GPT2), "fourierft"),
     Row("ln-tuning-bert", "bert", dict(target_modules=["LayerNorm"]), "ln_tuning"),
     Row("ln-tuning-llama-rmsnorm", "llama", dict(target_modules=["post_attention_layernorm", "norm"]), "ln_tuning"),
     # (no modules_to_save: PEFT's LN-tuning merge_and_unload leaves its modules_to_save wrappers in place)

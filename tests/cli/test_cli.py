@@ -162,12 +162,15 @@ def test_apply_errors_and_force(capsys, tmp_path, bert_dir):
 
 @pytest.mark.parametrize("method", splice.method_names())
 def test_every_method_trains_then_applies(capsys, tmp_path, bert_dir, sentiment_csv, method):
-    """`splice train --method NAME` with the method's defaults (rank 2) runs a few steps and saves a folder that loads back,
-    that `splice inspect` describes and that `splice apply` merges into the same model."""
+    """`splice train --method NAME` with the method's defaults (sized down) runs a few steps and saves a folder
+    that loads back, that `splice inspect` describes and that `splice apply` merges into the same model."""
     out = tmp_path / method
-    # A rank that fits the 16-wide model (SHiRA's default r=32 asks for more entries than a 16×16 layer has).
-    rank = ["--r", 2] if "r" in splice.adapters.config.field_help(splice.adapters.get_method(method).config) else []
-    code, stdout, err = cli(capsys, "train", bert_dir, sentiment_csv, "--out", out, "--method", method, *rank,
+    # Sizes that fit the 16-wide model (SHiRA's default r=32 and FourierFT's 1000 coefficients do not).
+    fields = splice.adapters.config.field_help(splice.adapters.get_method(method).config)
+    small = {k: v for k, v in {"r": 2, "n_frequency": 16}.items() if k in fields}
+    config = tmp_path / "small.yaml"
+    config.write_text(f"adapter: {json.dumps(small)}\n")
+    code, stdout, err = cli(capsys, "train", bert_dir, sentiment_csv, "--out", out, "--method", method, "-c", config,
                             "--max-steps", 3, "--batch-size", 8, "--max-length", 8, "--lr", "0.01", "--no-progress")
     assert code == 0, err
     assert f"{method} accuracy:" in stdout

@@ -59,7 +59,8 @@ class LycorisConfig(AdapterConfig):
                 "rank_dropout": float(cfg.get("rank_dropout", 0.0)),
                 "module_dropout": float(cfg.get("module_dropout", 0.0)),
                 "use_effective_conv2d": bool(cfg.get("use_effective_conv2d", False)),
-                "rank_pattern": dict(cfg.get("rank_pattern") or {}), "alpha_pattern": dict(cfg.get("alpha_pattern") or {})}
+                "rank_pattern": dict(cfg.get("rank_pattern") or {}),
+                "alpha_pattern": dict(cfg.get("alpha_pattern") or {})}
 
     def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
         return {**super().to_peft(base=base, kinds=kinds, adapters=adapters), "r": self.r, "alpha": self.alpha,

@@ -61,6 +61,7 @@ def make_config(method: str, **fields: Any):
 def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register decorators.
     import splice.adapters.dora  # noqa: F401
+    import splice.adapters.fourierft  # noqa: F401
     import splice.adapters.ia3  # noqa: F401
     import splice.adapters.loha  # noqa: F401
     import splice.adapters.ln_tuning  # noqa: F401

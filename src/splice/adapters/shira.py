@@ -46,18 +46,21 @@ class ShiraConfig(AdapterConfig):
             raise SpliceError(f"r: must be a positive integer, got {self.r!r}")
         if self.mask_type != "random":
             raise SpliceError(f"mask_type: only 'random' is supported, got {self.mask_type!r}")
-        if self.random_seed is not None and (isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int)):
+        seed = self.random_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise SpliceError(f"random_seed: must be an integer or null, got {self.random_seed!r}")
 
     @classmethod
     def fields_from_peft(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         seed = cfg.get("random_seed")
-        return {**super().fields_from_peft(cfg), "r": int(cfg.get("r", 32)), "mask_type": cfg.get("mask_type", "random"),
-                "random_seed": None if seed is None else int(seed), "init_weights": bool(cfg.get("init_weights", True))}
+        return {**super().fields_from_peft(cfg), "r": int(cfg.get("r", 32)),
+                "mask_type": cfg.get("mask_type", "random"), "random_seed": None if seed is None else int(seed),
+                "init_weights": bool(cfg.get("init_weights", True))}
 
     def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
-        return {**super().to_peft(base=base, kinds=kinds, adapters=adapters), "r": self.r, "mask_type": self.mask_type,
-                "random_seed": self.random_seed, "init_weights": self.init_weights, "fan_in_fan_out": False}
+        return {**super().to_peft(base=base, kinds=kinds, adapters=adapters), "r": self.r,
+                "mask_type": self.mask_type, "random_seed": self.random_seed, "init_weights": self.init_weights,
+                "fan_in_fan_out": False}
 
 
 def random_positions(out_f: int, in_f: int, count: int, seed: int | None) -> Tensor:
