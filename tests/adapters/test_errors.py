@@ -114,6 +114,7 @@ def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     ("shira", "gpt2", dict(target_modules=["c_attn"]), ["shira", "Conv1D"]),
     ("fourierft", "bert", dict(n_frequency=2000, target_modules=["query"]), ["n_frequency", "2000", "1024"]),
     ("fourierft", "cnn", dict(n_frequency=4, target_modules=["conv1"]), ["fourierft", "Conv2d"]),
+    ("bitfit", "llama", dict(target_modules=["q_proj"]), ["bitfit", "Linear", "no bias"]),
 ])
 def test_a_method_refuses_what_it_cannot_wrap_before_touching_the_model(tiny, method, model_name, fields, words):
     model = tiny[model_name].build()

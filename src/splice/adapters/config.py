@@ -69,7 +69,10 @@ class AdapterConfig:
     def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
         """PEFT's adapter_config.json for this config; `kinds`/`adapters` are those of the wrapped modules."""
         target = self.target_modules
-        return {"peft_type": self.peft_type, "task_type": None, "base_model_name_or_path": base, "revision": None,
+        # A method PEFT does not have keeps the folder's shape, names itself, and PEFT refuses it (peft_type null).
+        own = {} if self.peft_type else {"splice_method": self.method}
+        return {"peft_type": self.peft_type, **own, "task_type": None, "base_model_name_or_path": base,
+                "revision": None,
                 "target_modules": target if isinstance(target, str) else list(target),
                 "exclude_modules": self.exclude_modules, "modules_to_save": self.modules_to_save,
                 "inference_mode": True}

@@ -121,6 +121,8 @@ def _config_from_peft(cfg: dict[str, Any], where: Path):
     peft_type = cfg.get("peft_type", "LORA")
     known = sorted({m.config.peft_type for m in METHODS.values() if m.config.peft_type})
     candidates = [m for m in METHODS.values() if m.config.peft_type == peft_type]
+    if peft_type is None and cfg.get("splice_method") in METHODS:  # a method PEFT does not have (BitFit)
+        candidates = [METHODS[cfg["splice_method"]]]
     if not candidates:
         raise SpliceError(f"{where}: peft_type {peft_type!r} is not supported yet; splice reads {', '.join(known)}")
     method = next((m for m in candidates if m.config.claims_peft(cfg)), candidates[0])
