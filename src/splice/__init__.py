@@ -10,7 +10,7 @@ from splice.adapters import (AdaptedModel, DoraConfig, LoraConfig, active_adapte
                              method_names, mixed_batch, save_adapter, set_adapter, trainable_parameters,
                              unmerge_adapter)
 from splice.adapters import (BitFitConfig, FourierFTConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig,
-                             ShiraConfig, VeraConfig)
+                             MissConfig, ShiraConfig, VeraConfig)
 from splice.delta import Delta, DeltaSet, Dense, LowRank, Scale, Sparse
 from splice.delta import Kron
 from splice.errors import SpliceError
@@ -23,4 +23,4 @@ __all__ = ["AdaptedModel", "Delta", "DeltaSet", "Dense", "DoraConfig", "LoraConf
            "load_adapter", "merge", "merge_adapter", "merge_and_unload", "method_names", "mixed_batch", "save_adapter",
            "set_adapter", "trainable_parameters", "unmerge_adapter"]
 __all__ += ["BitFitConfig", "FourierFTConfig", "IA3Config", "Kron", "LNTuningConfig", "LoHaConfig", "LoKrConfig",
-            "ShiraConfig", "VeraConfig"]
+            "MissConfig", "ShiraConfig", "VeraConfig"]

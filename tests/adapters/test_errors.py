@@ -115,6 +115,10 @@ def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     ("fourierft", "bert", dict(n_frequency=2000, target_modules=["query"]), ["n_frequency", "2000", "1024"]),
     ("fourierft", "cnn", dict(n_frequency=4, target_modules=["conv1"]), ["fourierft", "Conv2d"]),
     ("bitfit", "llama", dict(target_modules=["q_proj"]), ["bitfit", "Linear", "no bias"]),
+    ("miss", "bert", dict(r=5, init_weights="bat", target_modules=["query"]), ["r:", "does not divide", "32"]),
+    ("miss", "bert", dict(r=4, mini_r=5, init_weights="mini", target_modules=["query"]), ["mini_r", "5", "32"]),
+    ("miss", "bert", dict(r=40, target_modules=["query"]), ["r:", "40", "32"]),
+    ("miss", "gpt2", dict(r=4, target_modules=["c_attn"]), ["miss", "Conv1D"]),
 ])
 def test_a_method_refuses_what_it_cannot_wrap_before_touching_the_model(tiny, method, model_name, fields, words):
     model = tiny[model_name].build()

@@ -30,7 +30,8 @@ ATOL = 1e-5
 # splice method → PEFT's config class for it (DoRA is PEFT's LoRA with use_dora).
 PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config, "loha": peft.LoHaConfig,
                 "lokr": peft.LoKrConfig, "vera": peft.VeraConfig, "ln_tuning": peft.LNTuningConfig,
-                "shira": peft.ShiraConfig, "fourierft": peft.FourierFTConfig}
+                "shira": peft.ShiraConfig, "fourierft": peft.FourierFTConfig,
+                "miss": peft.MissConfig}
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,12 @@ ROWS = [
              target_modules=["q_proj", "v_proj", "down_proj"]), "fourierft"),
     Row("fourierft-gpt2-conv1d", "gpt2",
         dict(n_frequency=32, scaling=20.0, target_modules=["c_attn", "c_proj"], **GPT2), "fourierft"),
+    Row("miss-bert", "bert", dict(r=8, target_modules=["query", "value", "intermediate.dense", "output.dense"]),
+        "miss"),
+    Row("miss-llama-remainder", "llama", dict(r=5, target_modules=["k_proj", "down_proj"]), "miss"),
+    Row("miss-bert-bat", "bert", dict(r=8, init_weights="bat", target_modules=["key", "output.dense"]), "miss"),
+    Row("miss-llama-mini", "llama", dict(r=4, mini_r=8, init_weights="mini", target_modules=["q_proj", "up_proj"]),
+        "miss"),
     Row("ln-tuning-bert", "bert", dict(target_modules=["LayerNorm"]), "ln_tuning"),
     Row("ln-tuning-llama-rmsnorm", "llama", dict(target_modules=["post_attention_layernorm", "norm"]), "ln_tuning"),
     # (no modules_to_save: PEFT's LN-tuning merge_and_unload leaves its modules_to_save wrappers in place)

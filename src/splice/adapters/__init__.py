@@ -13,6 +13,7 @@ from splice.adapters.ia3 import IA3Config
 from splice.adapters.ln_tuning import LNTuningConfig
 from splice.adapters.loha import LoHaConfig
 from splice.adapters.lokr import LoKrConfig
+from splice.adapters.miss import MissConfig
 from splice.adapters.shira import ShiraConfig
 from splice.adapters.vera import VeraConfig
 
@@ -20,5 +21,5 @@ __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
            "merge_and_unload", "method_names", "mixed_batch", "register", "save_adapter", "set_adapter",
            "trainable_parameters", "unmerge_adapter"]
-__all__ += ["BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig", "LoKrConfig", "ShiraConfig",
-            "VeraConfig"]
+__all__ += ["BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig", "LoKrConfig", "MissConfig",
+            "ShiraConfig", "VeraConfig"]
