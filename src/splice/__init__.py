@@ -9,8 +9,8 @@ from splice.adapters import (AdaptedModel, DoraConfig, LoraConfig, active_adapte
                              disable_adapters, get_delta, load_adapter, merge_adapter, merge_and_unload,
                              method_names, mixed_batch, save_adapter, set_adapter, trainable_parameters,
                              unmerge_adapter)
-from splice.adapters import (BitFitConfig, FourierFTConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig,
-                             MissConfig, ShiraConfig, VeraConfig)
+from splice.adapters import (AdaLoraConfig, BitFitConfig, FourierFTConfig, IA3Config, LNTuningConfig, LoHaConfig,
+                             LoKrConfig, MissConfig, ShiraConfig, VeraConfig)
 from splice.delta import Delta, DeltaSet, Dense, LowRank, Scale, Sparse
 from splice.delta import Kron
 from splice.errors import SpliceError
@@ -22,5 +22,5 @@ __all__ = ["AdaptedModel", "Delta", "DeltaSet", "Dense", "DoraConfig", "LoraConf
            "SpliceError", "Sparse", "active_adapters", "adapt", "delete_adapter", "disable_adapters", "get_delta",
            "load_adapter", "merge", "merge_adapter", "merge_and_unload", "method_names", "mixed_batch", "save_adapter",
            "set_adapter", "trainable_parameters", "unmerge_adapter"]
-__all__ += ["BitFitConfig", "FourierFTConfig", "IA3Config", "Kron", "LNTuningConfig", "LoHaConfig", "LoKrConfig",
-            "MissConfig", "ShiraConfig", "VeraConfig"]
+__all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "Kron", "LNTuningConfig", "LoHaConfig",
+            "LoKrConfig", "MissConfig", "ShiraConfig", "VeraConfig"]

@@ -97,6 +97,8 @@ def test_rank_larger_than_the_layer(bert):
     ("loha", dict(rank_pattern={"query": 0}), "rank_pattern"), ("lokr", dict(decompose_factor=0), "decompose_factor"),
     ("lokr", dict(init_weights="olora"), "init_weights"), ("vera", dict(r=-1), "r"),
     ("vera", dict(vera_dropout=1.0), "vera_dropout"), ("shira", dict(mask_type="lowrank"), "mask_type"),
+    ("adalora", dict(init_r=4, target_r=8), "target_r"), ("adalora", dict(beta1=1.0), "beta1"),
+    ("adalora", dict(tinit=5, tfinal=5, total_step=10), "tinit"),
 ])
 def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     msg = error(make_config, method, **fields)
@@ -119,6 +121,8 @@ def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     ("miss", "bert", dict(r=4, mini_r=5, init_weights="mini", target_modules=["query"]), ["mini_r", "5", "32"]),
     ("miss", "bert", dict(r=40, target_modules=["query"]), ["r:", "40", "32"]),
     ("miss", "gpt2", dict(r=4, target_modules=["c_attn"]), ["miss", "Conv1D"]),
+    ("adalora", "bert", dict(init_r=40, target_r=8, target_modules=["query"]), ["init_r", "40", "32"]),
+    ("adalora", "bert", dict(target_modules=["word_embeddings"]), ["adalora", "Embedding"]),
 ])
 def test_a_method_refuses_what_it_cannot_wrap_before_touching_the_model(tiny, method, model_name, fields, words):
     model = tiny[model_name].build()

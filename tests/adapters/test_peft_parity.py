@@ -31,7 +31,7 @@ ATOL = 1e-5
 PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config, "loha": peft.LoHaConfig,
                 "lokr": peft.LoKrConfig, "vera": peft.VeraConfig, "ln_tuning": peft.LNTuningConfig,
                 "shira": peft.ShiraConfig, "fourierft": peft.FourierFTConfig,
-                "miss": peft.MissConfig}
+                "miss": peft.MissConfig, "adalora": peft.AdaLoraConfig}
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,10 @@ ROWS = [
     Row("miss-bert-bat", "bert", dict(r=8, init_weights="bat", target_modules=["key", "output.dense"]), "miss"),
     Row("miss-llama-mini", "llama", dict(r=4, mini_r=8, init_weights="mini", target_modules=["q_proj", "up_proj"]),
         "miss"),
+    Row("adalora-bert", "bert", dict(init_r=6, target_r=4, lora_alpha=16, total_step=20,
+                                     target_modules=["query", "value", "intermediate.dense"]), "adalora"),
+    Row("adalora-gpt2-conv1d", "gpt2", dict(init_r=4, target_r=2, total_step=5, target_modules=["c_attn", "c_proj"],
+                                            **GPT2), "adalora"),
     Row("ln-tuning-bert", "bert", dict(target_modules=["LayerNorm"]), "ln_tuning"),
     Row("ln-tuning-llama-rmsnorm", "llama", dict(target_modules=["post_attention_layernorm", "norm"]), "ln_tuning"),
     # (no modules_to_save: PEFT's LN-tuning merge_and_unload leaves its modules_to_save wrappers in place)

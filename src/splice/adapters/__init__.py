@@ -7,6 +7,7 @@ from splice.adapters.model import (AdaptedModel, active_adapters, adapt, delete_
                                    unmerge_adapter)
 from splice.adapters.persist import load_adapter, save_adapter
 from splice.adapters.registry import get_method, make_config, method_names, register
+from splice.adapters.adalora import AdaLoraConfig
 from splice.adapters.bitfit import BitFitConfig
 from splice.adapters.fourierft import FourierFTConfig
 from splice.adapters.ia3 import IA3Config
@@ -21,5 +22,5 @@ __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
            "merge_and_unload", "method_names", "mixed_batch", "register", "save_adapter", "set_adapter",
            "trainable_parameters", "unmerge_adapter"]
-__all__ += ["BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig", "LoKrConfig", "MissConfig",
-            "ShiraConfig", "VeraConfig"]
+__all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig",
+            "LoKrConfig", "MissConfig", "ShiraConfig", "VeraConfig"]

@@ -60,6 +60,7 @@ def make_config(method: str, **fields: Any):
 
 def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register decorators.
+    import splice.adapters.adalora  # noqa: F401
     import splice.adapters.bitfit  # noqa: F401
     import splice.adapters.dora  # noqa: F401
     import splice.adapters.fourierft  # noqa: F401
