@@ -123,6 +123,7 @@ def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     ("miss", "gpt2", dict(r=4, target_modules=["c_attn"]), ["miss", "Conv1D"]),
     ("adalora", "bert", dict(init_r=40, target_r=8, target_modules=["query"]), ["init_r", "40", "32"]),
     ("adalora", "bert", dict(target_modules=["word_embeddings"]), ["adalora", "Embedding"]),
+    ("randlora", "cnn", dict(r=2, target_modules=["conv1"]), ["randlora", "Conv2d"]),
 ])
 def test_a_method_refuses_what_it_cannot_wrap_before_touching_the_model(tiny, method, model_name, fields, words):
     model = tiny[model_name].build()

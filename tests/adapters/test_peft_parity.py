@@ -31,7 +31,8 @@ ATOL = 1e-5
 PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config, "loha": peft.LoHaConfig,
                 "lokr": peft.LoKrConfig, "vera": peft.VeraConfig, "ln_tuning": peft.LNTuningConfig,
                 "shira": peft.ShiraConfig, "fourierft": peft.FourierFTConfig,
-                "miss": peft.MissConfig, "adalora": peft.AdaLoraConfig}
+                "miss": peft.MissConfig, "adalora": peft.AdaLoraConfig,
+                "randlora": peft.RandLoraConfig}
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,16 @@ ROWS = [
                                      target_modules=["query", "value", "intermediate.dense"]), "adalora"),
     Row("adalora-gpt2-conv1d", "gpt2", dict(init_r=4, target_r=2, total_step=5, target_modules=["c_attn", "c_proj"],
                                             **GPT2), "adalora"),
+    Row("randlora-bert", "bert", dict(r=8, randlora_alpha=16, target_modules=["query", "intermediate.dense"]),
+        "randlora"),
+    Row("randlora-bert-no-saved-projection", "bert",
+        dict(r=8, randlora_alpha=16, save_projection=False, projection_prng_key=4,
+             target_modules=["value", "output.dense"]), "randlora"),
+    Row("randlora-llama-very-sparse", "llama",
+        dict(r=16, randlora_alpha=32, very_sparse=True, save_projection=False, target_modules=["q_proj", "up_proj"]),
+        "randlora"),
+    Row("randlora-gpt2-conv1d-sparse", "gpt2",
+        dict(r=8, randlora_alpha=16, sparse=True, target_modules=["c_attn", "c_fc"], **GPT2), "randlora"),
     Row("ln-tuning-bert", "bert", dict(target_modules=["LayerNorm"]), "ln_tuning"),
     Row("ln-tuning-llama-rmsnorm", "llama", dict(target_modules=["post_attention_layernorm", "norm"]), "ln_tuning"),
     # (no modules_to_save: PEFT's LN-tuning merge_and_unload leaves its modules_to_save wrappers in place)
