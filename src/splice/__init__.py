@@ -10,7 +10,7 @@ from splice.adapters import (AdaptedModel, DoraConfig, LoraConfig, active_adapte
                              method_names, mixed_batch, save_adapter, set_adapter, trainable_parameters,
                              unmerge_adapter)
 from splice.adapters import (AdaLoraConfig, BitFitConfig, FourierFTConfig, IA3Config, LNTuningConfig, LoHaConfig,
-                             LoKrConfig, MissConfig, RandLoraConfig, ShiraConfig, VeraConfig)
+                             LoKrConfig, MissConfig, OFTConfig, RandLoraConfig, ShiraConfig, VeraConfig)
 from splice.delta import Delta, DeltaSet, Dense, LowRank, Scale, Sparse
 from splice.delta import Kron
 from splice.errors import SpliceError
@@ -23,4 +23,5 @@ __all__ = ["AdaptedModel", "Delta", "DeltaSet", "Dense", "DoraConfig", "LoraConf
            "load_adapter", "merge", "merge_adapter", "merge_and_unload", "method_names", "mixed_batch", "save_adapter",
            "set_adapter", "trainable_parameters", "unmerge_adapter"]
 __all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "Kron", "LNTuningConfig", "LoHaConfig",
-            "LoKrConfig", "MissConfig", "RandLoraConfig", "ShiraConfig", "VeraConfig"]
+            "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig", "ShiraConfig",
+            "VeraConfig"]

@@ -99,6 +99,7 @@ def test_rank_larger_than_the_layer(bert):
     ("vera", dict(vera_dropout=1.0), "vera_dropout"), ("shira", dict(mask_type="lowrank"), "mask_type"),
     ("adalora", dict(init_r=4, target_r=8), "target_r"), ("adalora", dict(beta1=1.0), "beta1"),
     ("adalora", dict(tinit=5, tfinal=5, total_step=10), "tinit"),
+    ("oft", dict(r=4, oft_block_size=8), "r / oft_block_size"), ("oft", dict(module_dropout=1.0), "module_dropout"),
 ])
 def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     msg = error(make_config, method, **fields)
@@ -124,6 +125,9 @@ def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     ("adalora", "bert", dict(init_r=40, target_r=8, target_modules=["query"]), ["init_r", "40", "32"]),
     ("adalora", "bert", dict(target_modules=["word_embeddings"]), ["adalora", "Embedding"]),
     ("randlora", "cnn", dict(r=2, target_modules=["conv1"]), ["randlora", "Conv2d"]),
+    ("oft", "bert", dict(oft_block_size=5, target_modules=["query"]), ["oft_block_size", "5", "32"]),
+    ("oft", "bert", dict(r=3, oft_block_size=0, target_modules=["query"]), ["r", "3", "32", "does not divide"]),
+    ("oft", "bert", dict(target_modules=["word_embeddings"]), ["oft", "Embedding"]),
 ])
 def test_a_method_refuses_what_it_cannot_wrap_before_touching_the_model(tiny, method, model_name, fields, words):
     model = tiny[model_name].build()

@@ -32,7 +32,7 @@ PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA
                 "lokr": peft.LoKrConfig, "vera": peft.VeraConfig, "ln_tuning": peft.LNTuningConfig,
                 "shira": peft.ShiraConfig, "fourierft": peft.FourierFTConfig,
                 "miss": peft.MissConfig, "adalora": peft.AdaLoraConfig,
-                "randlora": peft.RandLoraConfig}
+                "randlora": peft.RandLoraConfig, "oft": peft.OFTConfig}
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,13 @@ ROWS = [
         "randlora"),
     Row("randlora-gpt2-conv1d-sparse", "gpt2",
         dict(r=8, randlora_alpha=16, sparse=True, target_modules=["c_attn", "c_fc"], **GPT2), "randlora"),
+    Row("oft-bert", "bert", dict(oft_block_size=8, target_modules=["query", "value", "output.dense"]), "oft"),
+    Row("oft-llama-r-shared", "llama",
+        dict(r=4, oft_block_size=0, block_share=True, target_modules=["k_proj", "down_proj"]), "oft"),
+    Row("oft-llama-exact-cayley", "llama",
+        dict(oft_block_size=16, use_cayley_neumann=False, target_modules=["q_proj", "up_proj"]), "oft"),
+    Row("oft-bert-neumann-3", "bert", dict(oft_block_size=4, num_cayley_neumann_terms=3, target_modules=["key"]),
+        "oft"),
     Row("ln-tuning-bert", "bert", dict(target_modules=["LayerNorm"]), "ln_tuning"),
     Row("ln-tuning-llama-rmsnorm", "llama", dict(target_modules=["post_attention_layernorm", "norm"]), "ln_tuning"),
     # (no modules_to_save: PEFT's LN-tuning merge_and_unload leaves its modules_to_save wrappers in place)

@@ -15,6 +15,7 @@ from splice.adapters.ln_tuning import LNTuningConfig
 from splice.adapters.loha import LoHaConfig
 from splice.adapters.lokr import LoKrConfig
 from splice.adapters.miss import MissConfig
+from splice.adapters.oft import OFTConfig
 from splice.adapters.randlora import RandLoraConfig
 from splice.adapters.shira import ShiraConfig
 from splice.adapters.vera import VeraConfig
@@ -24,4 +25,4 @@ __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_
            "merge_and_unload", "method_names", "mixed_batch", "register", "save_adapter", "set_adapter",
            "trainable_parameters", "unmerge_adapter"]
 __all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig",
-            "LoKrConfig", "MissConfig", "RandLoraConfig", "ShiraConfig", "VeraConfig"]
+            "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig", "ShiraConfig", "VeraConfig"]

@@ -69,6 +69,7 @@ def _load_builtin_methods() -> None:
     import splice.adapters.ln_tuning  # noqa: F401
     import splice.adapters.lokr  # noqa: F401
     import splice.adapters.miss  # noqa: F401
+    import splice.adapters.oft  # noqa: F401
     import splice.adapters.randlora  # noqa: F401
     import splice.adapters.shira  # noqa: F401
     import splice.adapters.vera  # noqa: F401
