@@ -174,9 +174,9 @@ class RankAllocator:
         from splice.adapters.inject import adapter_layers
 
         self.config = config
-        self.adapters = {path: layer.adapters[adapter_name] for path, layer in adapter_layers(model)
-                         if isinstance(layer.adapters[adapter_name] if adapter_name in layer.adapters else None,
-                                       AdaLoraAdapter)}
+        named = {path: layer.adapters[adapter_name] for path, layer in adapter_layers(model)
+                 if adapter_name in layer.adapters}
+        self.adapters = {path: a for path, a in named.items() if isinstance(a, AdaLoraAdapter)}
         if not self.adapters:
             raise SpliceError(f"adapter {adapter_name!r} has no AdaLoRA module")
         self.init_budget = sum(a.lora_E.shape[0] for a in self.adapters.values())
