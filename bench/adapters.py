@@ -10,7 +10,9 @@ What is measured (batch 32, sequence 128: every row filled with random token ids
 - training step = forward + backward + AdamW step, for the frozen FLOOR (every encoder weight frozen but the
   gradient flows back through the whole encoder: the input embeddings' output requires grad; only the head
   trains), full fine-tuning, and LoRA r8 on query/value, LoRA r8 all-linear and DoRA r8 all-linear, each for
-  splice and PEFT with the same config (r=8, lora_alpha=16), with lora_dropout 0.1 (main table) and 0.0.
+  splice and PEFT with the same config (r=8, lora_alpha=16), with lora_dropout 0.1 (main table) and 0.0; and every
+  other registered method that PEFT also has (IA3, LoHa, LoKr, VeRA, LN tuning, ...: found through the registry),
+  with its default config on all linear layers, PEFT's config built from splice's own adapter_config.json mapping.
   The configurations are interleaved round-robin (shuffled order in every round) so machine noise hits all of
   them alike; speed is reported as the median over rounds of the ratio to the floor measured in the same round.
   A step during which other processes took more than 10% of the CPUs (read from /proc/stat) is retried once the
@@ -56,12 +58,30 @@ HEADING = "## Adapters (bench/adapters.py)"
 SORTED = "splice 3 adapters, mixed batch, rows sorted by adapter (11/11/10)"
 INTERLEAVED = "splice 3 adapters, mixed batch, interleaved rows (a,b,c,a,…)"
 
-# kind → (target_modules, use_dora, label)
+# kind → (target_modules, use_dora, label); other methods: (target_modules, method name, label), from the registry
 KINDS = {
     "lora_qv": (["query", "value"], False, "LoRA r8 query/value"),
     "lora_all": ("all-linear", False, "LoRA r8 all-linear"),
     "dora_all": ("all-linear", True, "DoRA r8 all-linear"),
 }
+
+
+def registry_kinds() -> dict[str, tuple]:
+    """Every other registered method that PEFT also has, with its default config, on all linear layers (or, for a
+    method that picks its own modules, such as LN tuning, on its default targets)."""
+    from splice.adapters.registry import get_method, method_names
+
+    out = {}
+    for name in method_names():
+        config = get_method(name).config
+        if name in ("lora", "dora") or config.peft_type is None:
+            continue
+        target = None if config.wraps_any_module else "all-linear"
+        out[f"{name}_all"] = (target, name, f"{name} (defaults){' all-linear' if target else ''}")
+    return out
+
+
+KINDS.update(registry_kinds())
 
 
 @dataclass(frozen=True)
@@ -92,8 +112,10 @@ class Spec:
 
 def specs_for(dropouts: list[float], kinds: list[str] = list(KINDS)) -> list[Spec]:
     out = [Spec("-", "floor"), Spec("-", "full")]
-    for d in dropouts:
+    for i, d in enumerate(dropouts):
         for kind in kinds:
+            if isinstance(KINDS[kind][1], str) and i:  # a registry method runs its own defaults: once, not per dropout
+                continue
             for impl in ("splice", "peft"):
                 out.append(Spec(impl, kind, d))
     return out
@@ -132,6 +154,14 @@ def lora_config(spec: Spec):
     import splice
 
     target, dora, _ = KINDS[spec.kind]
+    if isinstance(dora, str):  # another registered method: PEFT's config is built from splice's own translation
+        config = splice.adapters.make_config(dora, **({"target_modules": target} if target else {}))
+        if spec.impl == "splice":
+            return config
+        import peft
+
+        fields = config.to_peft(base=None, kinds={"linear"}, adapters=[])
+        return peft.PeftConfig.from_peft_type(**{**fields, "inference_mode": False})  # the folder format says True
     if spec.impl == "splice":
         cls = splice.DoraConfig if dora else splice.LoraConfig
         return cls(r=R, lora_alpha=ALPHA, target_modules=target, lora_dropout=spec.dropout)
@@ -159,10 +189,10 @@ def prepare(spec: Spec, model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
         adapted = len(adapter_layers(model))
     else:
         import peft
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         model = peft.get_peft_model(model, lora_config(spec))
-        adapted = sum(isinstance(m, LoraLayer) for m in model.modules())
+        adapted = sum(isinstance(m, BaseTunerLayer) for m in model.modules())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, {"adapted_modules": adapted, "trainable_params": trainable}
 
@@ -412,7 +442,8 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
         if spec.impl == "splice":
             peer = Spec("peft", spec.kind, spec.dropout).key
         rows.append([
-            spec.label, "—" if spec.impl == "-" else f"{spec.dropout:g}", m["adapted_modules"] or "—",
+            spec.label, "—" if spec.impl == "-" or isinstance(KINDS[spec.kind][1], str) else f"{spec.dropout:g}",
+            m["adapted_modules"] or "—",
             f"{m['trainable_params']:,}",
             f"{common.median_all(s):.2f}",
             " / ".join(f"{common.median_all(s, k):.2f}" for k in ("fwd", "bwd", "opt")),

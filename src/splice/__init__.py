@@ -16,8 +16,10 @@ _EXPORTS = {
     "splice.adapters": ("AdaptedModel", "DoraConfig", "LoraConfig", "active_adapters", "adapt", "delete_adapter",
                         "disable_adapters", "get_delta", "load_adapter", "merge_adapter", "merge_and_unload",
                         "method_names", "mixed_batch", "save_adapter", "set_adapter", "trainable_parameters",
-                        "unmerge_adapter"),
-    "splice.delta": ("Delta", "DeltaSet", "Dense", "LowRank", "Scale", "Sparse"),
+                        "unmerge_adapter", "AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config",
+                        "LNTuningConfig", "LoHaConfig", "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig",
+                        "ShiraConfig", "VeraConfig"),
+    "splice.delta": ("Delta", "DeltaSet", "Dense", "Kron", "LowRank", "Scale", "Sparse"),
     "splice.errors": ("SpliceError",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -39,7 +41,4 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptedModel", "Delta", "DeltaSet", "Dense", "DoraConfig", "LoraConfig", "LowRank", "Scale",
-           "SpliceError", "Sparse", "active_adapters", "adapt", "delete_adapter", "disable_adapters", "get_delta",
-           "load_adapter", "merge", "merge_adapter", "merge_and_unload", "method_names", "mixed_batch", "save_adapter",
-           "set_adapter", "trainable_parameters", "unmerge_adapter"]
+__all__ = sorted([*_WHERE, "merge"])

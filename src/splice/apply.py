@@ -9,10 +9,12 @@ import math
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from splice.adapters.dora import dora_update
 from splice.adapters.lora import lora_update
@@ -45,10 +47,19 @@ def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
     has = lambda m: f"{m}.weight" in base  # noqa: E731
     where = str(folder.path)
     deltas: dict[str, Delta] = {}
-    for src, t in folder.lora.items():
-        module = resolve_module(src, has, names, module_prefixes(), where)
+    lora = folder.config.method in ("lora", "dora")
+    resolved = {src: resolve_module(src, has, names, module_prefixes(), where) for src in folder.modules}
+    standins = {} if lora else _stand_ins(folder, resolved, base)
+    prepared = None if lora else folder.config.prepare([(m, *standins[s]) for s, m in resolved.items()],
+                                                       folder.shared)
+    for src, t in folder.modules.items():
+        module = resolved[src]
         weight = f"{module}.weight"
-        deltas[weight] = _lora_delta(folder, src, t, weight, base)  # checks shapes first: the clearer message
+        if lora:
+            deltas[weight] = _lora_delta(folder, src, t, weight, base)  # checks shapes first: the clearer message
+        else:
+            deltas.update({f"{module}.{p}": d
+                           for p, d in _method_delta(folder, prepared, src, t, module, *standins[src]).items()})
         expected = folder.fingerprint.get(f"{src}.weight")
         if expected and not fingerprints_match(tensor_fingerprint(base.get(weight)), expected):
             raise SpliceError(f"{where}: this adapter was made for another base model: tensor {weight} differs")
@@ -91,6 +102,51 @@ def _lora_delta(folder: AdapterFolder, src: str, t: dict[str, Tensor], weight: s
     W = W.t() if kind == "conv1d" else W
     dense = dora_update(W, A, B, t["lora_magnitude_vector"], scale)
     return Dense(dense.t() if kind == "conv1d" else dense)
+
+
+def _stand_in(weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> tuple[nn.Module, str]:
+    """A module holding the base tensors (no copy), so that any method can compute its delta from them."""
+    if weight.dim() == 4:
+        kind, module = "conv2d", nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=False,
+                                           device="meta")
+    elif weight.dim() == 2 and fan_in_fan_out:
+        kind, module = "conv1d", Conv1D(weight.shape[1], weight.shape[0])
+    elif weight.dim() == 2:
+        kind, module = "linear", nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    elif weight.dim() == 1:  # a norm layer (for methods that wrap any module, as LN tuning)
+        kind, module = "module", nn.Module()
+    else:
+        raise SpliceError(f"a {weight.dim()}-D weight is not a module the adapter's method can wrap")
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    module.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    return module, kind
+
+
+def _stand_ins(folder: AdapterFolder, resolved: dict[str, str], base: CheckpointReader) -> dict[str, tuple]:
+    """Folder module → (stand-in module, kind) holding the base tensors it updates."""
+    out = {}
+    for src, module in resolved.items():
+        bias = base.get(f"{module}.bias").float() if f"{module}.bias" in base else None
+        try:
+            out[src] = _stand_in(base.get(f"{module}.weight").float(), bias,
+                                 bool(folder.peft_config.get("fan_in_fan_out")))
+        except SpliceError as err:
+            raise SpliceError(f"{folder.path}: module {src!r}: {err}") from None
+    return out
+
+
+def _method_delta(folder: AdapterFolder, prepared: Any, src: str, tensors: dict[str, Tensor], module: str,
+                  standin: nn.Module, kind: str) -> dict[str, Delta]:
+    """A non-LoRA method's deltas for one module: its adapter built on a stand-in of the base module."""
+    from splice.adapters.persist import check_module_tensors
+    from splice.adapters.registry import get_method
+
+    method = get_method(folder.config.method)
+    config = prepared.for_module(src, tensors, folder.peft_config).for_target(module)
+    check_module_tensors(method, standin, kind, config, tensors, module, folder.path)
+    adapter = method.adapter(standin, kind, config)
+    adapter.load_peft_state({k: v.float() for k, v in tensors.items()}, standin)
+    return adapter.delta(standin)
 
 
 def apply_adapter(base: str, adapter: str | Path, out: str | Path, *, force: bool = False,

@@ -81,10 +81,12 @@ def train(
     cfg = _load_yaml(config)
     flags = locals()
     adapter_fields = dict(cfg.get("adapter") or {})
-    adapter_fields.update({field: flags[f] for f, field in ADAPTER_FLAGS.items() if flags[f] is not None})
+    method = method or cfg.get("method") or "lora"
+    adapter_fields.update(_own_names(method, {field: flags[f] for f, field in ADAPTER_FLAGS.items()
+                                              if flags[f] is not None}))
     if target_modules is not None:
         adapter_fields["target_modules"] = _targets(target_modules)
-    adapter = make_config(method or cfg.get("method") or "lora", **adapter_fields)
+    adapter = make_config(method, **adapter_fields)
     train_fields = dict(cfg.get("train") or {})
     train_fields.update({f: flags[f] for f in TRAIN_FLAGS if flags[f] is not None})
     tconf = config_from_dict(TrainConfig, train_fields, "train")
@@ -107,6 +109,19 @@ def train(
         train_causal_lm(model, pairs, evaluation, adapter, tconf, out, force=force, progress=progress)
     else:
         raise SpliceError(f"--task: {kind!r} is not one of auto, classification, causal-lm")
+
+
+def _own_names(method: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """--alpha and --dropout name LoRA's fields; a method without them gets its own (LoHa's alpha, VeRA's dropout)."""
+    import dataclasses
+
+    from splice.adapters.registry import get_method
+
+    own = {f.name for f in dataclasses.fields(get_method(method).config)}
+    for lora, other in (("lora_alpha", "alpha"), ("lora_dropout", "vera_dropout")):
+        if lora in fields and lora not in own and other in own:
+            fields[other] = fields.pop(lora)
+    return fields
 
 
 def _has_field(path: Path, name: str) -> bool:

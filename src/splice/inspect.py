@@ -30,6 +30,17 @@ def _shards(path: Path) -> int:
     return len(set(read_json(index).get("weight_map", {}).values())) if index.exists() else 1
 
 
+def _method_keys(cfg: dict[str, Any], path: Path) -> tuple[str, ...]:
+    """The per-module tensor names of the folder's method (LoRA's when the method is not known)."""
+    from splice.adapters.registry import get_method
+    from splice.io.peft_format import _config_from_peft
+
+    try:
+        return tuple(get_method(_config_from_peft(cfg, path / CONFIG_FILE).method).adapter.peft_keys)
+    except SpliceError:
+        return ("lora_A.weight", "lora_embedding_A")
+
+
 def inspect_path(path: str | Path) -> dict[str, Any]:
     """A summary of an adapter folder (PEFT or splice) or a model folder / checkpoint."""
     path = Path(path)
@@ -45,16 +56,18 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     if path.is_dir() and (path / CONFIG_FILE).exists():
         cfg = read_json(path / CONFIG_FILE)
         splice_cfg = read_json(path / SPLICE_FILE) if (path / SPLICE_FILE).exists() else {}
-        modules = sorted({n[len(PREFIX):] if n.startswith(PREFIX) else n for n in names if ".lora_" in n})
-        modules = sorted({m.split(".lora_")[0] for m in modules})
+        keys = _method_keys(cfg, path)  # the method's own tensor names ("lora_A.weight", "ia3_l", ...)
+        modules = sorted({n[len(PREFIX):] if n.startswith(PREFIX) else n for n in names})
+        modules = sorted({m[: -len(k) - 1] for m in modules for k in keys if m.endswith("." + k)})
         leaves = Counter(m.rsplit(".", 1)[-1] for m in modules)
         ranks = sorted({reader.shape(n)[0] for n in names if n.endswith(("lora_A.weight", "lora_embedding_A"))})
+        ranks = ranks or ([cfg["r"]] if "r" in cfg else [])
         info.update({
             "kind": "adapter",
             "format": "PEFT" + (" + splice" if splice_cfg else ""),
             "method": splice_cfg.get("method") or ("dora" if cfg.get("use_dora") else cfg.get("peft_type", "?").lower()),
             "rank": ranks[0] if len(ranks) == 1 else ranks,
-            "alpha": cfg.get("lora_alpha"),
+            "alpha": cfg.get("lora_alpha", cfg.get("alpha")),
             "rslora": cfg.get("use_rslora", False),
             "target_modules": cfg.get("target_modules"),
             "wrapped_modules": len(modules),

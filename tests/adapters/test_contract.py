@@ -59,6 +59,72 @@ ROWS = [
     Row("dora-llama", "llama", "dora",
         dict(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "gate_proj"])),
     Row("dora-cnn-head-modules-to-save", "cnn", "dora", dict(r=2, target_modules=["head"], modules_to_save=["conv2"])),
+    Row("ia3-bert", "bert", "ia3",
+        dict(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])),
+    Row("ia3-gpt2-conv1d", "gpt2", "ia3",
+        dict(target_modules=["c_attn", "c_fc", "c_proj"], feedforward_modules=["c_fc"])),
+    Row("ia3-llama", "llama", "ia3",
+        dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    Row("ia3-cnn-conv2d-modules-to-save", "cnn", "ia3",
+        dict(target_modules=["conv1", "conv2"], feedforward_modules=["conv2"], modules_to_save=["head"])),
+    Row("loha-bert-all-linear", "bert", "loha", dict(r=2, alpha=4, target_modules="all-linear")),
+    Row("loha-llama-rank-dropout", "llama", "loha",
+        dict(r=4, alpha=8, rank_dropout=0.2, target_modules=["q_proj", "v_proj", "down_proj"])),
+    Row("loha-cnn-conv2d", "cnn", "loha", dict(r=2, alpha=2, target_modules=["conv1", "conv2", "head"])),
+    Row("loha-cnn-effective-conv2d", "cnn", "loha",
+        dict(r=2, alpha=4, use_effective_conv2d=True, target_modules=["conv1", "conv2"], modules_to_save=["head"])),
+    Row("lokr-bert-all-linear", "bert", "lokr", dict(r=2, alpha=4, target_modules="all-linear")),
+    Row("lokr-llama-decompose-both-factor", "llama", "lokr",
+        dict(r=1, alpha=2, decompose_both=True, decompose_factor=8, rank_dropout=0.2, rank_dropout_scale=True,
+             target_modules=["q_proj", "k_proj", "up_proj"])),
+    Row("lokr-bert-full-factors-lycoris-init", "bert", "lokr",
+        dict(r=8, alpha=8, init_weights="lycoris", target_modules=["query", "value"])),
+    Row("lokr-cnn-conv2d", "cnn", "lokr", dict(r=1, alpha=2, target_modules=["conv1", "conv2", "head"])),
+    Row("lokr-cnn-effective-conv2d", "cnn", "lokr",
+        dict(r=1, alpha=2, use_effective_conv2d=True, target_modules=["conv1", "conv2"])),
+    Row("vera-bert", "bert", "vera", dict(r=16, target_modules=["query", "value", "intermediate.dense"])),
+    Row("vera-gpt2-conv1d-no-saved-projection", "gpt2", "vera",
+        dict(r=8, projection_prng_key=3, save_projection=False, target_modules=["c_attn", "c_fc"])),
+    Row("vera-llama-dropout", "llama", "vera",
+        dict(r=64, vera_dropout=0.1, target_modules="all-linear", modules_to_save=["lm_head"])),
+    Row("shira-bert-all-linear", "bert", "shira", dict(r=2, target_modules="all-linear")),
+    Row("shira-llama-seeded", "llama", "shira", dict(r=4, random_seed=5, target_modules=["q_proj", "down_proj"],
+                                                      modules_to_save=["lm_head"])),
+    Row("fourierft-bert", "bert", "fourierft", dict(n_frequency=64, scaling=10.0, target_modules="all-linear")),
+    Row("fourierft-gpt2-conv1d-pattern", "gpt2", "fourierft",
+        dict(n_frequency=32, scaling=20.0, init_weights=True, n_frequency_pattern={"c_fc": 16},
+             target_modules=["c_attn", "c_fc"])),
+    Row("miss-bert-all-linear", "bert", "miss", dict(r=8, target_modules="all-linear")),
+    Row("miss-llama-remainder-dropout", "llama", "miss",
+        dict(r=5, miss_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])),
+    Row("miss-bert-bat", "bert", "miss",
+        dict(r=8, init_weights="bat", target_modules=["query", "intermediate.dense"])),
+    Row("miss-llama-mini", "llama", "miss",
+        dict(r=4, mini_r=8, init_weights="mini", target_modules=["o_proj", "up_proj"])),
+    Row("adalora-bert-all-linear", "bert", "adalora", dict(init_r=6, target_r=4, total_step=10,
+                                                            target_modules="all-linear")),
+    Row("adalora-gpt2-conv1d-dropout", "gpt2", "adalora",
+        dict(init_r=4, target_r=2, lora_alpha=16, lora_dropout=0.1, total_step=10,
+             target_modules=["c_attn", "c_fc"], modules_to_save=["ln_f"])),
+    Row("randlora-bert", "bert", "randlora",
+        dict(r=8, randlora_alpha=16, target_modules=["query", "intermediate.dense"])),
+    Row("randlora-gpt2-conv1d-no-saved-projection", "gpt2", "randlora",
+        dict(r=16, randlora_alpha=32, save_projection=False, target_modules=["c_attn", "c_proj"])),
+    Row("randlora-llama-sparse-dropout", "llama", "randlora",
+        dict(r=8, randlora_alpha=16, sparse=True, randlora_dropout=0.1, target_modules="all-linear")),
+    Row("oft-bert-all-linear", "bert", "oft", dict(oft_block_size=8, target_modules="all-linear")),
+    Row("oft-llama-shared-exact-cayley", "llama", "oft",
+        dict(r=4, oft_block_size=0, block_share=True, use_cayley_neumann=False,
+             target_modules=["q_proj", "down_proj"])),
+    Row("oft-llama-dropout", "llama", "oft", dict(oft_block_size=4, module_dropout=0.25, target_modules=["v_proj"])),
+    Row("bitfit-bert-all-linear", "bert", "bitfit", dict()),
+    Row("bitfit-bert-layernorm-modules-to-save", "bert", "bitfit",
+        dict(target_modules=["query", "LayerNorm"], modules_to_save=["pooler.dense"])),
+    Row("bitfit-gpt2-conv1d", "gpt2", "bitfit", dict(target_modules=["c_attn", "c_fc", "ln_f"])),
+    Row("bitfit-cnn-conv2d", "cnn", "bitfit", dict(target_modules=["conv1", "conv2", "head"])),
+    Row("ln-tuning-bert", "bert", "ln_tuning", dict(target_modules=["LayerNorm"])),
+    Row("ln-tuning-llama-rmsnorm", "llama", "ln_tuning", dict(target_modules=["input_layernorm", "norm"])),
+    Row("ln-tuning-gpt2", "gpt2", "ln_tuning", dict(target_modules=["ln_1", "ln_2"], modules_to_save=["ln_f"])),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 
@@ -210,8 +276,13 @@ def test_two_active_adapters_add_their_deltas(tiny, row):
     out = fam.output(model)
     base = fam.build()
     state = base.state_dict()
-    splice.get_delta(model, "a").apply_to_state_dict(state)
-    splice.get_delta(model, "b").apply_to_state_dict(state)
+    original = {k: v.clone() for k, v in state.items()}
+    # Each delta is measured against the original base and both are added (for additive forms the same as applying
+    # one after the other; a multiplicative Scale applied twice would compound instead of add).
+    with torch.no_grad():
+        for name_ in ("a", "b"):
+            for tensor, d in splice.get_delta(model, name_).items():
+                state[tensor] += d.materialize(original[tensor]).reshape(state[tensor].shape)
     base.load_state_dict(state)
     close(fam.output(base), out, atol=merge_tol(out))
 

@@ -90,6 +90,54 @@ def test_rank_larger_than_the_layer(bert):
     assert state(bert) == before
 
 
+@pytest.mark.parametrize("method, fields, field", [
+    ("ia3", dict(target_modules=["query"], feedforward_modules=["value"]), "feedforward_modules"),
+    ("ia3", dict(init_ia3_weights="yes"), "init_ia3_weights"),
+    ("loha", dict(r=0), "r"), ("loha", dict(rank_dropout=1.5), "rank_dropout"),
+    ("loha", dict(rank_pattern={"query": 0}), "rank_pattern"), ("lokr", dict(decompose_factor=0), "decompose_factor"),
+    ("lokr", dict(init_weights="olora"), "init_weights"), ("vera", dict(r=-1), "r"),
+    ("vera", dict(vera_dropout=1.0), "vera_dropout"), ("shira", dict(mask_type="lowrank"), "mask_type"),
+    ("adalora", dict(init_r=4, target_r=8), "target_r"), ("adalora", dict(beta1=1.0), "beta1"),
+    ("adalora", dict(tinit=5, tfinal=5, total_step=10), "tinit"),
+    ("oft", dict(r=4, oft_block_size=8), "r / oft_block_size"), ("oft", dict(module_dropout=1.0), "module_dropout"),
+])
+def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
+    msg = error(make_config, method, **fields)
+    assert msg.startswith(field) or f"{field}:" in msg
+
+
+@pytest.mark.parametrize("method, model_name, fields, words", [
+    ("loha", "bert", dict(r=64, target_modules=["query"]), ["r:", "64", "32"]),
+    ("ia3", "bert", dict(target_modules=["word_embeddings"]), ["ia3", "Embedding"]),
+    ("loha", "gpt2", dict(target_modules=["c_attn"]), ["loha", "Conv1D"]),
+    ("lokr", "bert", dict(target_modules=["query", "word_embeddings"]), ["lokr", "Embedding"]),
+    ("vera", "cnn", dict(target_modules=["head", "conv1"]), ["vera", "Conv2d"]),
+    ("ln_tuning", "cnn", dict(target_modules=["act1"]), ["ln_tuning", "ReLU", "no parameters"]),
+    ("shira", "bert", dict(r=17, target_modules=["query"]), ["r:", "17", "1024"]),
+    ("shira", "gpt2", dict(target_modules=["c_attn"]), ["shira", "Conv1D"]),
+    ("fourierft", "bert", dict(n_frequency=2000, target_modules=["query"]), ["n_frequency", "2000", "1024"]),
+    ("fourierft", "cnn", dict(n_frequency=4, target_modules=["conv1"]), ["fourierft", "Conv2d"]),
+    ("bitfit", "llama", dict(target_modules=["q_proj"]), ["bitfit", "Linear", "no bias"]),
+    ("miss", "bert", dict(r=5, init_weights="bat", target_modules=["query"]), ["r:", "does not divide", "32"]),
+    ("miss", "bert", dict(r=4, mini_r=5, init_weights="mini", target_modules=["query"]), ["mini_r", "5", "32"]),
+    ("miss", "bert", dict(r=40, target_modules=["query"]), ["r:", "40", "32"]),
+    ("miss", "gpt2", dict(r=4, target_modules=["c_attn"]), ["miss", "Conv1D"]),
+    ("adalora", "bert", dict(init_r=40, target_r=8, target_modules=["query"]), ["init_r", "40", "32"]),
+    ("adalora", "bert", dict(target_modules=["word_embeddings"]), ["adalora", "Embedding"]),
+    ("randlora", "cnn", dict(r=2, target_modules=["conv1"]), ["randlora", "Conv2d"]),
+    ("oft", "bert", dict(oft_block_size=5, target_modules=["query"]), ["oft_block_size", "5", "32"]),
+    ("oft", "bert", dict(r=3, oft_block_size=0, target_modules=["query"]), ["r", "3", "32", "does not divide"]),
+    ("oft", "bert", dict(target_modules=["word_embeddings"]), ["oft", "Embedding"]),
+])
+def test_a_method_refuses_what_it_cannot_wrap_before_touching_the_model(tiny, method, model_name, fields, words):
+    model = tiny[model_name].build()
+    before = state(model)
+    msg = error(splice.adapt, model, make_config(method, **fields))
+    for w in words:
+        assert w in msg
+    assert state(model) == before and splice.active_adapters(model) == []
+
+
 def test_adapter_name_with_slash_or_dot_is_refused(bert):
     for name in ("a/b", "a.b", ""):
         msg = error(splice.adapt, bert, splice.LoraConfig(target_modules=["query"]), name)
@@ -214,7 +262,7 @@ def test_missing_weights_file_is_named(tiny, tmp_path):
     ('{"peft_type": "LORA", "r": 2, "bias": "some", "target_modules": ["query"]}', ["bias"]),
     ('{"peft_type": "LORA", "r": 2, "lora_alhpa": 4, "target_modules": ["query"], "use_qalora": true}',
      ["use_qalora"]),
-    ('{"peft_type": "IA3", "target_modules": ["query"]}', ["IA3"]),
+    ('{"peft_type": "XLORA", "target_modules": ["query"]}', ["XLORA"]),
 ])
 def test_invalid_adapter_config_is_named(tiny, tmp_path, text, words):
     path, _ = saved_adapter(tiny, tmp_path)

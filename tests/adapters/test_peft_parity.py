@@ -27,20 +27,33 @@ from splice.adapters import make_config
 ATOL = 1e-5
 
 
+# splice method → PEFT's config class for it (DoRA is PEFT's LoRA with use_dora).
+PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA3Config, "loha": peft.LoHaConfig,
+                "lokr": peft.LoKrConfig, "vera": peft.VeraConfig, "ln_tuning": peft.LNTuningConfig,
+                "shira": peft.ShiraConfig, "fourierft": peft.FourierFTConfig,
+                "miss": peft.MissConfig, "adalora": peft.AdaLoraConfig,
+                "randlora": peft.RandLoraConfig, "oft": peft.OFTConfig}
+
+
 @dataclass(frozen=True)
 class Row:
     id: str
     model: str  # a key of conftest.TINY
-    kwargs: dict[str, Any] = field(default_factory=dict)  # peft.LoraConfig fields
+    kwargs: dict[str, Any] = field(default_factory=dict)  # fields of PEFT's config for the method
+    method: str = "lora"  # splice's method name (a row with use_dora=True is "dora")
 
-    def peft_config(self) -> peft.LoraConfig:
-        return peft.LoraConfig(**copy.deepcopy(self.kwargs))
+    @property
+    def splice_method(self) -> str:
+        return "dora" if self.kwargs.get("use_dora") else self.method
+
+    def peft_config(self) -> peft.PeftConfig:
+        return PEFT_CONFIGS[self.splice_method](**copy.deepcopy(self.kwargs))
 
     def splice_config(self):
         kw = copy.deepcopy(self.kwargs)
         kw.pop("fan_in_fan_out", None)  # PEFT's flag for GPT-2's Conv1D; splice sees the module type
-        method = "dora" if kw.pop("use_dora", False) else "lora"
-        return make_config(method, **kw)
+        kw.pop("use_dora", None)
+        return make_config(self.splice_method, **kw)
 
 
 GPT2 = dict(fan_in_fan_out=True)
@@ -70,6 +83,83 @@ ROWS = [
         dict(r=4, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])),
     Row("dora-gpt2-conv1d", "gpt2",
         dict(r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_proj"], **GPT2)),
+    Row("ia3-bert", "bert", dict(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]),
+        "ia3"),
+    Row("ia3-bert-modules-to-save", "bert",
+        dict(target_modules=["query", "intermediate.dense"], feedforward_modules=["intermediate.dense"],
+             modules_to_save=["pooler.dense"]), "ia3"),
+    # No feedforward_modules: PEFT then picks its per-architecture default (BERT: output.dense), splice none; each
+    # library's folder must still load the same in the other.
+    Row("ia3-bert-feedforward-unset", "bert", dict(target_modules=["value", "output.dense"]), "ia3"),
+    Row("ia3-llama", "llama",
+        dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), "ia3"),
+    Row("ia3-gpt2-conv1d", "gpt2",
+        dict(target_modules=["c_attn", "c_fc", "c_proj"], feedforward_modules=["c_fc"], **GPT2), "ia3"),
+    Row("ia3-cnn-conv2d", "cnn", dict(target_modules=["conv1", "conv2", "head"], feedforward_modules=["conv2"]),
+        "ia3"),
+    Row("loha-bert", "bert", dict(r=2, alpha=4, target_modules=["query", "value", "dense"]), "loha"),
+    Row("loha-llama-patterns", "llama", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                             rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}), "loha"),
+    Row("loha-cnn-conv2d", "cnn", dict(r=2, alpha=2, target_modules=["conv1", "conv2", "head"]), "loha"),
+    Row("loha-cnn-effective-conv2d", "cnn",
+        dict(r=2, alpha=4, use_effective_conv2d=True, target_modules=["conv1", "conv2"], modules_to_save=["head"]),
+        "loha"),
+    Row("lokr-bert", "bert", dict(r=2, alpha=4, target_modules=["query", "value", "dense"]), "lokr"),
+    Row("lokr-bert-full-factors", "bert", dict(r=8, alpha=8, target_modules=["key"]), "lokr"),
+    Row("lokr-llama-decompose-both-factor", "llama",
+        dict(r=1, alpha=2, decompose_both=True, decompose_factor=8, target_modules=["q_proj", "k_proj", "up_proj"],
+             rank_pattern={"up_proj": 2}), "lokr"),
+    Row("lokr-cnn-conv2d", "cnn", dict(r=1, alpha=2, target_modules=["conv1", "conv2", "head"]), "lokr"),
+    Row("lokr-cnn-effective-conv2d", "cnn",
+        dict(r=1, alpha=2, use_effective_conv2d=True, target_modules=["conv1", "conv2"]), "lokr"),
+    Row("vera-bert", "bert", dict(r=16, target_modules=["query", "value", "intermediate.dense"]), "vera"),
+    Row("vera-bert-no-saved-projection", "bert",
+        dict(r=8, projection_prng_key=7, save_projection=False, target_modules=["key", "output.dense"],
+             modules_to_save=["pooler.dense"]), "vera"),
+    Row("vera-llama", "llama", dict(r=32, d_initial=0.5, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+        "vera"),
+    Row("vera-gpt2-conv1d", "gpt2", dict(r=8, target_modules=["c_attn", "c_proj"], **GPT2), "vera"),
+    Row("shira-bert", "bert", dict(r=2, target_modules=["query", "value", "intermediate.dense"]), "shira"),
+    Row("shira-llama-seeded", "llama", dict(r=4, random_seed=11, target_modules=["k_proj", "up_proj", "down_proj"],
+                                            modules_to_save=["lm_head"]), "shira"),
+    Row("fourierft-bert", "bert", dict(n_frequency=64, scaling=10.0, target_modules=["query", "intermediate.dense"]),
+        "fourierft"),
+    Row("fourierft-llama-pattern-seed", "llama",
+        dict(n_frequency=48, scaling=30.0, random_loc_seed=5, n_frequency_pattern={"v_proj": 20},
+             target_modules=["q_proj", "v_proj", "down_proj"]), "fourierft"),
+    Row("fourierft-gpt2-conv1d", "gpt2",
+        dict(n_frequency=32, scaling=20.0, target_modules=["c_attn", "c_proj"], **GPT2), "fourierft"),
+    Row("miss-bert", "bert", dict(r=8, target_modules=["query", "value", "intermediate.dense", "output.dense"]),
+        "miss"),
+    Row("miss-llama-remainder", "llama", dict(r=5, target_modules=["k_proj", "down_proj"]), "miss"),
+    Row("miss-bert-bat", "bert", dict(r=8, init_weights="bat", target_modules=["key", "output.dense"]), "miss"),
+    Row("miss-llama-mini", "llama", dict(r=4, mini_r=8, init_weights="mini", target_modules=["q_proj", "up_proj"]),
+        "miss"),
+    Row("adalora-bert", "bert", dict(init_r=6, target_r=4, lora_alpha=16, total_step=20,
+                                     target_modules=["query", "value", "intermediate.dense"]), "adalora"),
+    Row("adalora-gpt2-conv1d", "gpt2", dict(init_r=4, target_r=2, total_step=5, target_modules=["c_attn", "c_proj"],
+                                            **GPT2), "adalora"),
+    Row("randlora-bert", "bert", dict(r=8, randlora_alpha=16, target_modules=["query", "intermediate.dense"]),
+        "randlora"),
+    Row("randlora-bert-no-saved-projection", "bert",
+        dict(r=8, randlora_alpha=16, save_projection=False, projection_prng_key=4,
+             target_modules=["value", "output.dense"]), "randlora"),
+    Row("randlora-llama-very-sparse", "llama",
+        dict(r=16, randlora_alpha=32, very_sparse=True, save_projection=False, target_modules=["q_proj", "up_proj"]),
+        "randlora"),
+    Row("randlora-gpt2-conv1d-sparse", "gpt2",
+        dict(r=8, randlora_alpha=16, sparse=True, target_modules=["c_attn", "c_fc"], **GPT2), "randlora"),
+    Row("oft-bert", "bert", dict(oft_block_size=8, target_modules=["query", "value", "output.dense"]), "oft"),
+    Row("oft-llama-r-shared", "llama",
+        dict(r=4, oft_block_size=0, block_share=True, target_modules=["k_proj", "down_proj"]), "oft"),
+    Row("oft-llama-exact-cayley", "llama",
+        dict(oft_block_size=16, use_cayley_neumann=False, target_modules=["q_proj", "up_proj"]), "oft"),
+    Row("oft-bert-neumann-3", "bert", dict(oft_block_size=4, num_cayley_neumann_terms=3, target_modules=["key"]),
+        "oft"),
+    Row("ln-tuning-bert", "bert", dict(target_modules=["LayerNorm"]), "ln_tuning"),
+    Row("ln-tuning-llama-rmsnorm", "llama", dict(target_modules=["post_attention_layernorm", "norm"]), "ln_tuning"),
+    # (no modules_to_save: PEFT's LN-tuning merge_and_unload leaves its modules_to_save wrappers in place)
+    Row("ln-tuning-gpt2", "gpt2", dict(target_modules=["ln_2", "ln_f"]), "ln_tuning"),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 
@@ -120,7 +210,8 @@ def test_splice_folder_loads_in_peft_with_same_outputs(tiny, row, tmp_path):
     ours = splice_model(tiny, row)
     splice.save_adapter(ours, tmp_path / "splice")
     cfg = json.loads((tmp_path / "splice" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] == bool(row.kwargs.get("use_dora"))
+    assert cfg["peft_type"] == str(row.peft_config().peft_type.value)
+    assert cfg.get("use_dora", False) == bool(row.kwargs.get("use_dora"))
     reference = peft.PeftModel.from_pretrained(fam.build(), tmp_path / "splice").eval()
     expected = fam.output(reference)
     assert (expected - fam.output(fam.build())).abs().max() > 1e-3

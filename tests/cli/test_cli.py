@@ -58,6 +58,14 @@ def test_train_classification_then_apply_and_inspect(capsys, tmp_path, bert_dir,
     assert info["kind"] == "model" and info["architecture"] == "BertModel" and info["tokenizer"] is True
 
 
+def test_alpha_flag_reaches_a_method_whose_field_is_alpha(capsys, tmp_path, bert_dir, sentiment_csv):
+    code, _, err = cli(capsys, "train", bert_dir, sentiment_csv, "--out", tmp_path / "k", "--method", "lokr",
+                       "--r", 2, "--alpha", 6, "--max-steps", 1, "--batch-size", 8, "--max-length", 8, "--no-progress")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "k" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LOKR" and cfg["r"] == 2 and cfg["alpha"] == 6
+
+
 def test_train_from_yaml_with_dora(capsys, tmp_path, bert_dir, sentiment_csv):
     config = tmp_path / "train.yaml"
     config.write_text("method: dora\nadapter: {r: 2, lora_alpha: 4, target_modules: all-linear}\n"
@@ -150,3 +158,36 @@ def test_apply_errors_and_force(capsys, tmp_path, bert_dir):
     code, _, err = cli(capsys, "apply", bert_dir, tmp_path / "wide", tmp_path / "o2", "--no-progress")
     line = one_error_line(err)
     assert code != 0 and "query" in line and "shape" in line and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("method", splice.method_names())
+def test_every_method_trains_then_applies(capsys, tmp_path, bert_dir, sentiment_csv, method):
+    """`splice train --method NAME` with the method's defaults (sized down) runs a few steps and saves a folder
+    that loads back, that `splice inspect` describes and that `splice apply` merges into the same model."""
+    out = tmp_path / method
+    # Sizes that fit the 16-wide model (SHiRA's default r=32, FourierFT's 1000 coefficients do not).
+    fields = splice.adapters.config.field_help(splice.adapters.get_method(method).config)
+    small = {k: v for k, v in {"r": 2, "n_frequency": 16}.items() if k in fields}
+    if "oft_block_size" in fields:  # OFT's r is derived from its block size (32 does not divide 16)
+        small = {"oft_block_size": 4}
+    config = tmp_path / "small.yaml"
+    config.write_text(f"adapter: {json.dumps(small)}\n")
+    code, stdout, err = cli(capsys, "train", bert_dir, sentiment_csv, "--out", out, "--method", method, "-c", config,
+                            "--max-steps", 3, "--batch-size", 8, "--max-length", 8, "--lr", "0.01", "--no-progress")
+    assert code == 0, err
+    assert f"{method} accuracy:" in stdout
+    x = torch.randint(0, 32, (3, 6))
+    with torch.no_grad():
+        base = AutoModel.from_pretrained(bert_dir).eval()(input_ids=x).last_hidden_state
+        adapted = splice.load_adapter(AutoModel.from_pretrained(bert_dir).eval(), out)(input_ids=x).last_hidden_state
+    # Three steps moved the adapter off the identity it starts at (AdaLoRA's λ starts at 0 and its update stays
+    # ~1e-5 after three steps at this learning rate, so any threshold would be arbitrary).
+    assert (adapted - base).abs().max() > 0
+    code, stdout, _ = cli(capsys, "inspect", out, "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["method"] == method and info["wrapped_modules"] >= 1
+    code, _, err = cli(capsys, "apply", bert_dir, out, tmp_path / "merged", "--no-progress")
+    assert code == 0, err
+    with torch.no_grad():
+        full = AutoModel.from_pretrained(tmp_path / "merged").eval()(input_ids=x).last_hidden_state
+    torch.testing.assert_close(full, adapted, atol=1e-5, rtol=1e-5)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from splice.delta import FORMS, Delta, Dense, LowRank, Scale, Sparse
+from splice.delta import FORMS, Delta, Dense, Kron, LowRank, Scale, Sparse
 from splice.errors import SpliceError
 
 
@@ -52,6 +52,32 @@ def test_lowrank_non_contiguous_weight_falls_back():
     torch.testing.assert_close(w, expected, atol=1e-6, rtol=0)
 
 
+def test_kron_math_and_apply():
+    A, B = torch.randn(2, 3), torch.randn(4, 5)
+    d = Kron(A, B, scale=0.5)
+    assert d.shape == (8, 15) and d.numel_stored == 26 and d.nbytes == 104
+    expected = torch.zeros(8, 15)
+    for i in range(2):  # the definition, block by block: block (i, j) is A[i, j] · B
+        for j in range(3):
+            expected[4 * i:4 * i + 4, 5 * j:5 * j + 5] = 0.5 * A[i, j] * B
+    torch.testing.assert_close(d.materialize(), expected)
+    _check_apply(d, torch.randn(8, 15), -2.0)
+    w = torch.randn(15, 8).t()  # a non-contiguous weight takes the dense path
+    _check_apply(d, w, 1.0)
+
+
+def test_kron_conv_shape():
+    A, B = torch.randn(2, 2), torch.randn(3, 4 * 3 * 3)  # B: the (3, 4, 3, 3) kernel factor, flattened
+    d = Kron(A, B, scale=2.0, shape=(6, 8, 3, 3))
+    kernel = torch.kron(A[:, :, None, None], B.reshape(3, 4, 3, 3))  # torch's 4-D Kronecker product
+    torch.testing.assert_close(d.materialize(), 2.0 * kernel)
+    _check_apply(d, torch.randn(6, 8, 3, 3), 1.0)
+    with pytest.raises(SpliceError, match=r"shape \(6, 8, 3, 4\)"):
+        Kron(A, B, shape=(6, 8, 3, 4))
+    with pytest.raises(SpliceError, match="matrices"):
+        Kron(A, B.reshape(3, 4, 3, 3))
+
+
 def test_sparse():
     index = torch.tensor([0, 5, 5, 11])
     values = torch.tensor([1.0, 2.0, 3.0, -4.0])
@@ -88,14 +114,16 @@ def test_scale_is_multiplicative_and_needs_base():
 
 def test_shape_mismatch_names_both_shapes():
     for form in (Dense(torch.zeros(2, 3)), LowRank(torch.zeros(2, 1), torch.zeros(1, 3)),
-                 Sparse(torch.tensor([0]), torch.tensor([1.0]), (2, 3)), Scale(torch.ones(3), 1, (2, 3))):
+                 Sparse(torch.tensor([0]), torch.tensor([1.0]), (2, 3)), Scale(torch.ones(3), 1, (2, 3)),
+                 Kron(torch.zeros(1, 3), torch.zeros(2, 1))):
         with pytest.raises(SpliceError, match=r"\(2, 3\).*\(3, 2\)"):
             form.apply_to(torch.zeros(3, 2))
 
 
 def test_to_and_protocol():
     forms = [Dense(torch.randn(2, 3)), LowRank(torch.randn(2, 1), torch.randn(1, 3), 2.0),
-             Sparse(torch.tensor([1]), torch.tensor([1.0]), (2, 3)), Scale(torch.rand(3), 1, (2, 3))]
+             Sparse(torch.tensor([1]), torch.tensor([1.0]), (2, 3)), Scale(torch.rand(3), 1, (2, 3)),
+             Kron(torch.randn(1, 3), torch.randn(2, 1), 0.5)]
     base = torch.randn(2, 3)
     for form in forms:
         assert isinstance(form, Delta)

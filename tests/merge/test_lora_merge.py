@@ -173,6 +173,36 @@ def test_lora_output_errors(adapters, family, lora, tmp_path):
     assert not (tmp_path / "dry").exists()
 
 
+@pytest.mark.parametrize("method, fields", [
+    ("ia3", dict(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    ("lokr", dict(r=2, target_modules=["q_proj", "v_proj"])),
+])
+def test_other_methods_merge_as_their_delta_and_are_refused_as_lora_output(adapters, weights, tmp_path, method,
+                                                                           fields):
+    """An adapter of another method is a merge input through its delta (IA3's Scale is measured against the base);
+    task arithmetic with weight 1 of that adapter alone is the adapter merged into the base."""
+    import splice
+    from transformers import AutoModelForCausalLM
+
+    base = adapters[0]
+    model = splice.adapt(AutoModelForCausalLM.from_pretrained(base), splice.adapters.make_config(method, **fields))
+    with torch.no_grad():
+        for p in splice.trainable_parameters(model):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    splice.save_adapter(model, tmp_path / method)
+    config = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "models": [{"model": str(tmp_path / method), "parameters": {"weight": 1.0}}]}
+    merged = weights(merge(config, tmp_path / "merged", progress=False))
+    expected, before = splice.merge_and_unload(model).state_dict(), weights(base)
+    changed = 0
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor.float(), expected[name].float(), atol=1e-5, rtol=0, msg=name)
+        changed += not torch.equal(tensor.float(), before[name].float())
+    assert changed >= 2
+    with pytest.raises(SpliceError, match=f"is a {method} adapter"):
+        merge(config, tmp_path / "lora", progress=False, out_format="lora")
+
+
 def test_peft_linear_is_not_the_weighted_sum(family, lora, tmp_path):
     """PEFT's add_weighted_adapter 'linear' merges A and B separately (A = Σ√(w s) A_i, B = Σ√(w s) B_i): its
     product has cross terms B_i A_j. 'cat' (and splice's concatenation) is the weighted sum itself.

@@ -7,8 +7,22 @@ from splice.adapters.model import (AdaptedModel, active_adapters, adapt, delete_
                                    unmerge_adapter)
 from splice.adapters.persist import load_adapter, save_adapter
 from splice.adapters.registry import get_method, make_config, method_names, register
+from splice.adapters.adalora import AdaLoraConfig
+from splice.adapters.bitfit import BitFitConfig
+from splice.adapters.fourierft import FourierFTConfig
+from splice.adapters.ia3 import IA3Config
+from splice.adapters.ln_tuning import LNTuningConfig
+from splice.adapters.loha import LoHaConfig
+from splice.adapters.lokr import LoKrConfig
+from splice.adapters.miss import MissConfig
+from splice.adapters.oft import OFTConfig
+from splice.adapters.randlora import RandLoraConfig
+from splice.adapters.shira import ShiraConfig
+from splice.adapters.vera import VeraConfig
 
 __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_adapters", "adapt", "delete_adapter",
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
            "merge_and_unload", "method_names", "mixed_batch", "register", "save_adapter", "set_adapter",
            "trainable_parameters", "unmerge_adapter"]
+__all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig",
+            "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig", "ShiraConfig", "VeraConfig"]

@@ -18,6 +18,10 @@ class AdapterConfig:
     """Where an adapter goes; method configs subclass this and add their own fields."""
 
     method: ClassVar[str] = ""
+    # PEFT's `peft_type` for this method (adapter_config.json); None for methods PEFT does not have.
+    peft_type: ClassVar[str | None] = None
+    # Whether the method wraps modules of any type (as kind "module"; LN tuning), not only the kinds inject knows.
+    wraps_any_module: ClassVar[bool] = False
 
     target_modules: list[str] | str = doc(
         "Modules to wrap: a list of name suffixes (['query', 'value']), one regex matched against the full module "
@@ -40,6 +44,62 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
+
+    def prepare(self, targets: list[tuple[str, Any, str]], shared: dict[str, Any] | None) -> "AdapterConfig":
+        """The config every module of one adapter is built with, given all its (name, module, kind) targets and
+        the tensors a loaded folder shares across modules (VeRA's projections); default: the same."""
+        return self
+
+    def for_target(self, name: str) -> "AdapterConfig":
+        """The config one wrapped module named `name` is built with (IA3 marks its feed-forward modules here)."""
+        return self
+
+    # -- PEFT's adapter_config.json: each method maps its own fields (io/peft_format.py only dispatches) ----------
+    @classmethod
+    def claims_peft(cls, cfg: dict[str, Any]) -> bool:
+        """Whether a folder of this class's `peft_type` is this method (LoRA and DoRA share "LORA")."""
+        return True
+
+    @classmethod
+    def fields_from_peft(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Config fields from PEFT's adapter_config.json (values are validated by the dataclass afterwards)."""
+        return {"target_modules": _targets(cfg.get("target_modules")), "exclude_modules": cfg.get("exclude_modules"),
+                "modules_to_save": cfg.get("modules_to_save")}
+
+    def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
+        """PEFT's adapter_config.json for this config; `kinds`/`adapters` are those of the wrapped modules."""
+        target = self.target_modules
+        # A method PEFT does not have keeps the folder's shape, names itself, and PEFT refuses it (peft_type null).
+        own = {} if self.peft_type else {"splice_method": self.method}
+        return {"peft_type": self.peft_type, **own, "task_type": None, "base_model_name_or_path": base,
+                "revision": None,
+                "target_modules": target if isinstance(target, str) else list(target),
+                "exclude_modules": self.exclude_modules, "modules_to_save": self.modules_to_save,
+                "inference_mode": True}
+
+    def for_module(self, module: str, tensors: dict[str, Any], peft_cfg: dict[str, Any]) -> "AdapterConfig":
+        """The config of one module of a loaded folder (PEFT's rank_pattern / alpha_pattern); default: the same."""
+        return self
+
+
+def _targets(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value)
+    return value or ["query", "value"]
+
+
+def pattern_value(module: str, patterns: dict[str, Any] | None, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module by full name, suffix or regex."""
+    import re
+
+    for pattern, value in (patterns or {}).items():
+        try:
+            hit = re.match(rf"(.*\.)?({pattern})$", module) is not None  # PEFT's get_pattern_key
+        except re.error:
+            hit = module == pattern or module.endswith("." + pattern)
+        if hit:
+            return value
+    return default
 
 
 def config_from_dict(cls: type, data: dict[str, Any], section: str | None = None):

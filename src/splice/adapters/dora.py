@@ -11,12 +11,13 @@ Saved in PEFT's format as a LoRA with `use_dora: true` and a `lora_magnitude_vec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.adapters.lora import LoraAdapter, LoraConfig, linear_weight
+from splice.adapters.lora import LoraAdapter, LoraConfig, linear_weight, module_dims
 from splice.adapters.ops import dora_row_norm, lora_linear
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Dense
@@ -40,10 +41,28 @@ class DoraConfig(LoraConfig):
         if self.init_lora_weights == "pissa":
             raise SpliceError("init_lora_weights: pissa is not available with dora; use kaiming or gaussian")
 
+    @classmethod
+    def claims_peft(cls, cfg: dict[str, Any]) -> bool:
+        return bool(cfg.get("use_dora"))
+
 
 @register("dora", config=DoraConfig, reference="https://arxiv.org/abs/2402.09353")
 class DoraAdapter(LoraAdapter):
     """LoRA plus a trainable magnitude per output row, on nn.Linear and HF Conv1D."""
+
+    peft_keys: ClassVar[tuple[str, ...]] = (*LoraAdapter.peft_keys, "lora_magnitude_vector",
+                                            "lora_magnitude_vector.weight")
+    peft_aliases: ClassVar[dict[str, str]] = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
+
+    @classmethod
+    def peft_shapes(cls, base: nn.Module, kind: str, config: DoraConfig) -> dict[str, tuple[int, ...]]:
+        return {**super().peft_shapes(base, kind, config), "lora_magnitude_vector": (module_dims(base, kind)[1],)}
+
+    @classmethod
+    def peft_missing(cls, tensors: dict[str, Tensor]) -> str | None:
+        if "lora_magnitude_vector" not in tensors:
+            return "no lora_magnitude_vector (use_dora)"
+        return super().peft_missing(tensors)
 
     def __init__(self, base: nn.Module, kind: str, config: DoraConfig):
         if kind not in ("linear", "conv1d"):

@@ -72,6 +72,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         else:
             hit = _matches(name, config.target_modules)
         if hit and not _matches(name, config.exclude_modules):
+            if kind is None and config.wraps_any_module:
+                kind = "module"
             if kind is None:
                 raise SpliceError(f"target_modules: {config.method} cannot wrap {type(module).__name__} {name!r}; "
                                   "it wraps nn.Linear, HF Conv1D, nn.Embedding and nn.Conv2d")

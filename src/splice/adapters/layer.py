@@ -24,7 +24,15 @@ from splice.errors import SpliceError
 
 @runtime_checkable
 class Adapter(Protocol):
-    """What one named adapter on one module provides. Methods implement it as an `nn.Module`."""
+    """What one named adapter on one module provides. Methods implement it as an `nn.Module`.
+
+    Its part of PEFT's folder format is declared on the class: `peft_keys` (the tensor names under a module,
+    'lora_A.weight', 'ia3_l', ...), `peft_shapes(base, kind, config)` (what a folder must hold for that module),
+    `peft_missing(tensors)` (what an incomplete module lacks) and `load_peft_state(state, base)`; optionally
+    `peft_shared_keys` / `peft_shared()` for tensors shared by all modules (VeRA). Optional instance methods:
+    `fused_forward(x, base)` (the whole layer in one op), and `merge(base)` / `unmerge(base, token)` where adding
+    `delta()` is not how the method merges (IA3 multiplies, DoRA rescales).
+    """
 
     def contribution(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
         """The change this adapter makes to `base_out` (same shape) for input `x`."""

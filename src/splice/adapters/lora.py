@@ -13,21 +13,25 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.adapters.config import AdapterConfig, doc
+from splice.adapters.config import AdapterConfig, doc, pattern_value
 from splice.adapters.ops import lora_linear
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Dense, LowRank
 from splice.errors import SpliceError
 
 KINDS = ("linear", "conv1d", "embedding", "conv2d")
+# PEFT options that change the math in ways splice does not implement: refuse rather than load wrongly.
+_UNSUPPORTED = ("use_qalora", "lora_bias", "target_parameters", "layer_replication", "trainable_token_indices",
+                "use_bdlora", "alora_invocation_tokens")
 
 
 @dataclass
@@ -67,6 +71,38 @@ class LoraConfig(AdapterConfig):
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    # -- PEFT's adapter_config.json ------------------------------------------------------------------------------
+    peft_type: ClassVar[str | None] = "LORA"
+
+    @classmethod
+    def claims_peft(cls, cfg: dict[str, Any]) -> bool:
+        return not cfg.get("use_dora")
+
+    @classmethod
+    def fields_from_peft(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        for key in _UNSUPPORTED:
+            if cfg.get(key):
+                raise SpliceError(f"{key}={cfg[key]!r} is not supported by splice")
+        # rank_pattern needs nothing: each module's rank is read from its tensors' shapes (for_module).
+        init = cfg.get("init_lora_weights", True)
+        return {**super().fields_from_peft(cfg), "r": int(cfg.get("r", 8)), "lora_alpha": cfg.get("lora_alpha", 8),
+                "lora_dropout": float(cfg.get("lora_dropout", 0.0)), "use_rslora": bool(cfg.get("use_rslora", False)),
+                "bias": cfg.get("bias", "none"), "init_lora_weights": init if init in ("gaussian",) else "kaiming"}
+
+    def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
+        from splice.io.peft_format import peft_config_dict
+
+        r, alpha = self.r, self.lora_alpha
+        if any(getattr(a, "pissa", False) for a in adapters):  # saved as the equivalent plain LoRA of rank 2r
+            r, alpha = 2 * r, alpha * (math.sqrt(2) if self.use_rslora else 2)
+        return peft_config_dict(self, fan_in_fan_out="conv1d" in kinds, base=base, r=r, lora_alpha=alpha)
+
+    def for_module(self, module: str, tensors: dict[str, Any], peft_cfg: dict[str, Any]) -> "LoraConfig":
+        """This module's rank (from its tensors) and alpha (PEFT's alpha_pattern)."""
+        rank = tensors.get("lora_A.weight", tensors.get("lora_embedding_A")).shape[0]
+        alpha = pattern_value(module, peft_cfg.get("alpha_pattern"), self.lora_alpha)
+        return dataclasses.replace(self, r=rank, lora_alpha=alpha)
+
 
 def module_dims(base: nn.Module, kind: str) -> tuple[int, int]:
     """(in_features, out_features) of the module as LoRA sees it."""
@@ -105,6 +141,24 @@ class LoraAdapter(nn.Module):
     For an embedding PEFT stores A as (r, num_embeddings) and B as (dim, r), initialised the other way round
     (A = 0, B random), and the update is (B A)ᵀ.
     """
+
+    peft_keys: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+    @classmethod
+    def peft_shapes(cls, base: nn.Module, kind: str, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+        """PEFT's tensor names and shapes for this module (what a loaded folder must hold)."""
+        from splice.io.peft_format import lora_shapes
+
+        in_f, out_f = module_dims(base, kind)
+        return lora_shapes(kind, in_f, out_f, config.r, base)
+
+    @classmethod
+    def peft_missing(cls, tensors: dict[str, Tensor]) -> str | None:
+        """What a folder's module lacks, or None (checked before any base is looked at)."""
+        if {"lora_A.weight", "lora_B.weight"} <= tensors.keys() or {"lora_embedding_A", "lora_embedding_B"} <= \
+                tensors.keys():
+            return None
+        return "expected both A and B"
 
     def __init__(self, base: nn.Module, kind: str, config: LoraConfig):
         super().__init__()

@@ -56,9 +56,11 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     saved = _modules_to_save(model, config)
     # Build every adapter before touching the model: a method may refuse a module (DoRA on an embedding), and a
     # refusal half-way must not leave some modules wrapped and the base frozen.
-    built = [(name, module, kind, method.adapter(module.base if isinstance(module, AdapterLayer) else module,
-                                                 kind, config))
+    plain = [(name, module.base if isinstance(module, AdapterLayer) else module, kind)
              for name, module, kind in targets]
+    prepared = config.prepare(plain, None)  # state shared by all modules (VeRA's projections), made once
+    built = [(name, module, kind, method.adapter(base, kind, prepared.for_target(name)))
+             for (name, module, kind), (_, base, _) in zip(targets, plain)]
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module, kind, adapter in built:

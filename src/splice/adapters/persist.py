@@ -1,7 +1,6 @@
 """Save an adapter of a model as a PEFT folder, and load PEFT (or splice) folders into a model."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -9,14 +8,14 @@ from torch import Tensor, nn
 
 from splice.adapters.extras import BiasShift, FullCopy
 from splice.adapters.inject import adapter_layers, module_kind, plain_modules, wrap
-from splice.adapters.lora import module_dims
 from splice.adapters.model import configs, set_adapter
-from splice.adapters.registry import get_method
+from splice.adapters.config import AdapterConfig
+from splice.adapters.registry import Method, get_method
 from splice.delta.deltaset import fingerprints_match, tensor_fingerprint
 from splice.errors import SpliceError
 from splice.io.checkpoints import atomic_output_dir, write_json
-from splice.io.peft_format import (CONFIG_FILE, PREFIX, SPLICE_FILE, WEIGHTS_FILE, check_shape, lora_shapes,
-                                   module_prefixes, peft_config_dict, read_adapter_folder, resolve_module)
+from splice.io.peft_format import (CONFIG_FILE, PREFIX, SHARED_PREFIX, SPLICE_FILE, WEIGHTS_FILE, check_shape,
+                                   module_prefixes, read_adapter_folder, resolve_module)
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, force: bool = False) -> Path:
@@ -34,22 +33,21 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         raise SpliceError(f"adapter {adapter_name!r} is merged into the base; unmerge it before saving")
     tensors: dict[str, Tensor] = {}
     fingerprint: dict[str, str] = {}
-    kinds, pissa = set(), False
+    kinds, adapters = set(), []
     for name, layer in adapter_layers(model):
         adapter = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
         if adapter is None:
             continue
         kinds.add(layer.kind)
-        pissa |= bool(getattr(adapter, "pissa", False))
+        adapters.append(adapter)
+        for key, t in getattr(adapter, "peft_shared", dict)().items():  # once, however many modules share it
+            tensors.setdefault(f"{SHARED_PREFIX}{key}", t.detach().contiguous().clone())
         for key, t in adapter.peft_state(layer.base).items():
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().contiguous().clone()
         if isinstance(getattr(layer.base, "weight", None), Tensor):
             fingerprint[f"{name}.weight"] = tensor_fingerprint(layer.base.weight)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    r, alpha = config.r, config.lora_alpha
-    if pissa:  # saved as the equivalent plain LoRA of rank 2r with the same scaling
-        r, alpha = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2)
-    peft_cfg = peft_config_dict(config, fan_in_fan_out="conv1d" in kinds, base=base, r=r, lora_alpha=alpha)
+    peft_cfg = config.to_peft(base=base, kinds=kinds, adapters=adapters)
     with atomic_output_dir(path, force=force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, peft_cfg)
@@ -75,20 +73,24 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     where = str(path / WEIGHTS_FILE)
     method = get_method(folder.config.method)
     built: list[tuple[str, nn.Module, str, nn.Module, dict[str, Tensor]]] = []
-    for src, tensors in folder.lora.items():
+    targets = []
+    for src, tensors in folder.modules.items():
         name = resolve_module(src, modules.__contains__, names, prefixes, where)
-        module, kind = modules[name], module_kind(modules[name])
+        module = modules[name]
+        kind = module_kind(module) or ("module" if folder.config.wraps_any_module else None)
         base = module.base if hasattr(module, "adapters") else module
         if kind is None:
-            raise SpliceError(f"{where}: module {name!r} is a {type(base).__name__}, which LoRA cannot wrap")
-        in_f, out_f = module_dims(base, kind)
-        expected = lora_shapes(kind, in_f, out_f, folder.rank(src), base)
-        if "lora_magnitude_vector" in tensors:
-            expected["lora_magnitude_vector"] = (out_f,)
-        for key, shape in expected.items():
-            check_shape(tensors[key], shape, key, name, path)
+            raise SpliceError(f"{where}: module {name!r} is a {type(base).__name__}, which {method.name} cannot wrap")
+        targets.append((src, name, module, base, kind, tensors))
+    try:
+        prepared = folder.config.prepare([(n, b, k) for _, n, _, b, k, _ in targets], folder.shared)
+    except SpliceError as err:
+        raise SpliceError(f"{where}: {err}") from None
+    for src, name, module, base, kind, tensors in targets:
+        config = prepared.for_module(src, tensors, folder.peft_config).for_target(name)
+        check_module_tensors(method, base, kind, config, tensors, name, path)
         _check_fingerprint(folder.fingerprint.get(f"{src}.weight"), base, name, path)
-        adapter = method.adapter(base, kind, folder.module_config(src))
+        adapter = method.adapter(base, kind, config)
         bias = folder.biases.pop(src, None)
         built.append((name, module, kind, adapter, {**tensors, **({"bias": bias} if bias is not None else {})}))
     for src, state in folder.saved.items():
@@ -114,6 +116,20 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         if adapter_name in layer.adapters:
             layer.adapters[adapter_name].requires_grad_(is_trainable)
     return model
+
+
+def check_module_tensors(method: Method, base: nn.Module, kind: str, config: AdapterConfig,
+                         tensors: dict[str, Tensor], name: str, path: Path) -> None:
+    """The folder's tensors for module `name` are exactly those `method` uses on `base`, with its shapes."""
+    expected = method.adapter.peft_shapes(base, kind, config)
+    for key in tensors:
+        if key not in expected:
+            raise SpliceError(f"{path / WEIGHTS_FILE}: module {name!r} has tensor {key!r}, which {method.name} does "
+                              f"not use on a {type(base).__name__} (expected {', '.join(expected)})")
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise SpliceError(f"{path / WEIGHTS_FILE}: module {name!r} lacks tensor {key!r}")
+        check_shape(tensors[key], shape, key, name, path)
 
 
 def _check_fingerprint(expected: str | None, base: nn.Module, name: str, path: Path) -> None:

@@ -60,5 +60,17 @@ def make_config(method: str, **fields: Any):
 
 def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register decorators.
+    import splice.adapters.adalora  # noqa: F401
+    import splice.adapters.bitfit  # noqa: F401
     import splice.adapters.dora  # noqa: F401
+    import splice.adapters.fourierft  # noqa: F401
+    import splice.adapters.ia3  # noqa: F401
+    import splice.adapters.loha  # noqa: F401
+    import splice.adapters.ln_tuning  # noqa: F401
+    import splice.adapters.lokr  # noqa: F401
+    import splice.adapters.miss  # noqa: F401
+    import splice.adapters.oft  # noqa: F401
+    import splice.adapters.randlora  # noqa: F401
+    import splice.adapters.shira  # noqa: F401
+    import splice.adapters.vera  # noqa: F401
     import splice.adapters.lora  # noqa: F401

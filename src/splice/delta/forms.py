@@ -19,7 +19,7 @@ from torch import Tensor
 
 from splice.errors import SpliceError
 
-__all__ = ["Delta", "Dense", "LowRank", "Sparse", "Scale", "FORMS"]
+__all__ = ["Delta", "Dense", "LowRank", "Sparse", "Scale", "Kron", "FORMS"]
 
 
 @runtime_checkable
@@ -266,4 +266,62 @@ class Scale:
         return Scale(self.vector.to(device=device, dtype=dtype), self.axis, self.shape)
 
 
-FORMS: dict[str, type] = {"dense": Dense, "lowrank": LowRank, "sparse": Sparse, "scale": Scale}
+@dataclass(frozen=True, eq=False)
+class Kron:
+    """A Kronecker product (the form of LoKr): ``ΔW = scale * kron(A, B)``, reshaped to `shape`.
+
+    ``A`` is ``(a, c)`` and ``B`` is ``(b, d)``; the product is ``(a·b, c·d)``. A conv kernel ``(out, in, kh, kw)``
+    is stored with ``B`` flattened to ``(b, d_in·kh·kw)``, which gives the same tensor once reshaped. Storage is
+    ``a·c + b·d`` numbers for an ``(a·b) × (c·d)`` update.
+    """
+
+    A: Tensor
+    B: Tensor
+    scale: float = 1.0
+    shape: torch.Size = None  # type: ignore[assignment]  # filled from A and B in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.A.dim() != 2 or self.B.dim() != 2:
+            raise SpliceError(f"Kron: A {tuple(self.A.shape)} and B {tuple(self.B.shape)} must both be matrices")
+        rows, cols = self.A.shape[0] * self.B.shape[0], self.A.shape[1] * self.B.shape[1]
+        shape = _as_size(self.shape) if self.shape is not None else torch.Size((rows, cols))
+        if not shape or shape[0] != rows or math.prod(shape) != rows * cols:
+            raise SpliceError(f"Kron: shape {tuple(shape)} does not match kron(A {tuple(self.A.shape)}, "
+                              f"B {tuple(self.B.shape)})")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "scale", float(self.scale))
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+
+    @property
+    def numel_stored(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+    def materialize(self, base: Tensor | None = None) -> Tensor:
+        """Return ``scale * kron(A, B)`` reshaped to `shape`."""
+        return torch.kron(self.A, self.B).mul(self.scale).reshape(self.shape)
+
+    def apply_to(self, weight: Tensor, scale: float = 1.0) -> Tensor:
+        """``W += scale * self.scale * kron(A, B)``, in place, through a 4-D view of W (blocks × block entries).
+
+        The product is still formed once, at the weight's size: a Kronecker update touches every entry.
+        """
+        _check_weight(self, weight)
+        (a, c), (b, d) = self.A.shape, self.B.shape
+        A = self.A.to(device=weight.device, dtype=weight.dtype)
+        B = self.B.to(device=weight.device, dtype=weight.dtype)
+        product = torch.einsum("ij,kl->ikjl", A, B)  # (a, b, c, d): row i·b + k, column j·d + l
+        if not weight.is_contiguous():
+            return weight.add_(product.reshape(self.shape), alpha=scale * self.scale)
+        weight.view(a, b, c, d).add_(product, alpha=scale * self.scale)
+        return weight
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Kron:
+        """Cast/move A and B."""
+        A, B = self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype)
+        return dataclasses.replace(self, A=A, B=B)
+
+
+FORMS: dict[str, type] = {"dense": Dense, "lowrank": LowRank, "sparse": Sparse, "scale": Scale, "kron": Kron}

@@ -1,5 +1,7 @@
 """Read and write PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors` with PEFT key names.
 
+Each method owns its key names, shapes and config translation (see `AdapterFolder`); LoRA's, for example:
+
     base_model.model.<module>.lora_A.weight        (r, in)          lora_embedding_A  (r, num_embeddings)
     base_model.model.<module>.lora_B.weight        (out, r)         lora_embedding_B  (dim, r)
     base_model.model.<module>.lora_magnitude_vector (out,)          DoRA only
@@ -12,7 +14,6 @@ base.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,41 +23,46 @@ from torch import Tensor, nn
 from splice.errors import SpliceError, closest
 
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # tensors a method shares across modules: base_model.vera_A
 LORA_KEYS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
              "lora_magnitude_vector.weight")
 CONFIG_FILE, WEIGHTS_FILE, SPLICE_FILE = "adapter_config.json", "adapter_model.safetensors", "splice_config.json"
-# PEFT options that change the math in ways splice does not implement: refuse rather than load wrongly.
-_UNSUPPORTED = ("use_qalora", "lora_bias", "target_parameters", "layer_replication", "trainable_token_indices",
-                "use_bdlora", "alora_invocation_tokens")
 
 
 @dataclass
 class AdapterFolder:
-    """A parsed adapter folder: its config and tensors grouped by module path (without PEFT's prefix)."""
+    """A parsed adapter folder: its config and tensors grouped by module path (without PEFT's prefix).
+
+    The method owns its part of the format: `config.peft_type` / `fields_from_peft` / `to_peft` translate
+    adapter_config.json, and its adapter class names its tensors (`peft_keys`) and their shapes (`peft_shapes`).
+    """
 
     path: Path
-    config: Any  # LoraConfig / DoraConfig
+    config: Any  # the method's config (LoraConfig, IA3Config, ...)
     peft_config: dict[str, Any]
-    lora: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → {"lora_A.weight": ..}
+    modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → {"lora_A.weight": ..}
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # modules_to_save module → its state
     biases: dict[str, Tensor] = field(default_factory=dict)  # module → trained bias
+    shared: dict[str, Tensor] = field(default_factory=dict)  # tensors shared by all modules ("vera_A")
     fingerprint: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def lora(self) -> dict[str, dict[str, Tensor]]:
+        """The per-module tensors under the name LoRA-only callers (apply, LoRA merges) know them by."""
+        return self.modules
+
     def rank(self, module: str) -> int:
-        t = self.lora[module]
+        t = self.modules[module]
         return (t.get("lora_A.weight", t.get("lora_embedding_A"))).shape[0]
 
     def module_config(self, module: str):
-        """The config with this module's own rank and alpha (PEFT's rank_pattern / alpha_pattern)."""
-        alpha = self.config.lora_alpha
-        for pattern, value in (self.peft_config.get("alpha_pattern") or {}).items():
-            if module == pattern or module.endswith("." + pattern):
-                alpha = value
-        return dataclasses.replace(self.config, r=self.rank(module), lora_alpha=alpha)
+        """The config of one module: the method applies PEFT's per-module patterns (rank_pattern, alpha_pattern)."""
+        return self.config.for_module(module, self.modules[module], self.peft_config)
 
 
 def read_adapter_folder(path: str | Path) -> AdapterFolder:
     """Parse an adapter folder written by PEFT or splice; one-line SpliceErrors name the file at fault."""
+    from splice.adapters.registry import get_method
     from splice.io.checkpoints import CheckpointReader, read_json
 
     path = Path(path)
@@ -64,34 +70,38 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
         raise SpliceError(f"{path}: adapter folder does not exist")
     cfg = read_json(path / CONFIG_FILE)
     config = _config_from_peft(cfg, path / CONFIG_FILE)
+    adapter_cls = get_method(config.method).adapter
+    keys = tuple(adapter_cls.peft_keys)
+    aliases = getattr(adapter_cls, "peft_aliases", {})
     splice_meta = read_json(path / SPLICE_FILE) if (path / SPLICE_FILE).exists() else {}
     reader = CheckpointReader(path)
     folder = AdapterFolder(path, config, cfg, fingerprint=splice_meta.get("fingerprint", {}))
     saved_names = config.modules_to_save or []
+    shared_keys = getattr(adapter_cls, "peft_shared_keys", ())
     for key in reader.keys():
+        if key.startswith(SHARED_PREFIX) and key[len(SHARED_PREFIX):] in shared_keys:
+            folder.shared[key[len(SHARED_PREFIX):]] = reader.get(key)
+            continue
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        suffix = next((s for s in LORA_KEYS if name.endswith("." + s)), None)
+        suffix = next((s for s in keys if name.endswith("." + s)), None)
         if suffix is not None:
             module = name[: -len(suffix) - 1]
-            suffix = "lora_magnitude_vector" if suffix.startswith("lora_magnitude") else suffix
-            folder.lora.setdefault(module, {})[suffix] = reader.get(key)
+            folder.modules.setdefault(module, {})[aliases.get(suffix, suffix)] = reader.get(key)
             continue
         owner = next((m for m in _prefixes(name) if any(m == s or m.endswith("." + s) for s in saved_names)), None)
         if owner is not None:
             folder.saved.setdefault(owner, {})[name[len(owner) + 1:]] = reader.get(key)
-        elif name.endswith(".bias"):
+        elif name.endswith(".bias") and hasattr(config, "bias"):
             # PEFT saves the trained bias of a LoRA-wrapped module under its wrapper's `base_layer`.
             module = name[: -len(".bias")].removesuffix(".base_layer")
             folder.biases[module] = reader.get(key)
         else:
-            raise SpliceError(f"{path / WEIGHTS_FILE}: tensor {key!r} is neither a LoRA tensor, a bias, nor part of "
-                              f"modules_to_save {saved_names}")
-    for module, tensors in folder.lora.items():
-        if not ({"lora_A.weight", "lora_B.weight"} <= tensors.keys()
-                or {"lora_embedding_A", "lora_embedding_B"} <= tensors.keys()):
-            raise SpliceError(f"{path / WEIGHTS_FILE}: module {module!r} has {sorted(tensors)}; expected both A and B")
-        if config.method == "dora" and "lora_magnitude_vector" not in tensors:
-            raise SpliceError(f"{path / WEIGHTS_FILE}: module {module!r} has no lora_magnitude_vector (use_dora)")
+            raise SpliceError(f"{path / WEIGHTS_FILE}: tensor {key!r} is neither a {config.method} tensor, a bias, "
+                              f"nor part of modules_to_save {saved_names}")
+    for module, tensors in folder.modules.items():
+        problem = adapter_cls.peft_missing(tensors)
+        if problem:
+            raise SpliceError(f"{path / WEIGHTS_FILE}: module {module!r} has {sorted(tensors)}; {problem}")
     if folder.biases and config.bias == "none":
         config.bias = "all"  # a folder that carries trained biases was trained with bias != none
     return folder
@@ -103,33 +113,27 @@ def _prefixes(name: str) -> list[str]:
 
 
 def _config_from_peft(cfg: dict[str, Any], where: Path):
-    from splice.adapters.registry import make_config
+    """The registered method whose config claims this `peft_type`, built from the file's fields."""
+    from splice.adapters.config import config_from_dict
+    from splice.adapters.registry import METHODS, _load_builtin_methods
 
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise SpliceError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported yet; splice reads LORA")
-    for key in _UNSUPPORTED:
-        if cfg.get(key):
-            raise SpliceError(f"{where}: {key}={cfg[key]!r} is not supported by splice")
-    # rank_pattern needs nothing: each module's rank is read from its tensors' shapes.
-    init = cfg.get("init_lora_weights", True)
+    _load_builtin_methods()
+    peft_type = cfg.get("peft_type", "LORA")
+    known = sorted({m.config.peft_type for m in METHODS.values() if m.config.peft_type})
+    candidates = [m for m in METHODS.values() if m.config.peft_type == peft_type]
+    if peft_type is None and cfg.get("splice_method") in METHODS:  # a method PEFT does not have (BitFit)
+        candidates = [METHODS[cfg["splice_method"]]]
+    if not candidates:
+        raise SpliceError(f"{where}: peft_type {peft_type!r} is not supported yet; splice reads {', '.join(known)}")
+    method = next((m for m in candidates if m.config.claims_peft(cfg)), candidates[0])
     try:  # int()/float() of a bad value ("r": "four") must name the file, not escape as a bare ValueError
-        fields = {
-            "target_modules": cfg.get("target_modules") or ["query", "value"],
-            "exclude_modules": cfg.get("exclude_modules"),
-            "modules_to_save": cfg.get("modules_to_save"),
-            "r": int(cfg.get("r", 8)),
-            "lora_alpha": cfg.get("lora_alpha", 8),
-            "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
-            "use_rslora": bool(cfg.get("use_rslora", False)),
-            "bias": cfg.get("bias", "none"),
-            "init_lora_weights": init if init in ("gaussian",) else "kaiming",
-        }
+        fields = method.config.fields_from_peft(cfg)
     except (TypeError, ValueError) as err:
         raise SpliceError(f"{where}: invalid value ({err})") from None
-    if isinstance(fields["target_modules"], (set, tuple)):
-        fields["target_modules"] = sorted(fields["target_modules"])
+    except SpliceError as err:
+        raise SpliceError(f"{where}: {err}") from None
     try:
-        return make_config("dora" if cfg.get("use_dora") else "lora", **fields)
+        return config_from_dict(method.config, fields)
     except SpliceError as err:
         raise SpliceError(f"{where}: {err}") from None
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from splice.delta.deltaset import DeltaSet
+from splice.delta.forms import Scale
 from splice.errors import SpliceError
 from splice.io.checkpoints import CheckpointReader, read_json
 from splice.io.models import resolve_model
@@ -190,7 +191,10 @@ class LoraInput(MergeInput):
         if name not in self.deltas:
             return torch.zeros(self.shape(name), dtype=torch.float32)
         # A copy: a Dense form hands out its own tensor, which a method must not be able to change.
-        d = self.deltas[name].materialize().to(torch.float32, copy=True)
+        form = self.deltas[name]
+        # A multiplicative form (IA3's Scale) is a delta only relative to its base weight.
+        d = form.materialize(self.base.get(name).float() if isinstance(form, Scale) else None)
+        d = d.to(torch.float32, copy=True)
         return check_finite(d, self.where, name)
 
     def close(self) -> None:

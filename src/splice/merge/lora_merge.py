@@ -116,6 +116,9 @@ class LoraMerge:
             if not isinstance(inp, LoraInput) or inp.base is not plan.base:
                 raise SpliceError(f"out_format lora: {inp.where} is not a LoRA adapter of base_model "
                                   f"{plan.base.folder}; every merged model must be one")
+            if inp.adapter.config.method not in ("lora", "dora"):
+                raise SpliceError(f"out_format lora: {inp.where} is a {inp.adapter.config.method} adapter, not a "
+                                  "LoRA; merge it with the default model output")
         self.parts: dict[str, dict[LoraInput, _Part]] = {}  # base weight name → adapter → its factors
         for inp in adapters:
             parts = _parts(inp)

@@ -56,6 +56,7 @@ def train_loop(
     steps_per_epoch: int,
     *,
     modules: Sequence[nn.Module] = (),
+    hooks: Sequence[Any] = (),
     progress: bool = True,
     batch_size_of: Callable[[Any], int] = lambda b: len(b),
 ) -> TrainResult:
@@ -68,6 +69,8 @@ def train_loop(
         config: optimisation settings.
         steps_per_epoch: batches per epoch, for the schedule and the progress bar.
         modules: modules put in train mode during the loop and back in eval mode after it.
+        hooks: what a method adds to training (AdaLoRA's rank allocator): each may have `loss()`, a term added to
+            the loss, and `after_step(step)`, run after the optimizer step (1-based) while the gradients are there.
     """
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -87,6 +90,9 @@ def train_loop(
         while step < total:
             for batch in batches(epoch):
                 loss = loss_fn(batch)
+                for hook in hooks:
+                    if hasattr(hook, "loss"):
+                        loss = loss + hook.loss()
                 if not torch.isfinite(loss):
                     raise SpliceError(f"training diverged at step {step}: loss is {loss.item()}; lower --lr")
                 loss.backward()
@@ -94,6 +100,9 @@ def train_loop(
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 opt.step()
                 sched.step()
+                for hook in hooks:
+                    if hasattr(hook, "after_step"):
+                        hook.after_step(step + 1)
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 seen += batch_size_of(batch)

@@ -1,6 +1,7 @@
 """Train an adapter end to end for one task: what `splice train` and `splice quickstart` run."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -61,7 +62,8 @@ def train_classifier(model_name: str, train: TextDataset, evaluation: TextDatase
 
     steps = (len(items) + config.batch_size - 1) // config.batch_size
     report.train = train_loop(params, lambda e: batches(items, config.batch_size, True, config.seed + e), loss_fn,
-                              config, steps, modules=[encoder], progress=progress)
+                              config, steps, modules=[encoder], hooks=_hooks(encoder, adapter, config, steps),
+                              progress=progress)
     report.metrics["accuracy"] = accuracy(model, evaluation, collate, progress)
     _say(log, f"{adapter.method} accuracy: {report.metrics['accuracy']:.4f}  "
               f"({report.train.steps} steps, {report.train.seconds:.0f} s)")
@@ -69,6 +71,15 @@ def train_classifier(model_name: str, train: TextDataset, evaluation: TextDatase
     save_head(model, report.out, train.label_names, config.max_length)
     _say(log, f"saved adapter to {report.out}")
     return report
+
+
+def _hooks(model: torch.nn.Module, adapter: AdapterConfig, config: TrainConfig, steps_per_epoch: int) -> list:
+    """What the adapter's method adds to the loop (AdaLoRA's rank allocation), for a run of the loop's length."""
+    make = getattr(adapter, "training_hook", None)
+    if make is None:
+        return []
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    return [make(model, "default", total)]
 
 
 def load_classifier(model_name: str, adapter_dir: str | Path) -> tuple[EncoderClassifier, Any, dict[str, Any]]:
@@ -105,7 +116,7 @@ def train_causal_lm(model_name: str, train: list, evaluation: list, adapter: Ada
     steps = (len(train) + config.batch_size - 1) // config.batch_size
     report.train = train_loop(params, lambda e: batches(train, config.batch_size, True, config.seed + e),
                               lambda b: lm_loss(model, collate(b)), config, steps, modules=[model],
-                              progress=progress)
+                              hooks=_hooks(model, adapter, config, steps), progress=progress)
     report.metrics["perplexity"] = perplexity(model, evaluation, collate, progress=progress)
     _say(log, f"{adapter.method} perplexity: {report.metrics['perplexity']:.3f}")
     report.out = save_adapter(model, out, force=force)
