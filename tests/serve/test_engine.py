@@ -121,3 +121,38 @@ def test_embeddings_of_mixed_adapters_equal_each_adapter_alone(tmp_path):
                 want = torch.nn.functional.normalize(ref(input_ids=torch.tensor([ids])).last_hidden_state.mean(1), dim=-1)
             assert torch.allclose(torch.tensor(got[3 * k + j]), want[0], atol=1e-5), (name, ids)
     assert not torch.allclose(torch.tensor(got[0]), torch.tensor(got[3]), atol=1e-3)
+
+
+def test_a_failing_request_fails_alone_and_the_engine_keeps_serving(served, references):
+    base, adapters = served
+    with engine_for(base, adapters) as engine:
+        with pytest.raises(SpliceError, match="generation failed: IndexError"):
+            engine.generate([[5, 10**6]], ["alpha"], SamplingParams(max_tokens=4))
+        assert engine.pool.resident() == {"alpha": engine.pool.resident()["alpha"]}  # released, still resident
+        out = engine.generate([TOK(PROMPTS[0]).input_ids], ["alpha"], SamplingParams(max_tokens=8, stop_token_ids=(2,)))
+    assert out == [references[("alpha", PROMPTS[0])]]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_other_architectures_batch_exactly(tiny, tmp_path, family):
+    build = tiny[family].build
+    for i, name in enumerate(["x", "y"]):
+        m = build()
+        splice.adapt(m, splice.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        with torch.no_grad():
+            for p in splice.trainable_parameters(m):
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
+        splice.save_adapter(m, tmp_path / name)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+    jobs = [(a, p) for a in (None, "x", "y") for p in prompts]
+    want = []
+    for a, p in jobs:
+        ref = build() if a is None else splice.load_adapter(build(), tmp_path / a)
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)
+        want.append(out[0, len(p):].tolist())
+    model = build()
+    with Engine(model, AdapterPool(model, tmp_path), max_batch=4) as engine:
+        got = engine.generate([p for _, p in jobs], [a for a, _ in jobs], SamplingParams(max_tokens=6))
+    assert got == want

@@ -120,6 +120,9 @@ def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(client, server
     with pytest.raises(openai.APIStatusError, match="over the limit") as big:
         complete(client, "alpha", "w5 " * 3000)
     assert big.value.status_code == 413
+    chunked = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                         content=iter([b'{"model": "alpha", "prompt": "', b"w5 " * 2000, b'"}']))  # no Content-Length
+    assert chunked.status_code == 413 and "over the limit" in chunked.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="tokens is over the limit of 64"):
         complete(client, "alpha", "w5 " * 100)
     with pytest.raises(openai.BadRequestError, match="max_tokens: 100 is over this server's limit of 32"):

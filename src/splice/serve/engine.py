@@ -101,7 +101,10 @@ class Engine:
         self.max_batch, self.max_prefill_tokens, self.mixed = int(max_batch), int(max_prefill_tokens), mixed
         self.device = next(model.parameters()).device
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns); older releases know only it.
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # Prefill needs the logits of the last position only (the LM head is costly with a large vocabulary).
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         # Held for every forward and every change to the model's adapters (the pool's loads and evictions).
         self.lock = pool.lock
         self.stats = EngineStats()
@@ -208,22 +211,30 @@ class Engine:
                     return
             try:
                 self._turn()
-            except Exception as exc:  # a failed forward fails its rows, never the worker
-                message = f"generation failed: {type(exc).__name__}: {exc}"
-                for req in self._rows:
-                    self._finish(req, ("error", message))
+            except Exception as exc:  # a failed decoding step fails the running rows, never the worker
+                self._fail(self._rows, exc)
                 self._rows, self._cache, self._mask = [], None, None
 
     def _turn(self) -> None:
         with self.lock:
             self._drop([r for r in self._rows if r.cancelled], "cancelled")
             new = self._admit()
-            if new and self.kind == "encoder":
-                self._embed(new)
-            elif new:
-                self._prefill(new)
-            elif self._rows:
-                self._decode()
+            if not new:
+                if self._rows:
+                    self._decode()
+                return
+            try:
+                self._embed(new) if self.kind == "encoder" else self._prefill(new)
+            except Exception as exc:  # the new rows fail; the running batch is untouched until the merge
+                merged = any(r in self._rows for r in new)
+                self._fail([r for r in new if r not in self._rows], exc)
+                if merged:  # failed after the merge: the batch's state is unknown, so fail it as well
+                    raise
+
+    def _fail(self, rows: list[Request], exc: Exception) -> None:
+        message = f"generation failed: {type(exc).__name__}: {exc}"
+        for req in rows:
+            self._finish(req, ("error", message))
 
     def _admit(self) -> list[Request]:
         new: list[Request] = []
@@ -270,7 +281,7 @@ class Engine:
         with self._adapters([r.adapter for r in new]):
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=_positions(mask).to(self.device), **{self._cache_arg: cache},
-                                use_cache=True, logits_to_keep=1).logits[:, -1]
+                                use_cache=True, **self._last_only).logits[:, -1]
         self.stats.prefills += 1
         if self._rows:
             cache, mask = kvcache.concat(self._cache, self._mask, cache, mask)

@@ -71,17 +71,28 @@ class _BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _error_body(413, f"request body of {int(declared)} bytes is over the limit of {self.limit}",
                                      "invalid_request_error", "request_too_large")(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        # A chunked body has no Content-Length: read it here (at most `limit` bytes), then hand it on.
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            more = message.get("more_body", False)
             if seen > self.limit:
-                raise ApiError(413, f"request body is over the limit of {self.limit} bytes", code="request_too_large")
-            return message
+                return await _error_body(413, f"request body is over the limit of {self.limit} bytes",
+                                         "invalid_request_error", "request_too_large")(scope, receive, send)
+        replayed = False
 
-        return await self.app(scope, limited, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as the server's own receive does
+
+        return await self.app(scope, replay, send)
 
 
 def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str | None = None,
@@ -176,7 +187,7 @@ class _Api:
                 await run_in_threadpool(self.pool.acquire, adapter)
         except (AdapterLoadError, PoolFull) as exc:
             for _ in range(i):
-                self.pool.release(adapter)
+                await run_in_threadpool(self.pool.release, adapter)
             status = 503 if isinstance(exc, PoolFull) else 500
             raise ApiError(status, str(exc), "server_error", "adapter_unavailable") from None
 
@@ -188,7 +199,9 @@ class _Api:
         return {"object": "list", "data": [card(self.model_name, None)] + [card(n, self.model_name) for n in names]}
 
     async def adapters(self) -> dict:
-        return {"resident": self.pool.resident(), "bytes": self.pool.nbytes, "max_bytes": self.pool.max_bytes,
+        # The pool's lock is held during every forward: read it off the event loop, which must keep streaming.
+        resident = await run_in_threadpool(self.pool.resident)
+        return {"resident": resident, "bytes": sum(resident.values()), "max_bytes": self.pool.max_bytes,
                 "loads": self.pool.loads, "evictions": self.pool.evictions,
                 "available": await run_in_threadpool(self.pool.available),
                 "engine": {**dataclasses.asdict(self.engine.stats), "running": self.engine.running,
@@ -200,7 +213,8 @@ class _Api:
             await run_in_threadpool(self.pool.load, body.name)
         except (AdapterLoadError, PoolFull) as exc:
             raise ApiError(503 if isinstance(exc, PoolFull) else 500, str(exc), "server_error") from None
-        return {"name": body.name, "loaded": True, "bytes": self.pool.resident().get(body.name)}
+        resident = await run_in_threadpool(self.pool.resident)
+        return {"name": body.name, "loaded": body.name in resident, "bytes": resident.get(body.name)}
 
     async def unload(self, body: AdapterName) -> dict:
         try:
