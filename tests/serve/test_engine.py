@@ -118,7 +118,8 @@ def test_embeddings_of_mixed_adapters_equal_each_adapter_alone(tmp_path):
         ref = bert() if name is None else splice.load_adapter(bert(), tmp_path / name)
         for j, ids in enumerate(texts):
             with torch.no_grad():
-                want = torch.nn.functional.normalize(ref(input_ids=torch.tensor([ids])).last_hidden_state.mean(1), dim=-1)
+                hidden = ref(input_ids=torch.tensor([ids])).last_hidden_state
+            want = torch.nn.functional.normalize(hidden.mean(1), dim=-1)
             assert torch.allclose(torch.tensor(got[3 * k + j]), want[0], atol=1e-5), (name, ids)
     assert not torch.allclose(torch.tensor(got[0]), torch.tensor(got[3]), atol=1e-3)
 

@@ -75,6 +75,15 @@ def test_streaming_chat_and_completion(client, references):
     assert chat.choices[0].message.content and chat.usage.completion_tokens <= 6
 
 
+def test_stop_strings_and_n(client, references):
+    full = text_of(references[("alpha", PROMPTS[1])]).split()
+    stop = full[3]  # the 4th word: the text ends before its first occurrence
+    out = client.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=8, temperature=0, stop=[stop], n=2)
+    want = " ".join(full[: full.index(stop)])
+    assert [c.text.strip() for c in out.choices] == [want, want]
+    assert [c.finish_reason for c in out.choices] == ["stop", "stop"] and [c.index for c in out.choices] == [0, 1]
+
+
 def test_models_lists_base_and_adapters(client):
     ids = [m.id for m in client.models.list()]
     assert ids[0] == "tiny" and set(ADAPTERS) <= set(ids)

@@ -15,12 +15,10 @@ keep serving), 503 no room for another adapter right now.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import base64
+import dataclasses
 import hmac
-import json
 import struct
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from splice.errors import SpliceError
 from splice.serve.engine import Engine, Request, SamplingParams
 from splice.serve.pool import AdapterLoadError, PoolFull, UnknownAdapter, check_name
+from splice.serve.responses import ApiError, ResponseShape, TextStream, sse
 from splice.serve.schemas import AdapterName, ChatRequest, CompletionRequest, EmbeddingRequest
 
 
@@ -46,12 +45,6 @@ class ServeLimits:
     max_prompt_tokens: int = 2048  # per prompt
     max_tokens: int = 512  # generated per prompt (also the default when a request gives none)
     max_prompts: int = 64  # prompts × n in one request
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
 def _error_body(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
@@ -278,7 +271,13 @@ class _Api:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return self._check_prompt(self._tokens(text), "messages")
 
+    def _need_causal_lm(self) -> None:
+        if self.engine.kind != "causal-lm":
+            raise ApiError(400, f"model: {self.model_name!r} is an encoder; completions need a causal LM "
+                                f"(this server answers /v1/embeddings)")
+
     async def completions(self, body: CompletionRequest, http: HttpRequest):
+        self._need_causal_lm()
         adapter = self._adapter(body.model)
         prompts = self._encode_prompts(body.prompt)
         if len(prompts) * body.n > self.limits.max_prompts:
@@ -290,6 +289,7 @@ class _Api:
         return await self._generate(body, http, adapter, jobs, chat=False, prefix=echo)
 
     async def chat(self, body: ChatRequest, http: HttpRequest):
+        self._need_causal_lm()
         adapter = self._adapter(body.model)
         if body.n > self.limits.max_prompts:
             raise ApiError(400, f"n: {body.n} is over the limit of {self.limits.max_prompts}")
@@ -303,13 +303,13 @@ class _Api:
         await self._acquire(adapter, len(jobs))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        streams = [_TextStream(self.tok, stops, prefix[i] if prefix else "") for i in range(len(jobs))]
+        streams = [TextStream(self.tok, stops, prefix[i] if prefix else "") for i in range(len(jobs))]
         requests = [Request(list(ids), adapter, _emitter(loop, queue, i), params) for i, (ids, params) in
                     enumerate(jobs)]
         for r in requests:
             self.engine.submit(r)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        shape = _Shape(rid, body.model, chat, self.created)
+        shape = ResponseShape(rid, body.model, chat, self.created)
         prompt_tokens = sum(len(ids) for ids, _ in jobs)
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
@@ -351,7 +351,7 @@ class _Api:
         try:
             if shape.chat:
                 for i in range(len(streams)):
-                    yield _sse(shape.chunk(i, {"role": "assistant", "content": ""}, None))
+                    yield sse(shape.chunk(i, {"role": "assistant", "content": ""}, None))
             open_ = len(requests)
             while open_:
                 i, ev = await queue.get()
@@ -359,11 +359,11 @@ class _Api:
                 open_ -= done
                 piece = streams[i].take()
                 if streams[i].error:
-                    yield _sse({"error": {"message": streams[i].error, "type": "server_error"}})
+                    yield sse({"error": {"message": streams[i].error, "type": "server_error"}})
                 elif piece or done:
-                    yield _sse(shape.chunk(i, piece, streams[i].finish if done else None))
+                    yield sse(shape.chunk(i, piece, streams[i].finish if done else None))
             if usage:
-                yield _sse(shape.usage_chunk(streams, prompt_tokens))
+                yield sse(shape.usage_chunk(streams, prompt_tokens))
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): free its rows at the engine's next turn
             for r in requests:
@@ -405,124 +405,3 @@ def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, i: int) -> C
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             pass
     return emit
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-class _TextStream:
-    """Token ids → text, handed out in pieces; stop strings end it (the text before the stop string is kept)."""
-
-    def __init__(self, tokenizer: Any, stops: list[str], prefix: str = ""):
-        self.tok, self.stops = tokenizer, [s for s in stops if s]
-        self.ids: list[int] = []
-        self.text, self.sent, self.prefix = "", 0, prefix
-        self.finish: str | None = None
-        self.error: str | None = None
-
-    def add(self, token: int, is_stop: bool) -> bool:
-        """Add a token; True when a stop string ended the text."""
-        if is_stop:
-            return False
-        self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        for s in self.stops:
-            at = text.find(s)
-            if at >= 0:
-                self.text, self.finish = text[:at], "stop"
-                return True
-        self.text = text
-        return False
-
-    def take(self) -> str:
-        """The text not handed out yet (held back while it ends in half a UTF-8 character)."""
-        ready = self.text if self.finish else self.text.rstrip("\ufffd")
-        piece = ready[self.sent:]
-        self.sent = max(self.sent, len(ready))
-        if self.prefix:
-            piece, self.prefix = self.prefix + piece, ""
-        return piece
-
-    @property
-    def full(self) -> str:
-        return self.prefix + self.text
-
-
-@dataclass
-class _Shape:
-    """OpenAI's response objects for completions and chat completions."""
-
-    id: str
-    model: str
-    chat: bool
-    created: int
-
-    def full(self, streams: list[_TextStream], prompt_tokens: int) -> dict:
-        errors = [s.error for s in streams if s.error]
-        if errors:
-            raise ApiError(500, errors[0], "server_error")
-        choices = [{"index": i, "finish_reason": s.finish or "stop", "logprobs": None,
-                    **({"message": {"role": "assistant", "content": s.full}} if self.chat else {"text": s.full})}
-                   for i, s in enumerate(streams)]
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices,
-                "usage": self.usage(streams, prompt_tokens)}
-
-    def chunk(self, i: int, piece, finish: str | None) -> dict:
-        if self.chat:
-            delta = piece if isinstance(piece, dict) else ({"content": piece} if piece else {})
-            choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": i, "text": piece, "finish_reason": finish, "logprobs": None}
-        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice]}
-
-    def usage(self, streams: list[_TextStream], prompt_tokens: int) -> dict:
-        completion = sum(len(s.ids) for s in streams)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
-
-    def usage_chunk(self, streams: list[_TextStream], prompt_tokens: int) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [],
-                "usage": self.usage(streams, prompt_tokens)}
-
-
-class ServerThread:
-    """Run an app with uvicorn on a background thread (tests, benchmarks); `with ServerThread(app) as url: ...`.
-
-    Args:
-        app: the ASGI app.
-        host: where to listen (loopback by default).
-        port: 0 picks a free port.
-    """
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, name="splice-http", daemon=True)
-        self.url = ""
-
-    def start(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise SpliceError("the HTTP server did not start")
-            time.sleep(0.01)
-        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
-        self.url = f"http://{host}:{port}"
-        return self.url
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -80,8 +80,8 @@ class AdapterPool:
         max_bytes: the most bytes resident adapters may take before idle ones are evicted.
     """
 
-    def __init__(self, model: nn.Module, folder: str | Path | None = None, *, paths: dict[str, str | Path] | None = None,
-                 max_bytes: int = 1 << 30):
+    def __init__(self, model: nn.Module, folder: str | Path | None = None, *,
+                 paths: dict[str, str | Path] | None = None, max_bytes: int = 1 << 30):
         self.model = model
         self.folder = Path(folder).resolve() if folder is not None else None
         if self.folder is not None and not self.folder.is_dir():
