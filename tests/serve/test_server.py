@@ -167,3 +167,25 @@ def test_a_disconnected_stream_does_not_stall_the_batch(client, server, referenc
         time.sleep(0.05)
     assert stats(server)["cancelled"] > cancelled_before
     assert complete(client, "beta", PROMPTS[3]) == text_of(references[("beta", PROMPTS[3])])
+
+
+def test_a_small_adapter_memory_evicts_and_waits_but_loses_nothing(served, references):
+    from transformers import LlamaForCausalLM
+
+    from splice.serve import AdapterPool
+
+    base, adapters = served
+    probe = AdapterPool(LlamaForCausalLM.from_pretrained(base).eval(), adapters)
+    for name in ADAPTERS:
+        probe.load(name)
+    sizes = probe.resident()
+    budget = sizes["beta"] + sizes["gamma"]  # any two adapters fit, never all three
+    app = build_app(str(base), adapters, model_name="tiny", max_adapter_bytes=budget, max_batch=8)
+    jobs = [(name, p) for p in PROMPTS for name in ADAPTERS] * 2
+    with ServerThread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        with cf.ThreadPoolExecutor(12) as ex:
+            got = list(ex.map(lambda job: complete(client, job[0], job[1]), jobs))
+        info = httpx.get(url + "/admin/adapters").json()
+    assert got == [text_of(references[job]) for job in jobs]
+    assert info["evictions"] >= 1 and info["bytes"] <= budget and len(info["resident"]) <= 2

@@ -10,7 +10,8 @@
 
 Errors use OpenAI's shape (`{"error": {"message", "type", "code"}}`) so clients show the message: 400 bad input,
 401 wrong key, 404 unknown adapter, 413 request too large, 500 an adapter whose files cannot be loaded (the others
-keep serving), 503 no room for another adapter right now.
+keep serving), 503 no room for the adapter (larger than the adapter memory, or the memory stayed full of adapters in
+use for `adapter_wait_s`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class ServeLimits:
     max_prompt_tokens: int = 2048  # per prompt
     max_tokens: int = 512  # generated per prompt (also the default when a request gives none)
     max_prompts: int = 64  # prompts × n in one request
+    adapter_wait_s: float = 60.0  # how long a request waits for room in the adapter memory
 
 
 def _error_body(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
@@ -175,14 +177,29 @@ class _Api:
     async def _acquire(self, adapter: str | None, times: int) -> None:
         if adapter is None:
             return
+        held = 0
         try:
-            for i in range(times):
-                await run_in_threadpool(self.pool.acquire, adapter)
+            for _ in range(times):
+                await self._acquire_one(adapter)
+                held += 1
         except (AdapterLoadError, PoolFull) as exc:
-            for _ in range(i):
+            for _ in range(held):
                 await run_in_threadpool(self.pool.release, adapter)
             status = 503 if isinstance(exc, PoolFull) else 500
             raise ApiError(status, str(exc), "server_error", "adapter_unavailable") from None
+
+    async def _acquire_one(self, adapter: str) -> None:
+        # When the adapter memory is full of adapters that running requests hold, wait for one of them to finish
+        # (like a request waiting for a batch slot) rather than fail; give up after `adapter_wait_s`.
+        deadline, pause = time.monotonic() + self.limits.adapter_wait_s, 0.02
+        while True:
+            try:
+                return await run_in_threadpool(self.pool.acquire, adapter)
+            except PoolFull as exc:
+                if not exc.retry or time.monotonic() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.5)
 
     async def models(self) -> dict:
         def card(name: str, parent: str | None) -> dict:

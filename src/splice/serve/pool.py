@@ -42,7 +42,12 @@ class AdapterLoadError(SpliceError):
 
 
 class PoolFull(SpliceError):
-    """Every resident adapter is in use and there is no room for another (HTTP 503: retry later)."""
+    """No room for the adapter: the others are in use (`retry` True: wait for one to finish) or it is larger than
+    the whole adapter memory (`retry` False)."""
+
+    def __init__(self, message: str, retry: bool):
+        super().__init__(message)
+        self.retry = retry
 
 
 @dataclass
@@ -177,8 +182,9 @@ class AdapterPool:
         self._evict(keep=name)
         if self.nbytes > self.max_bytes:  # what is left is held by running requests (or this one is too big)
             self._delete(name)
+            alone = entry.nbytes <= self.max_bytes
             raise PoolFull(f"adapter {name!r} ({entry.nbytes} bytes) does not fit in the adapter memory "
-                           f"({self.max_bytes} bytes) next to the adapters in use; retry later or raise the limit")
+                           f"({self.max_bytes} bytes)" + (" next to the adapters in use" if alone else ""), alone)
         return entry
 
     def _evict(self, keep: str) -> None:
