@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import secrets
 import threading
 import time
 from collections import deque
@@ -150,8 +151,8 @@ class Engine:
             raise SpliceError("embeddings need an encoder model and completions a causal LM; this server runs a "
                               f"{self.kind}")
         if req.params.temperature > 0:
-            req._generator = torch.Generator().manual_seed(
-                req.params.seed if req.params.seed is not None else torch.seed())
+            seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
+            req._generator = torch.Generator().manual_seed(seed)
         with self._wake:
             self._waiting.append(req)
             self._wake.notify()
@@ -217,7 +218,7 @@ class Engine:
 
     def _turn(self) -> None:
         with self.lock:
-            self._drop([r for r in self._rows if r.cancelled], "cancelled")
+            self._drop([(r, "cancelled") for r in self._rows if r.cancelled])
             new = self._admit()
             if not new:
                 if self._rows:
@@ -348,15 +349,15 @@ class Engine:
                 finished.append((r, "stop"))
             elif len(r.generated) >= r.params.max_tokens:
                 finished.append((r, "length"))
-        for r, reason in finished:
-            self._drop([r], reason)
+        self._drop(finished)
 
-    def _drop(self, gone: list[Request], reason: str) -> None:
+    def _drop(self, gone: list[tuple[Request, str]]) -> None:
+        """Finish the `(row, reason)` pairs and take them out of the batch with one copy of the cache."""
         if not gone:
             return
-        gone_ids = {id(r) for r in gone}
+        gone_ids = {id(r) for r, _ in gone}
         keep = [i for i, r in enumerate(self._rows) if id(r) not in gone_ids]
-        for r in gone:
+        for r, reason in gone:
             self.stats.cancelled += reason == "cancelled"
             self._finish(r, ("done", reason))
         if not keep:
