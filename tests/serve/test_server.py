@@ -84,6 +84,15 @@ def test_stop_strings_and_n(client, references):
     assert [c.finish_reason for c in out.choices] == ["stop", "stop"] and [c.index for c in out.choices] == [0, 1]
 
 
+def test_token_id_prompts_several_prompts_and_echo(client, references):
+    ids = TOK(PROMPTS[0]).input_ids
+    out = client.completions.create(model="gamma", prompt=ids, max_tokens=8, temperature=0)
+    assert out.choices[0].text == text_of(references[("gamma", PROMPTS[0])])
+    out = client.completions.create(model="gamma", prompt=PROMPTS[:2], max_tokens=8, temperature=0, echo=True)
+    assert [c.text for c in out.choices] == [text_of(TOK(p).input_ids + references[("gamma", p)]) for p in PROMPTS[:2]]
+    assert out.usage.prompt_tokens == sum(len(TOK(p).input_ids) for p in PROMPTS[:2])
+
+
 def test_models_lists_base_and_adapters(client):
     ids = [m.id for m in client.models.list()]
     assert ids[0] == "tiny" and set(ADAPTERS) <= set(ids)

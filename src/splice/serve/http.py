@@ -302,8 +302,7 @@ class _Api:
                                 f"{self.limits.max_prompts}")
         params = [self._params(body, body.max_tokens, len(p)) for p in prompts]
         jobs = [(p, prm) for p, prm in zip(prompts, params) for _ in range(body.n)]
-        echo = [self.tok.decode(p, skip_special_tokens=True) if body.echo else "" for p, _ in jobs]
-        return await self._generate(body, http, adapter, jobs, chat=False, prefix=echo)
+        return await self._generate(body, http, adapter, jobs, chat=False, echo=body.echo)
 
     async def chat(self, body: ChatRequest, http: HttpRequest):
         self._need_causal_lm()
@@ -315,12 +314,12 @@ class _Api:
         return await self._generate(body, http, adapter, [(ids, params)] * body.n, chat=True)
 
     async def _generate(self, body, http: HttpRequest, adapter: str | None, jobs, *, chat: bool,
-                        prefix: list[str] | None = None):
+                        echo: bool = False):
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         await self._acquire(adapter, len(jobs))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        streams = [TextStream(self.tok, stops, prefix[i] if prefix else "") for i in range(len(jobs))]
+        streams = [TextStream(self.tok, stops, ids if echo else None) for ids, _ in jobs]
         requests = [Request(list(ids), adapter, _emitter(loop, queue, i), params) for i, (ids, params) in
                     enumerate(jobs)]
         for r in requests:

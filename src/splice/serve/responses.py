@@ -19,23 +19,33 @@ def sse(obj: dict) -> str:
 
 
 class TextStream:
-    """Token ids → text, handed out in pieces; stop strings end it (the text before the stop string is kept)."""
+    """Token ids → text, handed out in pieces; stop strings end it (the text before the stop string is kept).
 
-    def __init__(self, tokenizer: Any, stops: list[str], prefix: str = ""):
+    With `echo_ids` (a completion's `echo`), the text is the decoding of prompt + generated tokens together, so
+    the join between them is whatever the tokenizer makes of it; stop strings are looked for after the prompt.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str], echo_ids: list[int] | None = None):
         self.tok, self.stops = tokenizer, [s for s in stops if s]
+        self.echo_ids = list(echo_ids or [])
         self.ids: list[int] = []
-        self.text, self.sent, self.prefix = "", 0, prefix
+        self.text = self._decode()
+        self.start, self.sent = len(self.text), 0
         self.finish: str | None = None
         self.error: str | None = None
+
+    def _decode(self) -> str:
+        ids = self.echo_ids + self.ids
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) if ids else ""
 
     def add(self, token: int, is_stop: bool) -> bool:
         """Add a token; True when a stop string ended the text."""
         if is_stop:
             return False
         self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self._decode()
         for s in self.stops:
-            at = text.find(s)
+            at = text.find(s, self.start)
             if at >= 0:
                 self.text, self.finish = text[:at], "stop"
                 return True
@@ -47,13 +57,7 @@ class TextStream:
         ready = self.text if self.finish else self.text.rstrip("\ufffd")
         piece = ready[self.sent:]
         self.sent = max(self.sent, len(ready))
-        if self.prefix:
-            piece, self.prefix = self.prefix + piece, ""
         return piece
-
-    @property
-    def full(self) -> str:
-        return self.prefix + self.text
 
 
 @dataclass
@@ -70,7 +74,7 @@ class ResponseShape:
         if errors:
             raise ApiError(500, errors[0], "server_error")
         choices = [{"index": i, "finish_reason": s.finish or "stop", "logprobs": None,
-                    **({"message": {"role": "assistant", "content": s.full}} if self.chat else {"text": s.full})}
+                    **({"message": {"role": "assistant", "content": s.text}} if self.chat else {"text": s.text})}
                    for i, s in enumerate(streams)]
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices,
