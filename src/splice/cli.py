@@ -233,6 +233,44 @@ def methods() -> None:
             typer.echo(f"    {field}: {text}")
 
 
+@app.command(epilog="Example:  splice serve ./base-model --adapters ./adapters --port 8000 --api-key $KEY  "
+                    "(then: curl localhost:8000/v1/completions -d '{\"model\": \"my-adapter\", ...}')")
+def serve(
+    base: str = typer.Argument(..., help="Base model: a local folder, a hub id, or 'default'."),
+    adapters: Optional[Path] = typer.Option(None, "--adapters", help="Folder with one adapter folder per name; "
+                                                                     "a request's `model` names the adapter."),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH: one more adapter anywhere (repeatable)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, envvar="SPLICE_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (or set SPLICE_API_KEY)."),
+    kind: str = typer.Option("auto", help="causal-lm, encoder, or auto (from the model's config)."),
+    name: Optional[str] = typer.Option(None, help="The base model's id in the API (default: its folder name)."),
+    max_batch: int = typer.Option(32, help="Most sequences decoded together."),
+    adapter_memory_mb: float = typer.Option(1024, help="Memory for loaded adapters; least recently used ones "
+                                                       "are unloaded beyond it."),
+    max_tokens: int = typer.Option(512, help="Most tokens generated per prompt."),
+    max_prompt_tokens: int = typer.Option(2048, help="Longest prompt accepted, in tokens."),
+    max_request_kb: int = typer.Option(1024, help="Largest request body accepted."),
+) -> None:
+    """Serve a base model and its adapters behind an OpenAI-compatible API (completions, chat, embeddings)."""
+    import uvicorn
+
+    from splice.serve import ServeLimits, build_app
+
+    paths = {}
+    for item in adapter:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SpliceError(f"--adapter {item!r}: expected NAME=PATH")
+        paths[key] = value
+    limits = ServeLimits(max_request_bytes=max_request_kb * 1024, max_prompt_tokens=max_prompt_tokens,
+                         max_tokens=max_tokens)
+    app_ = build_app(base, adapters, adapter_paths=paths, kind=kind, model_name=name, api_key=api_key,
+                     max_adapter_bytes=int(adapter_memory_mb * 2**20), max_batch=max_batch, limits=limits)
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv`; returns the exit code. Bad input becomes one `error: ...` line, never a traceback."""
     try:
