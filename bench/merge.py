@@ -318,22 +318,22 @@ def main() -> None:
                         + (f" (target < 1.5 GB: {'PASS' if peak_anon < 1.5e9 else 'GAP'})" if size == "1.5b" else ""))
     minutes = (time.perf_counter() - t0) / 60
     cmd = "python bench/merge.py " + " ".join(sys.argv[1:])
-    body = "\n\n".join([
-        "Synthetic LlamaForCausalLM checkpoints (random weights; fine-tune = base + N(0, 0.002²)), base + 3 fine-tunes, "
-        "same mergekit YAML for both tools (`dtype: bfloat16`; ties/dare_ties/della: density 0.5, weight 1, "
-        "normalize; task_arithmetic: weight 0.5; slerp: base and one fine-tune, t 0.5). Each run is a fresh process "
-        "(`mergekit-yaml CONFIG OUT --random-seed 0 --quiet` / `splice merge CONFIG OUT --seed 0 --no-progress`) "
-        "with the inputs dropped from the page cache first, so all reads are cold; the read floor is reading the "
-        "same input files once, cold, doing nothing else. splice fsyncs its output before the atomic rename; "
-        "mergekit does not. Memory: peak over 20 ms samples of the process tree's RssAnon (anon) and "
-        "RssFile + RssShmem (file-backed: mapped input pages the kernel may drop).",
-        md_table(["machine", ""], list(info.items())),
-        f"Reproduce: `{cmd.strip()}` ({minutes:.0f} min).",
-        *sections,
-        "Targets:\n" + "\n".join(verdicts),
-    ])
-    write_section(Path(args.out), "## Merge (bench/merge.py)", body)
-    print(body)
+    intro = (
+        "Synthetic LlamaForCausalLM checkpoints (random weights; fine-tune = base + N(0, 0.002²)), base + 3 "
+        "fine-tunes, same mergekit YAML for both tools (`dtype: bfloat16`; ties/dare_ties/della: density 0.5, "
+        "weight 1, normalize; task_arithmetic: weight 0.5; slerp: base and one fine-tune, t 0.5). Each run is a fresh "
+        "process (`mergekit-yaml CONFIG OUT --random-seed 0 --quiet` / `splice merge CONFIG OUT --seed 0 "
+        "--no-progress`) with the inputs dropped from the page cache first, so all reads are cold; the read floor "
+        "is reading the same input files once, cold, doing nothing else. splice fsyncs its output before the "
+        "atomic rename; mergekit does not. Memory: peak over 20 ms samples of the process tree's RssAnon (anon) and "
+        "RssFile + RssShmem (file-backed: mapped input pages the kernel may drop). max |splice − mergekit| is over "
+        "every output tensor, first round; see the note below the tables for where it is not 0.")
+    for size, section, verdict in zip(args.sizes, sections, verdicts):
+        body = "\n\n".join([intro, md_table(["machine", ""], list(info.items())),
+                             f"Reproduce: `{cmd.strip()}` ({minutes:.0f} min for {', '.join(args.sizes)}).",
+                             section, "Targets:\n" + verdict])
+        write_section(Path(args.out), f"## Merge, {size} (bench/merge.py)", body)
+        print(body)
 
 
 if __name__ == "__main__":
