@@ -3,7 +3,8 @@
 For every changed 2-D weight ΔW = W_ft − W_0 of a linear or embedding layer, the truncated SVD (`linalg`) gives
 B = U_r √S_r and A = √S_r V_rᵀ, the best rank-r approximation (Eckart–Young), written with lora_alpha = r so
 PEFT's scale α/r is 1. The rank is fixed (``rank``) or chosen per tensor from its spectrum (``energy``: the fewest
-singular values holding that share of ‖ΔW‖²_F; PEFT's rank_pattern / alpha_pattern carry the per-module ranks).
+singular values holding that share of ‖ΔW‖²_F; PEFT's rank_pattern / alpha_pattern carry the per-module ranks); a
+matrix with fewer rows or columns than the rank gets its full rank, as in mergekit.
 Embeddings are stored as PEFT's lora_embedding_A (r, num_embeddings) / lora_embedding_B (dim, r), whose update
 is (BA)ᵀ. With ``extras`` (default), changed biases are written as trained biases (``bias: all``) and changed
 norms and other 1-D tensors as ``modules_to_save``, both at full precision, so the adapter reproduces the whole
@@ -60,10 +61,12 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
     base_dir = base_folder(base)
     deltas = DeltaSet.from_checkpoints(base_dir, finetuned)
     targets = [n for n in deltas if n.endswith(".weight") and len(deltas.delta_shape(n)) == 2]
-    for n in targets:
-        if rank is not None and rank > min(deltas.delta_shape(n)):
-            raise SpliceError(f"--rank {rank}: tensor {n!r} of shape {tuple(deltas.delta_shape(n))} allows at most "
-                              f"rank {min(deltas.delta_shape(n))}")
+    # As mergekit: a matrix smaller than the rank gets its full rank (exact); a rank above what even the largest
+    # matrix allows is surely a mistake.
+    widest = max(targets, key=lambda n: min(deltas.delta_shape(n)), default=None)
+    if rank is not None and widest is not None and rank > min(deltas.delta_shape(widest)):
+        raise SpliceError(f"--rank {rank}: larger than any weight allows; the largest, {widest!r} of shape "
+                          f"{tuple(deltas.delta_shape(widest))}, allows at most rank {min(deltas.delta_shape(widest))}")
     report = CompressReport(f"extract rank={rank}" if rank is not None else f"extract energy={energy}")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -95,7 +98,7 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
         elif extras:
             ft = deltas.ft_reader.get(name)
             if name.endswith(".bias") and f"{module}.weight" in targets:
-                tensors[f"{PREFIX}{module}.bias"] = ft.contiguous()
+                tensors[f"{PREFIX}{module}.base_layer.bias"] = ft.contiguous()  # PEFT: under the LoRA wrapper
                 biases.add(module)
             else:
                 tensors[f"{PREFIX}{name}"] = ft.contiguous()
