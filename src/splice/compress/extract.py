@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from splice.compress.linalg import truncated_svd
-from splice.compress.pipeline import CompressReport, TensorReport, relative_error
+from splice.compress.pipeline import CompressReport, TensorReport
 from splice.delta.deltaset import DeltaSet, tensor_fingerprint
 from splice.errors import SpliceError
 from splice.io.checkpoints import atomic_output_dir, write_json
@@ -84,7 +84,8 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
             r = B.shape[1]
             if r == 0:
                 continue
-            err = relative_error(d, B @ A)
+            # float32 (the stored precision): a float64 copy of a large embedding would cost more than its SVD
+            err = float(torch.addmm(d, B, A, alpha=-1).norm() / d.norm())
             if _is_embedding(name):  # PEFT's embedding LoRA: ΔW (num, dim) = (B_p A_p)ᵀ, A_p (r, num), B_p (dim, r)
                 tensors[f"{PREFIX}{module}.lora_embedding_A"] = B.t().contiguous()
                 tensors[f"{PREFIX}{module}.lora_embedding_B"] = A.t().contiguous()
