@@ -98,3 +98,16 @@ def test_a_foreign_json_is_refused(tmp_path):
     (out / DELTA_CONFIG).write_text("{not json")
     with pytest.raises(SpliceError, match="invalid JSON"):
         load_compressed(out)
+
+
+def test_a_lazy_diff_ignores_an_integer_buffer_only_one_checkpoint_has(tmp_path):
+    from safetensors.torch import save_file
+
+    # transformers 5 no longer saves `position_ids`; a base saved by an older version still has it
+    save_file({"w": torch.ones(2, 2), "position_ids": torch.arange(4)}, str(tmp_path / "base.safetensors"))
+    save_file({"w": torch.full((2, 2), 3.0)}, str(tmp_path / "ft.safetensors"))
+    diff = DeltaSet.from_checkpoints(tmp_path / "base.safetensors", tmp_path / "ft.safetensors")
+    assert list(diff) == ["w"] and torch.equal(diff["w"].tensor, torch.full((2, 2), 2.0))
+    save_file({"w": torch.ones(2, 2), "extra": torch.ones(3)}, str(tmp_path / "base2.safetensors"))
+    with pytest.raises(SpliceError, match="'extra'"):
+        DeltaSet.from_checkpoints(tmp_path / "base2.safetensors", tmp_path / "ft.safetensors")
