@@ -111,3 +111,14 @@ def test_a_lazy_diff_ignores_an_integer_buffer_only_one_checkpoint_has(tmp_path)
     save_file({"w": torch.ones(2, 2), "extra": torch.ones(3)}, str(tmp_path / "base2.safetensors"))
     with pytest.raises(SpliceError, match="'extra'"):
         DeltaSet.from_checkpoints(tmp_path / "base2.safetensors", tmp_path / "ft.safetensors")
+
+
+def test_an_all_zero_delta_survives_every_method_and_the_round_trip(tmp_path):
+    # e.g. the pooler of a mean-pooled classifier: trained in full, yet its delta is exactly zero
+    ds = DeltaSet({"pooler.weight": Dense(torch.zeros(8, 8)), "pooler.bias": Dense(torch.zeros(8))})
+    for methods, params in (("dare,quantize", {"density": 0.5, "bits": 4}), ("compeft", {}),
+                            ("magnitude,quantize", {"bits": 1})):
+        small, report = compress(ds, methods, **params)
+        save_compressed(small, tmp_path / methods, force=True)
+        back = load_compressed(tmp_path / methods)
+        assert all(not back[n].materialize().any() for n in back) and report.mean_error == 0.0

@@ -44,6 +44,11 @@ def _unpack_bits(packed: Tensor, n: int) -> Tensor:
     return (packed.view(-1, 1) & _PLANE_WEIGHTS).ne(0).view(-1)[:n]
 
 
+def n_scales(numel: int, group_size: int) -> int:
+    """Scales of `numel` values in groups of `group_size` (0: one group); an empty tensor keeps one."""
+    return 1 if group_size == 0 or numel == 0 else math.ceil(numel / group_size)
+
+
 @dataclass(frozen=True, eq=False)
 class QTensor:
     """`numel` values as packed `bits`-bit codes (bits, ⌈numel/8⌉) uint8 plus one float32 scale per group."""
@@ -61,9 +66,9 @@ class QTensor:
         if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != want:
             raise SpliceError(f"QTensor: codes must be uint8 of shape {want}, got {self.codes.dtype} "
                               f"{tuple(self.codes.shape)}")
-        groups = 1 if self.group_size == 0 else math.ceil(self.numel / self.group_size)
-        if tuple(self.scales.shape) != (groups,):
-            raise SpliceError(f"QTensor: {groups} scales expected, got {tuple(self.scales.shape)}")
+        if tuple(self.scales.shape) != (n_scales(self.numel, self.group_size),):
+            raise SpliceError(f"QTensor: {n_scales(self.numel, self.group_size)} scales expected, got "
+                              f"{tuple(self.scales.shape)}")
 
     @property
     def nbytes(self) -> int:

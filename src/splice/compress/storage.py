@@ -12,6 +12,7 @@ and fingerprints, which is how `splice apply` and `splice merge` take such a fol
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -21,10 +22,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from splice.compress.codec import CTensor, Packed, QTensor, _pack_bits, _unpack_bits, index_nbytes
+from splice.compress.codec import CTensor, Packed, QTensor, _pack_bits, _unpack_bits, index_nbytes, n_scales
 from splice.delta.deltaset import DeltaSet, fingerprints_match, tensor_fingerprint
 from splice.errors import SpliceError
-from splice.io.checkpoints import CheckpointReader, atomic_output_dir, read_json, write_json
+from splice.io.checkpoints import CheckpointReader, atomic_output_dir, read_json
 
 __all__ = ["DELTA_CONFIG", "DELTA_WEIGHTS", "is_compressed", "save_compressed", "load_compressed",
            "compressed_deltaset"]
@@ -77,7 +78,8 @@ def save_compressed(deltas: DeltaSet, out: str | Path, *, force: bool = False,
               "config": deltas.config, "fingerprint": deltas.fingerprint, "tensors": entries}
     with atomic_output_dir(out, force=force) as tmp:
         save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": "pt", "splice": FORMAT})
-        write_json(tmp / DELTA_CONFIG, config)
+        # Compact: for a small adapter the per-tensor entries are a visible share of the folder's bytes.
+        (tmp / DELTA_CONFIG).write_text(json.dumps(config, separators=(",", ":")) + "\n", encoding="utf-8")
         if side_files_from is not None:
             for f in SIDE_FILES:
                 if (Path(side_files_from) / f).is_file():
@@ -115,7 +117,7 @@ def _decode_part(reader: CheckpointReader, key: str, meta: Any, where: str) -> C
         raise SpliceError(f"{where}: part {key!r}: sparse positions do not match nnz={nnz} of shape {tuple(shape)}")
     n = nnz if index is not None else numel
     if bits is not None:
-        groups = 1 if group == 0 else math.ceil(n / group)
+        groups = n_scales(n, group)
         codes = _get(reader, f"{key}::codes", torch.uint8, int(bits) * math.ceil(n / 8), where)
         values: Tensor | QTensor = QTensor(codes.view(int(bits), -1), _get(reader, f"{key}::scales", torch.float32,
                                                                            groups, where), int(bits), group, n)
