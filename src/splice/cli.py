@@ -242,6 +242,9 @@ def compress(
     block_ranks: Optional[str] = typer.Option(None, help="delta_come: vectors per block but the last, e.g. 2,30."),
     seed: int = typer.Option(0, help="Seed of the random methods (per tensor, reproducible)."),
     rows: Optional[int] = typer.Option(None, help="Print only the N tensors with the largest error."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Labelled CSV/JSONL: print the classifier's "
+                                                                  "accuracy before and after (needs --base and "
+                                                                  "the head saved in IN)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (atomically)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -253,10 +256,20 @@ def compress(
                                     "block_bits", "block_ranks") if flags[k] is not None}
     if out.exists() and not force:
         raise SpliceError(f"{out}: output folder exists; pass --force to replace it")
+    if eval_file is not None and base is None:
+        raise SpliceError("--eval needs --base (the model the classifier's encoder starts from)")
     deltas = open_deltas(src, base)
     small, report = run_compress(deltas, method, seed=seed, progress=progress, **params)
+    accuracies = None
+    if eval_file is not None:  # before writing: a bad --eval file must leave no output behind
+        from splice.compress.evaluate import accuracy_with
+
+        accuracies = [accuracy_with(base, d, src, eval_file) for d in (open_deltas(src, base), small)]
     path = save_compressed(small, out, force=force, side_files_from=src if src.is_dir() else None)
     typer.echo(report.format(rows))
+    if accuracies is not None:
+        typer.echo(f"accuracy on {eval_file}: {accuracies[0]:.4f} before, {accuracies[1]:.4f} after "
+                   f"({100 * (accuracies[1] - accuracies[0]):+.1f} points)")
     typer.echo(f"wrote {path}")
 
 

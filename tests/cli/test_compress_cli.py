@@ -212,3 +212,31 @@ def test_extract_from_models_that_do_not_match_is_one_line(capsys, tmp_path, ber
     code, _, err = cli(capsys, "extract", bert_dir, gpt2_dir, tmp_path / "lora", "--rank", "2", "--no-progress")
     assert code != 0 and "tensor" in one_error_line(err)
     assert not (tmp_path / "lora").exists()
+
+
+def test_compress_eval_reports_accuracy_before_and_after(capsys, tmp_path, bert_dir, sentiment_csv):
+    adapter = tmp_path / "adapter"
+    code, _, err = cli(capsys, "train", bert_dir, sentiment_csv, "--out", adapter, "--r", 4, "--lr", "0.01",
+                       "--epochs", "2", "--batch-size", "8", "--max-length", "8", "--no-progress")
+    assert code == 0, err
+    code, out, err = cli(capsys, "compress", adapter, tmp_path / "small", "--base", bert_dir, "--method",
+                         "quantize", "--bits", "8", "--eval", sentiment_csv, "--no-progress")
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("accuracy on"))
+    before, after = float(line.split(": ")[1].split()[0]), float(line.split(", ")[1].split()[0])
+    # before = the adapter as trained (what `splice train` scores), after = 8-bit factors: nearly the same
+    from splice.train.data import load_classification_file
+    from splice.train.run import evaluate_saved
+
+    assert before == pytest.approx(evaluate_saved(str(bert_dir), adapter, load_classification_file(sentiment_csv),
+                                                  progress=False), abs=1e-6)
+    assert abs(after - before) <= 0.05
+    assert (tmp_path / "small" / "head.safetensors").is_file()  # the head travels with the compressed delta
+
+
+def test_compress_eval_without_a_head_is_one_line_and_writes_nothing(capsys, tmp_path, bert_dir, sentiment_csv):
+    ft = make_finetune(bert_dir, tmp_path / "ft")
+    code, _, err = cli(capsys, "compress", ft, tmp_path / "small", "--base", bert_dir, "--method", "quantize",
+                       "--eval", sentiment_csv, "--no-progress")
+    assert code != 0 and "head" in one_error_line(err)
+    assert not (tmp_path / "small").exists()
