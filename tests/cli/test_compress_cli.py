@@ -116,9 +116,14 @@ def test_compress_a_full_model_needs_base(capsys, tmp_path, bert_dir):
     assert not (tmp_path / "small").exists()
 
 
-def test_a_compressed_delta_for_another_base_is_refused(capsys, tmp_path, bert_dir):
-    ft = make_finetune(bert_dir, tmp_path / "ft")
-    code, _, err = cli(capsys, "compress", ft, tmp_path / "small", "--base", bert_dir, "--method", "quantize",
+@pytest.mark.parametrize("source", ["finetune", "adapter"])
+def test_a_compressed_delta_for_another_base_is_refused(capsys, tmp_path, bert_dir, source):
+    if source == "finetune":
+        src = make_finetune(bert_dir, tmp_path / "ft")
+    else:
+        src = make_adapter(bert_dir, tmp_path / "adapter")
+        (src / "splice_config.json").unlink()  # a plain PEFT folder: the fingerprints come from --base
+    code, _, err = cli(capsys, "compress", src, tmp_path / "small", "--base", bert_dir, "--method", "quantize",
                        "--no-progress")
     assert code == 0, err
     other = make_finetune(bert_dir, tmp_path / "other", seed=9)  # same shapes, other values: another "base"

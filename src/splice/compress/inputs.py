@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from splice.compress.storage import compressed_deltaset, is_compressed, load_compressed
-from splice.delta.deltaset import DeltaSet
+from splice.delta.deltaset import DeltaSet, tensor_fingerprint
 from splice.delta.forms import Delta
 from splice.errors import SpliceError
 from splice.io.peft_format import CONFIG_FILE, AdapterFolder, read_adapter_folder, scale_of
@@ -38,7 +38,10 @@ def open_deltas(path: str | Path, base: str | None = None) -> DeltaSet:
     if (path / CONFIG_FILE).is_file():
         folder = read_adapter_folder(path)
         if reader is not None:
-            return adapter_deltaset(folder, reader)
+            deltas = adapter_deltaset(folder, reader)
+            # Recorded so that the compressed folder, too, refuses a base other than this one.
+            deltas.fingerprint = {n: tensor_fingerprint(reader.get(n)) for n in deltas}
+            return deltas
         return _adapter_without_base(folder)
     if reader is None:
         raise SpliceError(f"{path}: a full model folder is compressed as its difference to a base; pass --base")
