@@ -7,7 +7,9 @@
     python bench/compress.py accuracy full      # ... of the full fine-tune delta
     python bench/compress.py report             # bench/results/compression.md + compression.png from the JSON
 
-Each step stays under 10 minutes on 2 busy CPU cores and caches its output under bench/.cache/compress/.
+Outputs are cached under bench/.cache/compress/. On 2 busy CPU cores prepare took 6.4 min (full) + 4 min (LoRA),
+extract 3 min, accuracy lora 9 min and accuracy full about 13 min: each variant's result is saved as soon as it is
+measured and a rerun skips it, so a step cut short by a time limit resumes where it stopped.
 
 What is measured:
 - prepare: the embedded all-MiniLM-L6-v2 (`splice.io.models.default_model_path()`) with mean pooling and a
