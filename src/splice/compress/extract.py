@@ -12,7 +12,6 @@ fine-tune up to the truncation. Only two tensors of the models are in memory at 
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from splice.compress.linalg import truncated_svd
 from splice.compress.pipeline import CompressReport, TensorReport
-from splice.delta.deltaset import DeltaSet, tensor_fingerprint
+from splice.delta.deltaset import DeltaSet
 from splice.errors import SpliceError
 from splice.io.checkpoints import atomic_output_dir, write_json
 from splice.io.peft_format import CONFIG_FILE, PREFIX, SPLICE_FILE, WEIGHTS_FILE
