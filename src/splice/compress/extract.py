@@ -34,6 +34,29 @@ def _is_embedding(name: str) -> bool:
     return any(h in name.rsplit(".", 1)[0].split(".")[-1] for h in _EMBED_HINTS)
 
 
+def _peft_config(base: str, ranks: dict[str, int], biases: bool, saved: set[str]) -> dict:
+    """adapter_config.json: alpha = r everywhere (scale 1), per-module ranks in rank_pattern / alpha_pattern."""
+    r_max = max(ranks.values())
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "revision": None,
+        "r": r_max, "lora_alpha": r_max, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+        "bias": "all" if biases else "none", "target_modules": sorted(ranks), "exclude_modules": None,
+        "modules_to_save": sorted(saved) or None, "fan_in_fan_out": False, "init_lora_weights": True,
+        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {m: r for m, r in ranks.items() if r != r_max},
+        "alpha_pattern": {m: r for m, r in ranks.items() if r != r_max},
+    }
+
+
+def _check_args(rank: int | None, energy: float | None) -> None:
+    if (rank is None) == (energy is None):
+        raise SpliceError("extract: give exactly one of --rank or --energy")
+    if rank is not None and rank < 1:
+        raise SpliceError(f"--rank: must be >= 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise SpliceError(f"--energy: must be in (0, 1], got {energy}")
+
+
 def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | None = None,
             energy: float | None = None, extras: bool = True, force: bool = False,
             progress: bool = True) -> CompressReport:
@@ -51,12 +74,7 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
     """
     from splice.apply import base_folder
 
-    if (rank is None) == (energy is None):
-        raise SpliceError("extract: give exactly one of --rank or --energy")
-    if rank is not None and rank < 1:
-        raise SpliceError(f"--rank: must be >= 1, got {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise SpliceError(f"--energy: must be in (0, 1], got {energy}")
+    _check_args(rank, energy)
     base_dir = base_folder(base)
     deltas = DeltaSet.from_checkpoints(base_dir, finetuned)
     targets = [n for n in deltas if n.endswith(".weight") and len(deltas.delta_shape(n)) == 2]
@@ -110,16 +128,7 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
         raise SpliceError(f"{finetuned}: no 2-D weight differs from the base {base}; nothing to extract")
     # A module whose weight is saved whole must not also get a LoRA (PEFT would refuse the overlap).
     saved -= set(ranks)
-    r_max = max(ranks.values())
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base), "revision": None,
-        "r": r_max, "lora_alpha": r_max, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
-        "bias": "all" if biases else "none", "target_modules": sorted(ranks), "exclude_modules": None,
-        "modules_to_save": sorted(saved) or None, "fan_in_fan_out": False, "init_lora_weights": True,
-        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {m: r for m, r in ranks.items() if r != r_max},
-        "alpha_pattern": {m: r for m, r in ranks.items() if r != r_max},
-    }
+    config = _peft_config(str(base), ranks, bool(biases), saved)
     with atomic_output_dir(out, force=force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
