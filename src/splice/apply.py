@@ -155,14 +155,17 @@ def apply_adapter(base: str, adapter: str | Path, out: str | Path, *, force: boo
 
     Args:
         base: model id or local folder of the base model.
-        adapter: a PEFT or splice adapter folder.
+        adapter: a PEFT or splice adapter folder, or a compressed-delta folder (`splice compress`).
         out: the output folder; refused if it exists unless `force` (then replaced atomically).
         dtype: dtype of the written weights (default: each tensor keeps the base's dtype).
     """
-    folder = read_adapter_folder(adapter)
+    from splice.compress.storage import compressed_deltaset, is_compressed
+
+    folder = None if is_compressed(adapter) else read_adapter_folder(adapter)
     base_dir = base_folder(base)
     reader = CheckpointReader(base_dir)
-    deltas = adapter_deltaset(folder, reader)
+    # A compressed-delta folder (splice compress) applies like an adapter.
+    deltas = compressed_deltaset(adapter, reader) if folder is None else adapter_deltaset(folder, reader)
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
         for name in reader.keys():

@@ -270,6 +270,85 @@ def serve(
                      max_adapter_bytes=int(adapter_memory_mb * 2**20), max_batch=max_batch, limits=limits)
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
+@app.command(epilog="Examples:  splice compress my-adapter small --method dare,quantize --density 0.1 --bits 4\n\n"
+                    "splice compress my-finetune small --base default --method svd,quantize --rank 32 --bits 4")
+def compress(
+    src: Path = typer.Argument(..., metavar="IN", help="Adapter folder, compressed-delta folder, or a full "
+                                                       "fine-tuned model folder (with --base)."),
+    out: Path = typer.Argument(..., help="Output compressed-delta folder (delta_config.json + delta.safetensors)."),
+    method: str = typer.Option(..., "--method", "-m", help="Comma-separated chain: magnitude, dare, darex, compeft, "
+                                                           "quantize, svd, delta_come (order: svd → sparsify → "
+                                                           "quantize)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model ('default', folder, hub id): needed for a "
+                                                            "full model; checks an adapter against it."),
+    density: Optional[float] = typer.Option(None, help="Fraction of entries kept (magnitude, dare, darex, "
+                                                       "compeft)."),
+    bits: Optional[int] = typer.Option(None, help="Bits per value for quantize: 8, 4, 2, 1 (sign + scale)."),
+    group_size: Optional[int] = typer.Option(None, help="Values per quantization scale; 0 = one per tensor."),
+    rank: Optional[int] = typer.Option(None, help="Rank for svd / delta_come."),
+    energy: Optional[float] = typer.Option(None, help="Or choose the rank per tensor: share of ||dW||^2 kept."),
+    q: Optional[float] = typer.Option(None, help="darex: fixed rescaling 1/q, q in [density, 1]."),
+    q_mode: Optional[str] = typer.Option(None, help="darex: output, norm or dare."),
+    alpha: Optional[str] = typer.Option(None, help="compeft: 'mean' or c for scale c*std."),
+    block_bits: Optional[str] = typer.Option(None, help="delta_come: bits per singular-vector block, e.g. 8,4,2."),
+    block_ranks: Optional[str] = typer.Option(None, help="delta_come: vectors per block but the last, e.g. 2,30."),
+    seed: int = typer.Option(0, help="Seed of the random methods (per tensor, reproducible)."),
+    rows: Optional[int] = typer.Option(None, help="Print only the N tensors with the largest error."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Labelled CSV/JSONL: print the classifier's "
+                                                                  "accuracy before and after (needs --base and "
+                                                                  "the head saved in IN)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (atomically)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Compress a fine-tune's delta; prints bytes before/after, the ratio and each tensor's relative error."""
+    from splice.compress import compress as run_compress, open_deltas, save_compressed
+
+    flags = locals()
+    params = {k: flags[k] for k in ("density", "bits", "group_size", "rank", "energy", "q", "q_mode", "alpha",
+                                    "block_bits", "block_ranks") if flags[k] is not None}
+    if out.exists() and not force:
+        raise SpliceError(f"{out}: output folder exists; pass --force to replace it")
+    if eval_file is not None and base is None:
+        raise SpliceError("--eval needs --base (the model the classifier's encoder starts from)")
+    deltas = open_deltas(src, base)
+    small, report = run_compress(deltas, method, seed=seed, progress=progress, **params)
+    accuracies = None
+    if eval_file is not None:  # before writing: a bad --eval file must leave no output behind
+        from splice.compress.evaluate import accuracy_with
+
+        accuracies = [accuracy_with(base, d, src, eval_file) for d in (open_deltas(src, base), small)]
+    path = save_compressed(small, out, force=force, side_files_from=src if src.is_dir() else None)
+    typer.echo(report.format(rows))
+    if accuracies is not None:
+        typer.echo(f"accuracy on {eval_file}: {accuracies[0]:.4f} before, {accuracies[1]:.4f} after "
+                   f"({100 * (accuracies[1] - accuracies[0]):+.1f} points)")
+    typer.echo(f"wrote {path}")
+
+
+@app.command(epilog="Example:  splice extract default my-full-finetune my-lora --rank 16")
+def extract(
+    base: str = typer.Argument(..., help="Base model: 'default', a local folder, or a hub id."),
+    finetuned: Path = typer.Argument(..., help="The full fine-tuned model folder."),
+    out: Path = typer.Argument(..., help="Output LoRA adapter folder (PEFT format)."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank of every weight matrix."),
+    energy: Optional[float] = typer.Option(None, help="Or per tensor: the fewest singular values holding this "
+                                                     "share of ||dW||^2 (e.g. 0.9)."),
+    extras: bool = typer.Option(True, "--extras/--no-extras", help="Also keep changed biases and norms (full "
+                                                                   "precision)."),
+    rows: Optional[int] = typer.Option(None, help="Print only the N tensors with the largest error."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (atomically)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Turn a full fine-tune into a LoRA adapter (truncated SVD of each weight's delta), streaming."""
+    from splice.compress import extract as run_extract
+
+    if out.exists() and not force:
+        raise SpliceError(f"{out}: output folder exists; pass --force to replace it")
+    report = run_extract(base, finetuned, out, rank=rank, energy=energy, extras=extras, force=force,
+                         progress=progress)
+    typer.echo(report.format(rows))
+    typer.echo(f"wrote {out}")
+
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv`; returns the exit code. Bad input becomes one `error: ...` line, never a traceback."""

@@ -157,7 +157,8 @@ class DeltaSet(Mapping[str, Delta]):
 class LazyDiffDeltaSet(DeltaSet):
     """``fine-tuned − base`` of two checkpoints, read from disk one tensor at a time.
 
-    Keys are all floating-point tensors present in both checkpoints (equal shapes are required), whether or not
+    Keys are all floating-point tensors present in both checkpoints (equal shapes are required; a non-float buffer
+    such as ``position_ids`` may be missing from one of them), whether or not
     they changed: deciding that would mean reading the whole model up front. Looking one up reads the base tensor
     and the fine-tuned tensor, in turn, and returns ``Dense(ft.float() - base.float())``; nothing is cached, so at
     most two tensors are in memory at once. Each lookup also records the base tensor's fingerprint.
@@ -180,14 +181,20 @@ class LazyDiffDeltaSet(DeltaSet):
         if rtol_zero < 0:
             raise SpliceError(f"rtol_zero: must be >= 0, got {rtol_zero}")
         self.rtol_zero = float(rtol_zero)
-        only_ft = [n for n in self.ft_reader.keys() if n not in self.base_reader]
-        only_base = [n for n in self.base_reader.keys() if n not in self.ft_reader]
+        # Integer buffers (position_ids) are not weights, and newer transformers no longer save them: a tensor in
+        # only one checkpoint is an error only when it is floating point.
+        only_ft = [n for n in self.ft_reader.keys()
+                   if n not in self.base_reader and self.ft_reader.dtype(n).is_floating_point]
+        only_base = [n for n in self.base_reader.keys()
+                     if n not in self.ft_reader and self.base_reader.dtype(n).is_floating_point]
         for names, where, other in ((only_ft, finetuned_path, base_path), (only_base, base_path, finetuned_path)):
             if names:
                 more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
                 raise SpliceError(f"tensor {names[0]!r}{more} is in {where} but not in {other}")
         keys: list[str] = []
         for name in self.base_reader.keys():
+            if name not in self.ft_reader:
+                continue
             b_shape, f_shape = self.base_reader.shape(name), self.ft_reader.shape(name)
             if b_shape != f_shape:
                 raise SpliceError(

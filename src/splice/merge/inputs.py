@@ -1,7 +1,8 @@
 """The inputs of a merge, read one tensor at a time.
 
 An input is either a full HF model folder (safetensors, sharded or not, memory-mapped through `CheckpointReader`)
-or a LoRA/DoRA adapter folder (it has ``adapter_config.json``). An adapter reads as ``base + ΔW`` per tensor, lazily:
+or a LoRA/DoRA adapter folder (it has ``adapter_config.json``) or a compressed-delta folder (``delta_config.json``,
+from ``splice compress``). An adapter reads as ``base + ΔW`` per tensor, lazily:
 ``ΔW = s·B·A`` is formed only for the tensor being merged. It is checked against its base when opened (every update
 fits its base tensor; base fingerprints, when ``splice_config.json`` records them, match), so an adapter made for
 another base fails before anything is written.
@@ -152,10 +153,14 @@ class LoraInput(MergeInput):
     def __init__(self, folder: Path, base: ModelFolder, where: str) -> None:
         from splice.apply import adapter_deltaset
 
+        from splice.compress.storage import compressed_deltaset, is_compressed
+
         self.folder, self.base, self.where = folder, base, where
         try:
-            self.adapter = read_adapter_folder(folder)
-            self.deltas: DeltaSet = adapter_deltaset(self.adapter, base.reader)
+            # A compressed-delta folder (splice compress) is a delta like an adapter's; it has no LoRA factors.
+            self.adapter = None if is_compressed(folder) else read_adapter_folder(folder)
+            self.deltas: DeltaSet = (compressed_deltaset(folder, base.reader) if self.adapter is None
+                                     else adapter_deltaset(self.adapter, base.reader))
         except SpliceError as err:
             raise SpliceError(f"{where}: {err} (base: {base.folder})") from None
 
@@ -226,7 +231,7 @@ class InputSet:
         if ref.lora:
             lora = local_folder(ref.lora, ref.lora_revision, f"{where} {ref.lora!r}")
             inp: MergeInput = LoraInput(lora, self._model(folder, label), f"{where} {lora}")
-        elif (folder / CONFIG_FILE).is_file():
+        elif (folder / CONFIG_FILE).is_file() or (folder / "delta_config.json").is_file():
             if not isinstance(self.base, ModelFolder):
                 raise SpliceError(f"{label}: is a LoRA adapter folder, which is merged as a delta on base_model; "
                                   f"set base_model to the full model it was trained on (or write 'MODEL+ADAPTER')")

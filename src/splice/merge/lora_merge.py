@@ -113,7 +113,7 @@ class LoraMerge:
         self.tasks = {t.name: t for t in plan.tasks}
         adapters = [s.input for t in plan.tasks[:1] for s in t.inputs if s.input is not plan.base]
         for inp in adapters:
-            if not isinstance(inp, LoraInput) or inp.base is not plan.base:
+            if not isinstance(inp, LoraInput) or inp.base is not plan.base or inp.adapter is None:
                 raise SpliceError(f"out_format lora: {inp.where} is not a LoRA adapter of base_model "
                                   f"{plan.base.folder}; every merged model must be one")
             if inp.adapter.config.method not in ("lora", "dora"):
