@@ -74,7 +74,7 @@ def weighted_sum_coefficients(plan: MergePlan, task: TensorTask, seed: int = 0) 
                             generator=tensor_generator(seed, task.name))
         fn, p = plan.method.fn, {**task.params, **task.model_params}
         if plan.method.space == "delta":
-            return fn(b, deltas, ctx=ctx, **p).to(torch.float64)
+            return fn(b, list(deltas), ctx=ctx, **p).to(torch.float64)  # a method may consume its list
         base = b if task.base is not None else None
         return fn(base, [b + d for d in deltas], ctx=ctx, **p).to(torch.float64) - b
 

@@ -68,6 +68,19 @@ def consensus_mask(deltas: Tensor, method: str, mask_dtype: torch.dtype | None =
     return sign == elected
 
 
+def elected_sign(deltas: list[Tensor], method: str) -> Tensor:
+    """The elected sign per entry (int8, +1 on a tie) of a list of weighted deltas, without stacking them."""
+    votes = torch.zeros_like(deltas[0])
+    for d in deltas:
+        if method == "sum":
+            votes.add_(d)
+        elif method == "count":
+            votes.add_(d.sign())
+        else:
+            raise SpliceError(f"parameter 'consensus' must be one of {', '.join(CONSENSUS_METHODS)}, got {method!r}")
+    return (votes >= 0).to(torch.int8) * 2 - 1
+
+
 def generalized_task_arithmetic(
     base: Tensor, deltas: list[Tensor], *, weight: list[float], density: list[float] | None = None,
     sparsify_method: str = "none", consensus: str = "none", gamma: list[float] | None = None,
@@ -78,7 +91,8 @@ def generalized_task_arithmetic(
 
     Args:
         base: θ_0, for shape and dtype (the deltas already have it subtracted).
-        deltas: τ_i, one per model, each shaped like `base`.
+        deltas: τ_i, one per model, each shaped like `base`. The list is consumed (its entries replaced by
+            intermediate results); the tensors in it are not modified.
         weight, density, gamma, epsilon: per-model values aligned with `deltas`.
         sparsify_method: one of sparsify.SPARSIFY_METHODS.
         consensus: "none", "sum" or "count".
@@ -96,29 +110,33 @@ def generalized_task_arithmetic(
         return torch.zeros_like(base)
     dtype = c.work_dtype(base, *deltas)
     density = density or [1.0] * n
-    stacked = torch.empty((n, *base.shape), dtype=dtype, device=base.device)  # (N, *shape)
-    for i, delta in enumerate(deltas):
-        stacked[i] = sparsify(delta.to(dtype), sparsify_method, density[i],
-                              gamma=gamma[i] if gamma else 0.01, epsilon=epsilon[i] if epsilon else 0.15,
-                              rescale=rescale, generator=generator)
-    w = torch.tensor(weight, dtype=dtype, device=base.device).reshape(n, *[1] * base.dim())  # (N, 1, ..., 1)
-    stacked.mul_(w)
-
+    # No (N, *shape) stack: the largest tensors (embeddings) bound a merge's memory. Each input's weighted, sparsified
+    # version replaces it in the list (the tensors passed in are never written), so an input is freed as soon as it
+    # is used when the caller keeps no other reference: the executor does not.
+    w = torch.tensor(weight, dtype=dtype, device=base.device)  # (N,)
+    for i in range(n):
+        given = deltas[i]
+        t = sparsify(given.to(dtype), sparsify_method, density[i], gamma=gamma[i] if gamma else 0.01,
+                     epsilon=epsilon[i] if epsilon else 0.15, rescale=rescale, generator=generator)
+        t = t * w[i] if t.untyped_storage().data_ptr() == given.untyped_storage().data_ptr() else t.mul_(w[i])
+        del given
+        deltas[i] = t
     if consensus != "none":
-        # In place and with an int8 sign: the largest tensors (embeddings) bound a merge's memory, and these
-        # (N, *shape) temporaries were most of it. int8_mask is therefore always on; the result does not change.
-        mask = consensus_mask(stacked, consensus, torch.int8)  # (N, *shape) bool
-        merged = stacked.mul_(mask).sum(dim=0)
-        del stacked
-        divisor = torch.zeros_like(merged)
+        elected = elected_sign(deltas, consensus)  # (*shape) int8; int8_mask changes nothing here
+        merged, divisor = torch.zeros_like(deltas[0]), torch.zeros_like(deltas[0])
         for i in range(n):
-            divisor.add_(mask[i].to(dtype), alpha=weight[i])
-        del mask
+            agree = deltas[i].sign().to(torch.int8) == elected
+            merged.add_(deltas[i].mul_(agree))
+            divisor.add_(agree.to(dtype), alpha=weight[i])
+            deltas[i] = None  # type: ignore[call-overload]
         divisor[divisor == 0] = 1
     else:
-        merged = stacked.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        merged = deltas[0].clone()
+        for i in range(1, n):
+            merged.add_(deltas[i])
+        divisor = w.sum()
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones((), dtype=dtype)
     if normalize:
         merged /= divisor
     if scale != 1:
