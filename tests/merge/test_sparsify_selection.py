@@ -52,3 +52,16 @@ def test_large_tensors_take_the_radix_path_and_agree_with_kthvalue():
             assert int(m.sum()) == k
             cut = torch.kthvalue(v, n - k + 1).values
             assert v[m == 1].min() == cut and bool((v[m == 0] <= cut).all())
+
+
+def test_della_masks_by_blocks_of_rows_equal_the_whole_tensor_at_once():
+    from splice.merge.methods.sparsify import rank_magnitude_sampling
+
+    t = torch.randn(3000, 2048, generator=torch.Generator().manual_seed(4))  # 6M entries: two blocks of rows
+    got = rank_magnitude_sampling(t, 0.4, 0.1, rescale=True, generator=torch.Generator().manual_seed(9))
+    ranks = torch.argsort(t.abs(), dim=1).argsort(dim=1).float() + 1  # the whole-tensor reference (mergekit's)
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    probs = 0.3 + ((ranks - lo) / (hi - lo)) * 0.2
+    mask = torch.bernoulli(probs, generator=torch.Generator().manual_seed(9))
+    masked = t * mask
+    assert torch.equal(got, masked * (t.abs().sum() / masked.abs().sum()))

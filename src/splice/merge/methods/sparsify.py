@@ -154,16 +154,24 @@ def rank_magnitude_sampling(tensor: Tensor, density: float, epsilon: float, resc
     shape = tensor.shape
     dtype = _draw_dtype(tensor)
     rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor  # (R, C, ...)
-    order = torch.argsort(rows.abs(), dim=1)
-    # The inverse permutation by scatter: the rank of each entry in its row (1 = smallest), without a second sort.
-    positions = torch.arange(1, rows.shape[1] + 1, dtype=dtype).view(1, -1, *[1] * (rows.dim() - 2)).expand_as(order)
-    ranks = torch.empty(order.shape, dtype=dtype).scatter_(1, order, positions.contiguous())
-    lo = ranks.min(dim=1, keepdim=True).values
-    span = ranks.max(dim=1, keepdim=True).values - lo
-    # A row of one entry has no rank spread (mergekit divides 0/0 there and fails); give it the middle probability.
-    rank01 = torch.where(span > 0, (ranks - lo) / span, 0.5).clamp(0, 1)
-    probs = (density - epsilon) + rank01 * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator).to(dtype)
+    mask = torch.empty(rows.shape, dtype=dtype, device=rows.device)
+    # Rows are ranked independently and torch.bernoulli consumes the generator element by element in order, so
+    # blocks of rows give the same masks as the whole tensor at once, without its int64 sort indices and float
+    # rank/probability temporaries (several times the tensor's size on a 65M-entry embedding).
+    step = max(1, (1 << 22) // max(1, rows[0].numel()))
+    for r0 in range(0, rows.shape[0], step):
+        block = rows[r0:r0 + step]
+        order = torch.argsort(block.abs(), dim=1)
+        # The inverse permutation by scatter: the rank of each entry in its row (1 = smallest), without a 2nd sort.
+        positions = torch.arange(1, block.shape[1] + 1, dtype=dtype).view(1, -1, *[1] * (block.dim() - 2))
+        ranks = torch.empty(order.shape, dtype=dtype).scatter_(1, order, positions.expand_as(order).contiguous())
+        del order
+        lo = ranks.min(dim=1, keepdim=True).values
+        span = ranks.max(dim=1, keepdim=True).values - lo
+        # A row of one entry has no rank spread (mergekit divides 0/0 there and fails); give it the middle probability.
+        rank01 = torch.where(span > 0, (ranks - lo) / span, 0.5).clamp(0, 1)
+        probs = (density - epsilon) + rank01 * 2 * epsilon
+        mask[r0:r0 + step] = torch.bernoulli(probs, generator=generator)
     return rescaled(rows.to(dtype), mask, rescale).to(tensor.dtype).reshape(shape)
 
 
