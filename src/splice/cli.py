@@ -57,7 +57,7 @@ def train(
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scaling numerator)."),
     dropout: Optional[float] = typer.Option(None, help="Dropout on the adapter branch."),
     rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="Scale by alpha/sqrt(r)."),
-    init: Optional[str] = typer.Option(None, help="kaiming, gaussian or pissa."),
+    init: Optional[str] = typer.Option(None, help="kaiming, gaussian, pissa or olora."),
     bias: Optional[str] = typer.Option(None, help="none, lora_only or all."),
     target_modules: Optional[str] = typer.Option(None, help="Comma-separated suffixes, a regex, or all-linear."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with method/task/adapter/train "

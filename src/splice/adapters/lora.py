@@ -8,6 +8,7 @@
 - PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948) starts A, B at the top-r singular triplets of W₀ and
   trains on the residual W₀ − sB₀A₀. The base weight here is never modified: the layer adds −sB₀A₀ itself, so the
   update against the *original* base is s(BA − B₀A₀), exact and rank 2r (what PEFT writes on conversion).
+- Other starts (OLoRA, ...) live in `splice.adapters.inits`, one file each, and are handled the same way.
 - Wraps nn.Linear, HF Conv1D (GPT-2; its weight is stored transposed), nn.Embedding and nn.Conv2d, with PEFT's
   parameter shapes and key names so that folders interchange with PEFT, vLLM and LoRAX.
 """
@@ -22,12 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
+from splice.adapters.inits import WEIGHT_STARTS
 from splice.adapters.ops import lora_linear
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Dense, LowRank
 from splice.errors import SpliceError
 
 KINDS = ("linear", "conv1d", "embedding", "conv2d")
+INITS = ("kaiming", "gaussian", *WEIGHT_STARTS)
 
 
 @dataclass
@@ -42,9 +45,9 @@ class LoraConfig(AdapterConfig):
         "Which biases train: none, those of the wrapped modules (lora_only), or every bias in the model (all).",
         default="none",
     )
-    init_lora_weights: Literal["kaiming", "gaussian", "pissa"] | bool = doc(
-        "Initialisation of A (B starts at 0): kaiming (PEFT's default, also `true`), gaussian (std 1/r), or pissa "
-        "(A, B from the top-r singular vectors of the base weight).",
+    init_lora_weights: Literal["kaiming", "gaussian", "pissa", "olora"] | bool = doc(
+        "Initialisation of A (B starts at 0): kaiming (PEFT's default, also `true`), gaussian (std 1/r), pissa "
+        "(A, B from the top-r singular vectors of the base weight) or olora (from its QR decomposition).",
         default="kaiming",
     )
 
@@ -58,9 +61,9 @@ class LoraConfig(AdapterConfig):
             raise SpliceError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise SpliceError(f"bias: must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in ("kaiming", "gaussian", "pissa"):
+        if self.init_lora_weights not in INITS:
             raise SpliceError(
-                f"init_lora_weights: must be 'kaiming', 'gaussian' or 'pissa', got {self.init_lora_weights!r}"
+                f"init_lora_weights: must be one of {', '.join(INITS)}, got {self.init_lora_weights!r}"
             )
 
     @property
@@ -130,12 +133,15 @@ class LoraAdapter(nn.Module):
         self.lora_bias = None
         if config.bias != "none" and getattr(base, "bias", None) is not None:
             self.lora_bias = nn.Parameter(torch.zeros_like(base.bias))
-        self.pissa = config.init_lora_weights == "pissa"
+        # True once `start` set s B₀ A₀ ≠ 0 (PiSSA, OLoRA, ...), subtracted in forward; see splice.adapters.inits.
+        self.pissa = False
         self.reset(base, config.init_lora_weights)
 
     @torch.no_grad()
     def reset(self, base: nn.Module, init: str) -> None:
-        """Initialise so that the adapter starts as the identity update (except PiSSA's, which is exact too)."""
+        """Initialise so that the adapted module starts equal to the base (a start B₀A₀ ≠ 0 is subtracted)."""
+        if init in WEIGHT_STARTS and self.kind not in ("linear", "conv1d"):
+            raise SpliceError(f"init_lora_weights: {init} needs a linear layer, not {self.kind}")
         if self.kind == "embedding":
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
@@ -145,17 +151,17 @@ class LoraAdapter(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
-        if init == "pissa":
-            if self.kind not in ("linear", "conv1d"):
-                raise SpliceError(f"init_lora_weights: pissa needs a linear layer, not {self.kind}")
-            W = linear_weight(base, self.kind).float()
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            root = (S[: self.r] / self.scale).sqrt()
-            self.lora_A.copy_(root[:, None] * Vh[: self.r])
-            self.lora_B.copy_(U[:, : self.r] * root[None, :])
-            # The frozen starting point, subtracted in forward so that the base weight stays untouched.
-            self.register_buffer("pissa_A0", self.lora_A.detach().clone())
-            self.register_buffer("pissa_B0", self.lora_B.detach().clone())
+        if init in WEIGHT_STARTS:
+            self.start(*WEIGHT_STARTS[init](linear_weight(base, self.kind).float(), self.r, self.scale))
+
+    @torch.no_grad()
+    def start(self, A0: Tensor, B0: Tensor) -> None:
+        """Start at A = A0 (r, in), B = B0 (out, r), with s B0 A0 subtracted in forward (the base stays untouched)."""
+        self.lora_A.copy_(A0)
+        self.lora_B.copy_(B0)
+        self.pissa = True
+        self.register_buffer("pissa_A0", self.lora_A.detach().clone())
+        self.register_buffer("pissa_B0", self.lora_B.detach().clone())
 
     # -- forward -------------------------------------------------------------------------------------------------
     def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor:
