@@ -11,6 +11,8 @@ from splice.adapters.extras import BiasShift, FullCopy
 from splice.adapters.inject import adapter_layers, module_kind, plain_modules, wrap
 from splice.adapters.lora import module_dims
 from splice.adapters.model import configs, set_adapter
+from splice.adapters.prompts.model import is_prompt_config
+from splice.adapters.prompts.persist import is_prompt_folder, load_prompt, save_prompt
 from splice.adapters.registry import get_method
 from splice.delta.deltaset import fingerprints_match, tensor_fingerprint
 from splice.errors import SpliceError
@@ -28,6 +30,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     config = configs(model).get(adapter_name)
     if config is None:
         raise SpliceError(f"no adapter named {adapter_name!r} on this model; it has: {', '.join(configs(model))}")
+    if is_prompt_config(config):
+        return save_prompt(model, path, adapter_name, config, force=force)
     if any(adapter_name in layer.merged for _, layer in adapter_layers(model)):
         # Merged, the base weights include it: the fingerprints (and trained biases, saved as base + shift) would
         # describe the merged weights, and the folder would then be refused by, or wrong on, the real base.
@@ -66,6 +70,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     trained on (splice_config.json), a different base is refused. The adapter becomes active if it is the only one.
     """
     path = Path(path)
+    if is_prompt_folder(path):
+        load_prompt(model, path, adapter_name, is_trainable=is_trainable)
+        return model
     folder = read_adapter_folder(path)
     if adapter_name in configs(model):
         raise SpliceError(f"adapter {adapter_name!r} already exists on this model; pick another name")

@@ -62,3 +62,4 @@ def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register decorators.
     import splice.adapters.dora  # noqa: F401
     import splice.adapters.lora  # noqa: F401
+    import splice.adapters.prompts  # noqa: F401
