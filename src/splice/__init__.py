@@ -9,6 +9,7 @@ from splice.adapters import (AdaptedModel, DoraConfig, LoraConfig, active_adapte
                              disable_adapters, get_delta, load_adapter, merge_adapter, merge_and_unload,
                              method_names, mixed_batch, save_adapter, set_adapter, trainable_parameters,
                              unmerge_adapter)
+from splice.adapters.prompts import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from splice.delta import Delta, DeltaSet, Dense, LowRank, Scale, Sparse
 from splice.errors import SpliceError
 import splice.merge as merge  # callable: splice.merge(config, out)
@@ -19,3 +20,4 @@ __all__ = ["AdaptedModel", "Delta", "DeltaSet", "Dense", "DoraConfig", "LoraConf
            "SpliceError", "Sparse", "active_adapters", "adapt", "delete_adapter", "disable_adapters", "get_delta",
            "load_adapter", "merge", "merge_adapter", "merge_and_unload", "method_names", "mixed_batch", "save_adapter",
            "set_adapter", "trainable_parameters", "unmerge_adapter"]
+__all__ += ["PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig"]

@@ -253,3 +253,12 @@ def test_models_prompt_methods_cannot_use_are_refused_before_any_change(tiny):
         splice.adapt(model, make_config("prompt_tuning"))
     assert all(p.requires_grad for p in model.parameters()) and not model._forward_pre_hooks
     assert splice.active_adapters(model) == []
+
+
+@pytest.mark.parametrize("row", [ROWS[0], ROWS[3]], ids=[ROWS[0].id, ROWS[3].id])
+def test_generate_with_a_kv_cache_is_refused_in_one_line(tiny, row):
+    model = add_adapter(tiny[row.model].build(), row)
+    ids = tiny[row.model].batch(rows=1)["input_ids"]
+    with pytest.raises(splice.SpliceError, match="given a KV cache .*not supported yet$"):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)

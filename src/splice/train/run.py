@@ -12,6 +12,7 @@ from splice.adapters.config import AdapterConfig
 from splice.adapters.inject import find_targets
 from splice.adapters.model import adapt, trainable_parameters
 from splice.adapters.persist import load_adapter, save_adapter
+from splice.adapters.prompts.model import is_prompt_config
 from splice.io.models import load_model
 from splice.train.data import CausalLMCollator, ClassificationCollator, TextDataset, batches
 from splice.train.loop import TrainConfig, TrainResult, train_loop
@@ -39,7 +40,8 @@ def train_classifier(model_name: str, train: TextDataset, evaluation: TextDatase
     """Frozen probe, then adapter training with the probe's head frozen; saves adapter + head to `out`."""
     torch.manual_seed(config.seed)
     encoder, tokenizer = load_model(model_name, "encoder")
-    find_targets(encoder, adapter)  # a bad target_modules fails now, not after the probe
+    if not is_prompt_config(adapter):  # prompt methods target no module
+        find_targets(encoder, adapter)  # a bad target_modules fails now, not after the probe
     model = EncoderClassifier(encoder, len(train.label_names))
     collate = ClassificationCollator(tokenizer, config.max_length)
     report = RunReport()
@@ -94,7 +96,8 @@ def train_causal_lm(model_name: str, train: list, evaluation: list, adapter: Ada
     """Adapter training on (prompt, completion) pairs with the loss on completions; saves the adapter."""
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(model_name, "causal-lm")
-    find_targets(model, adapter)
+    if not is_prompt_config(adapter):
+        find_targets(model, adapter)
     collate = CausalLMCollator(tokenizer, config.max_length)
     report = RunReport()
     report.metrics["base_perplexity"] = perplexity(model, evaluation, collate, progress=progress)

@@ -114,8 +114,8 @@ class PromptAdapters(nn.Module):
             kwargs = {"input_ids": args[0], **kwargs}
         kwargs = dict(kwargs)
         if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-            raise SpliceError(f"prompt adapter {name!r}: decoding with a KV cache (generate) is not supported; "
-                              "run the full sequence with use_cache=False")
+            raise SpliceError(f"prompt adapter {name!r}: the model was given a KV cache (as generate does); "
+                              "incremental decoding with prompt adapters is not supported yet")
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         if ids is None and embeds is None:
             raise SpliceError(f"prompt adapter {name!r}: the model was called without input_ids or inputs_embeds")
