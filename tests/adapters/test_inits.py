@@ -106,3 +106,118 @@ def test_starts_need_a_linear_layer_and_no_dora(tiny, init):
         splice.adapt(tiny["bert"].build(), splice.LoraConfig(init_lora_weights=init, target_modules=["word_embeddings"]))
     with pytest.raises(splice.SpliceError, match=f"^init_lora_weights: {init} is not available with dora"):
         splice.DoraConfig(init_lora_weights=init)
+
+
+# -- EVA -----------------------------------------------------------------------------------------------------------
+class TwoLayers(nn.Module):
+    """Two linear layers fed separate inputs, so each one's input statistics are chosen by the test."""
+
+    def __init__(self):
+        super().__init__()
+        self.one, self.two = nn.Linear(6, 5), nn.Linear(6, 5)
+
+    def forward(self, a, b):
+        return torch.cat([self.one(a), self.two(b)], -1)
+
+
+def calibration_batches(seed: int = 0, batches: int = 3):
+    """Layer one's inputs vary along one direction (plus a little noise); layer two's along all six equally."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(6, generator=g)
+    out = []
+    for _ in range(batches):
+        a = torch.randn(40, 1, generator=g) * 3 * direction + 0.01 * torch.randn(40, 6, generator=g) + 1.0
+        b = torch.randn(40, 6, generator=g) - 2.0
+        out.append({"a": a, "b": b})
+    return out
+
+
+def top_right_singular_vectors(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k right-singular vectors of the centred rows of `x`, signed as PEFT signs them."""
+    _, _, Vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    Vh = Vh[:k]
+    return Vh * torch.sign(Vh.gather(1, Vh.abs().argmax(1, keepdim=True)))
+
+
+def test_eva_A_is_the_top_right_singular_vectors_of_the_layer_inputs():
+    torch.manual_seed(0)
+    model, data = TwoLayers(), calibration_batches()
+    x = {"a": torch.cat([d["a"] for d in data]), "b": torch.cat([d["b"] for d in data])}
+    base_out = model(**x).detach()
+    cfg = splice.LoraConfig(r=2, lora_alpha=4, target_modules=["one", "two"], init_lora_weights="eva",
+                            eva_config={"rho": 1.0})  # rho 1: no redistribution, both layers keep r = 2
+    splice.adapt(model, cfg, calibration=data)
+    for name in ("one", "two"):
+        adapter = getattr(model, name).adapters["default"]
+        close(adapter.lora_A, top_right_singular_vectors(x["a" if name == "one" else "b"].double(), 2).float())
+        assert torch.equal(adapter.lora_B, torch.zeros_like(adapter.lora_B))
+    close(model(**x), base_out)  # B = 0: the adapted model starts as the base
+
+
+def test_eva_redistributes_rank_by_explained_variance_and_saves_the_pattern(tmp_path):
+    torch.manual_seed(0)
+    model, data = TwoLayers(), calibration_batches()
+    cfg = splice.LoraConfig(r=2, lora_alpha=4, target_modules=["one", "two"], init_lora_weights="eva",
+                            eva_config={"rho": 2.0})
+    splice.adapt(model, cfg, calibration=data)
+    # layer one's variance is all in one direction: it needs rank 1; the budget of 2 × 2 goes to layer two
+    one, two = model.one.adapters["default"], model.two.adapters["default"]
+    assert (one.r, two.r) == (1, 3)
+    assert (one.scale, two.scale) == (2.0, 2.0) and (one.lora_alpha, two.lora_alpha) == (2.0, 6.0)
+    randomise(splice.trainable_parameters(model), seed=1)
+    x = {"a": torch.randn(4, 6), "b": torch.randn(4, 6)}
+    expected = model(**x).detach()
+    splice.save_adapter(model, tmp_path / "eva")
+    cfg = json.loads((tmp_path / "eva" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"one": 1, "two": 3} and cfg["alpha_pattern"] == {"one": 2.0, "two": 6.0}
+    torch.manual_seed(0)
+    close(splice.load_adapter(TwoLayers(), tmp_path / "eva")(**x), expected)
+    torch.manual_seed(0)
+    close(peft.PeftModel.from_pretrained(TwoLayers(), tmp_path / "eva")(**x), expected)
+
+
+def test_eva_can_leave_a_layer_unadapted():
+    torch.manual_seed(0)
+    model = TwoLayers()
+    g = torch.Generator().manual_seed(0)
+    plane = torch.linalg.qr(torch.randn(6, 2, generator=g))[0].t()  # two orthonormal directions
+    # layer two's inputs spread over a plane (ratios ½, ½), layer one's over all six directions (about ⅙ each):
+    # the budget of 2 × r = 2 goes to layer two, and layer one stays the plain base layer
+    data = [{"a": torch.randn(300, 6, generator=g), "b": torch.randn(300, 2, generator=g) @ plane} for _ in range(2)]
+    cfg = splice.LoraConfig(r=1, target_modules=["one", "two"], init_lora_weights="eva", eva_config={"rho": 2.0})
+    splice.adapt(model, cfg, calibration=data)
+    assert isinstance(model.one, nn.Linear) and model.two.adapters["default"].r == 2
+
+
+def test_eva_matches_peft(tiny, tmp_path):
+    """With one calibration batch and 2·round(ρr) ≥ in, PEFT's randomised incremental PCA is exact, so the two agree:
+    same ranks, alphas and A; and the folders interchange. Targets have distinct inputs (no ties to break)."""
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    fam = tiny["llama"]
+    data = fam.batch(rows=4, seed=3)
+    data["attention_mask"] = torch.ones_like(data["input_ids"])
+    data["attention_mask"][1, -2:] = 0  # padding is left out of the statistics by both
+    fields = dict(r=8, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"])
+    theirs = peft.get_peft_model(fam.build(), peft.LoraConfig(init_lora_weights="eva",
+                                                              eva_config=peft.EvaConfig(rho=2.0), **fields))
+    initialize_lora_eva_weights(theirs, dataloader=[data], show_progress_bar=False)
+    ours = splice.adapt(fam.build(), splice.LoraConfig(init_lora_weights="eva", **fields), calibration=[data])
+    their_params, our_params = lora_params(theirs.eval()), lora_params(ours.eval())
+    assert their_params.keys() == our_params.keys()
+    ranks = {n: p.shape[0] for n, p in our_params.items() if "lora_A" in n}
+    assert len(set(ranks.values())) > 1  # the redistribution moved rank between layers
+    for n, p in our_params.items():
+        close(p, their_params[n])
+    assert theirs.peft_config["default"].rank_pattern == {n.removesuffix(".lora_A.weight"): r
+                                                         for n, r in ranks.items() if r != 8}
+    randomise(list(our_params.values()), seed=3)
+    with torch.no_grad():
+        for n, p in our_params.items():
+            their_params[n].copy_(p)
+    expected = fam.output(theirs)
+    close(fam.output(ours), expected)
+    splice.save_adapter(ours, tmp_path / "ours")
+    close(fam.output(peft.PeftModel.from_pretrained(fam.build(), tmp_path / "ours")), expected)
+    theirs.save_pretrained(tmp_path / "theirs")
+    close(fam.output(splice.load_adapter(fam.build(), tmp_path / "theirs")), expected)

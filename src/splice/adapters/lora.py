@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
-from splice.adapters.inits import WEIGHT_STARTS
+from splice.adapters.inits import DATA_INITS, WEIGHT_STARTS, EvaConfig
 from splice.adapters.ops import lora_linear
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Dense, LowRank
 from splice.errors import SpliceError
 
 KINDS = ("linear", "conv1d", "embedding", "conv2d")
-INITS = ("kaiming", "gaussian", *WEIGHT_STARTS)
+INITS = ("kaiming", "gaussian", *WEIGHT_STARTS, *DATA_INITS)
 
 
 @dataclass
@@ -45,11 +45,14 @@ class LoraConfig(AdapterConfig):
         "Which biases train: none, those of the wrapped modules (lora_only), or every bias in the model (all).",
         default="none",
     )
-    init_lora_weights: Literal["kaiming", "gaussian", "pissa", "olora"] | bool = doc(
+    init_lora_weights: Literal["kaiming", "gaussian", "pissa", "olora", "eva"] | bool = doc(
         "Initialisation of A (B starts at 0): kaiming (PEFT's default, also `true`), gaussian (std 1/r), pissa "
-        "(A, B from the top-r singular vectors of the base weight) or olora (from its QR decomposition).",
+        "(A, B from the top-r singular vectors of the base weight), olora (from its QR decomposition), or, from "
+        "calibration data, eva (A from the principal directions of each layer's inputs; ranks redistributed).",
         default="kaiming",
     )
+    eva_config: EvaConfig | None = doc("Options of init_lora_weights=eva (rho, use_label_mask, whiten, "
+                                       "adjust_scaling_factors).", default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +68,11 @@ class LoraConfig(AdapterConfig):
             raise SpliceError(
                 f"init_lora_weights: must be one of {', '.join(INITS)}, got {self.init_lora_weights!r}"
             )
+        if isinstance(self.eva_config, dict):  # from YAML / JSON
+            from splice.adapters.config import config_from_dict
+            self.eva_config = config_from_dict(EvaConfig, self.eva_config, "eva_config")
+        if self.init_lora_weights == "eva" and self.eva_config is None:
+            self.eva_config = EvaConfig()
 
     @property
     def scaling(self) -> float:
@@ -118,6 +126,7 @@ class LoraAdapter(nn.Module):
         self.kind = kind
         self.r = config.r
         self.scale = config.scaling
+        self.lora_alpha = config.lora_alpha
         self.dropout = float(config.lora_dropout)
         in_f, out_f = module_dims(base, kind)
         if config.r > min(in_f, out_f) and kind != "embedding":

@@ -7,13 +7,15 @@ state. `AdaptedModel(model)` is a thin handle that gathers the operations below 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig
 from splice.adapters.extras import BiasShift, FullCopy
+from splice.adapters.inits import data_init
 from splice.adapters.inject import adapter_layers, find_targets, module_kind, plain_modules, wrap
 from splice.adapters.layer import AdapterLayer
 from splice.adapters.prompts.model import (add_prompt, delete_prompt, is_active_prompt, is_prompt_config,
@@ -37,7 +39,9 @@ def _check_name(model: nn.Module, name: str) -> None:
                           f"this model has: {', '.join(configs(model)) or 'none'}")
 
 
-def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, init: bool = True) -> nn.Module:
+def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, init: bool = True,
+          calibration: Iterable[Any] | None = None, calibration_loss: Callable[[Any], Tensor] | None = None
+          ) -> nn.Module:
     """Inject adapter `adapter_name` of `config`'s method into `model` and make it the active, trainable one.
 
     Args:
@@ -45,6 +49,9 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
         config: a method config, e.g. `LoraConfig(r=8, target_modules=["query", "value"])`.
         adapter_name: name of the new adapter; a model can hold many.
         init: False leaves the freshly built weights for a loader to overwrite (skips nothing else).
+        calibration: a few batches of model inputs (dicts for `model(**batch)`) for the data-driven LoRA inits
+            (`init_lora_weights="eva"`), run once through the base model.
+        calibration_loss: batch → loss, to run batches that are not dicts of model inputs.
     Returns:
         The same model, with every base parameter frozen.
     """
@@ -67,6 +74,8 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     built = [(name, module, kind, method.adapter(module.base if isinstance(module, AdapterLayer) else module,
                                                  kind, config))
              for name, module, kind in targets]
+    with disable_adapters(model) if calibration is not None else contextlib.nullcontext():  # calibrate the base
+        built = data_init(model, config, built, calibration, calibration_loss, method.adapter)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module, kind, adapter in built:

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from splice.adapters.extras import BiasShift, FullCopy
+from splice.adapters.inits import saved_patterns
 from splice.adapters.inject import adapter_layers, module_kind, plain_modules, wrap
 from splice.adapters.lora import module_dims
 from splice.adapters.model import configs, set_adapter
@@ -54,6 +55,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     if pissa:  # saved as the equivalent plain LoRA of rank 2r with the same scaling
         r, alpha = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2)
     peft_cfg = peft_config_dict(config, fan_in_fan_out="conv1d" in kinds, base=base, r=r, lora_alpha=alpha)
+    peft_cfg.update(saved_patterns(model, adapter_name, config))  # per-layer ranks chosen by an init (eva)
     with atomic_output_dir(path, force=force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, peft_cfg)
