@@ -221,3 +221,85 @@ def test_eva_matches_peft(tiny, tmp_path):
     close(fam.output(peft.PeftModel.from_pretrained(fam.build(), tmp_path / "ours")), expected)
     theirs.save_pretrained(tmp_path / "theirs")
     close(fam.output(splice.load_adapter(fam.build(), tmp_path / "theirs")), expected)
+
+
+# -- LoRA-GA -------------------------------------------------------------------------------------------------------
+class Probe(nn.Module):
+    """One linear layer and the loss Σ (W x) · t, whose gradient in W is Σ t xᵀ: known in closed form."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(10, 8, bias=False)
+
+    def forward(self, x, t):
+        return (self.proj(x) * t).sum()
+
+
+def test_lora_ga_A_and_B_come_from_the_svd_of_the_mean_gradient():
+    torch.manual_seed(0)
+    model = Probe()
+    g = torch.Generator().manual_seed(1)
+    data = [{"x": torch.randn(16, 10, generator=g), "t": torch.randn(16, 8, generator=g)} for _ in range(3)]
+    grad = sum(d["t"].t() @ d["x"] for d in data) / len(data)  # (8, 10): the mean of ∂loss/∂W over batches
+    x = torch.randn(5, 10, generator=g)
+    base_out = model.proj(x).detach()
+    weight = model.proj.weight.detach().clone()
+    cfg = splice.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights="lora_ga")
+    splice.adapt(model, cfg, calibration=data, calibration_loss=lambda b: model(**b))
+    adapter = model.proj.adapters["default"]
+    U, S, Vh = torch.linalg.svd(grad)
+    gamma = 8 ** 0.25 / 16 ** 0.5  # the stable scale out^¼ / √γ
+    for i in range(2):  # each up to the sign an SVD may give a singular pair
+        sign_a = torch.sign(adapter.lora_A[i] @ Vh[i])
+        close(adapter.lora_A[i] * sign_a, Vh[i])  # A: the top-r right-singular vectors
+        sign_b = torch.sign(adapter.lora_B[:, i] @ U[:, 2 + i])
+        close(adapter.lora_B[:, i] * sign_b, U[:, 2 + i] * S[2 + i] * gamma, atol=1e-4)  # B: the next r, scaled
+    assert torch.equal(model.proj.weight, weight)  # the base weight is untouched ...
+    close(model.proj(x), base_out)  # ... and the adapted layer starts as the base (s B₀A₀ is subtracted)
+    assert not model.proj.weight.requires_grad
+
+
+def test_lora_ga_matches_peft(tiny, tmp_path, monkeypatch):
+    """PEFT takes the SVD with torch.svd_lowrank (randomised); with q = min(out, in) that is an exact SVD up to
+    signs, so here it is replaced by the exact one splice uses. Then: the same start, the same outputs after the
+    same update, and splice's folder (plain LoRA of rank 2r against the untouched base) loads in PEFT."""
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    fam = tiny["llama"]
+    data = [fam.batch(rows=3, seed=s) for s in (5, 6)]
+    for d in data:
+        d["labels"] = d["input_ids"]
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+
+    def exact_svd(A, q=None, niter=None):
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        return U, S, Vh.mH
+
+    monkeypatch.setattr(torch, "svd_lowrank", exact_svd)
+    reference = fam.build()
+    cfg = peft.LoraConfig(init_lora_weights="lora_ga", lora_ga_config=peft.LoraGAConfig(), **fields)
+
+    def train_step():
+        for d in data:
+            reference(**d).loss.backward()
+
+    preprocess_loraga(reference, cfg, train_step)
+    theirs = peft.get_peft_model(reference, cfg).eval()
+    ours = splice.adapt(fam.build(), splice.LoraConfig(init_lora_weights="lora_ga", **fields), calibration=data)
+    ours.eval()
+    base_out = fam.output(fam.build())
+    close(fam.output(ours), base_out)
+    close(fam.output(theirs), base_out)
+    their_params, our_params = lora_params(theirs), lora_params(ours)
+    assert their_params.keys() == our_params.keys() and len(our_params) == 16
+    for n, p in our_params.items():
+        close(p, their_params[n])
+    randomise(list(our_params.values()), seed=3)
+    with torch.no_grad():
+        for n, p in our_params.items():
+            their_params[n].copy_(p)
+    expected = fam.output(theirs)
+    assert (expected - base_out).abs().max() > 1e-3
+    close(fam.output(ours), expected)
+    splice.save_adapter(ours, tmp_path / "ga")
+    close(fam.output(peft.PeftModel.from_pretrained(fam.build(), tmp_path / "ga")), expected)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from splice.adapters.inits.calibrate import default_forward
 from splice.adapters.inits.eva import EvaConfig, eva_starts
+from splice.adapters.inits.lora_ga import LoraGAConfig, lora_ga_start, mean_gradients
 from splice.adapters.inits.olora import olora_start
 from splice.adapters.inits.pissa import pissa_start
 from splice.errors import SpliceError
@@ -27,7 +28,7 @@ WEIGHT_STARTS: dict[str, Callable[[Tensor, int, float], tuple[Tensor, Tensor]]] 
     "pissa": pissa_start,
     "olora": olora_start,
 }
-DATA_INITS = ("eva",)
+DATA_INITS = ("eva", "lora_ga")
 Built = list[tuple[str, nn.Module, str, nn.Module]]  # (module name, module, kind, adapter) as `adapt` builds them
 
 
@@ -60,6 +61,14 @@ def data_init(model: nn.Module, config: Any, built: Built, calibration: Iterable
     forward = (lambda b: calibration_loss(b)) if calibration_loss is not None else default_forward(model)
     bases = {name: (_plain(module), kind) for name, module, kind, _ in built}
     targets = {name: (base, _linear_weight(base, kind)) for name, (base, kind) in bases.items()}
+    if init == "lora_ga":
+        loss = calibration_loss or (lambda b: _loss(forward(b)))
+        grads = mean_gradients(model, {n: b.weight for n, (b, _) in bases.items()}, calibration, loss)
+        for name, _, kind, adapter in built:
+            grad = grads[name].t() if kind == "conv1d" else grads[name]
+            A, B = lora_ga_start(grad, targets[name][1], adapter.r, adapter.scale, config.lora_ga_config)
+            adapter.start(A.to(adapter.lora_A.dtype), B.to(adapter.lora_B.dtype))
+        return built
     starts = eva_starts(model, targets, config.r, config.lora_alpha, config.eva_config, calibration, forward)
     out: Built = []
     for name, module, kind, adapter in built:
@@ -72,6 +81,14 @@ def data_init(model: nn.Module, config: Any, built: Built, calibration: Iterable
         adapter.lora_B.data.zero_()
         out.append((name, module, kind, adapter))
     return out
+
+
+def _loss(out: Any) -> Tensor:
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise SpliceError("lora_ga: the model returned no loss for a calibration batch; include labels in the "
+                          "batches, or pass calibration_loss")
+    return loss
 
 
 def _plain(module: nn.Module) -> nn.Module:
@@ -101,4 +118,4 @@ def saved_patterns(model: nn.Module, adapter_name: str, config: Any) -> dict[str
     return {"rank_pattern": ranks, "alpha_pattern": alphas, "target_modules": sorted(names)}
 
 
-__all__ = ["DATA_INITS", "WEIGHT_STARTS", "EvaConfig", "data_init", "saved_patterns"]
+__all__ = ["DATA_INITS", "WEIGHT_STARTS", "EvaConfig", "LoraGAConfig", "data_init", "saved_patterns"]
