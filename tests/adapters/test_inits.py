@@ -303,3 +303,76 @@ def test_lora_ga_matches_peft(tiny, tmp_path, monkeypatch):
     close(fam.output(ours), expected)
     splice.save_adapter(ours, tmp_path / "ga")
     close(fam.output(peft.PeftModel.from_pretrained(fam.build(), tmp_path / "ga")), expected)
+
+
+# -- CorDA ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_start_is_the_context_decomposition_of_the_weight(method):
+    """U S Vᵀ = W with W C = U S V̂ᵀ and V = (V̂ᵀ C⁻¹)ᵀ (C the damped mean of per-sample normalised XᵀX): the start
+    is the top (ipm) or bottom (kpm) r of those triplets, and the adapted layer starts as the base."""
+    torch.manual_seed(0)
+    model = Probe()
+    g = torch.Generator().manual_seed(2)
+    data = [{"x": torch.randn(2, 12, 10, generator=g) * torch.linspace(0.2, 3, 10), "t": torch.zeros(2, 12, 8)}
+            for _ in range(2)]
+    samples = [s / s.max().abs() for d in data for s in d["x"]]
+    C = sum(s.t() @ s for s in samples) / len(samples)
+    x = torch.randn(5, 10, generator=g)
+    base_out = model.proj(x).detach()
+    W = model.proj.weight.detach().clone()
+    s = 4 / 2
+    cfg = splice.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights="corda",
+                            corda_config={"corda_method": method})
+    splice.adapt(model, cfg, calibration=data, calibration_loss=lambda b: model(**b))
+    adapter = model.proj.adapters["default"]
+    damped = C + torch.eye(10) * C.diagonal().mean() * 0.01  # well conditioned: the first damping suffices
+    U, S, Vh = torch.linalg.svd(W @ damped, full_matrices=False)
+    V = (Vh @ torch.linalg.inv(damped)).t()
+    close(U @ torch.diag(S) @ V.t(), W, atol=1e-4)  # the decomposition reproduces the weight
+    part = slice(0, 2) if method == "ipm" else slice(6, 8)  # min(out, in) = 8 triplets
+    close(s * adapter.lora_B @ adapter.lora_A, U[:, part] @ torch.diag(S[part]) @ V[:, part].t(), atol=1e-4)
+    close(adapter.lora_A.norm(dim=1) ** 2 * s, S[part] * V[:, part].norm(dim=0) ** 2, atol=1e-4)
+    assert torch.equal(model.proj.weight, W)
+    close(model.proj(x), base_out)
+
+
+def test_corda_matches_peft(tiny, tmp_path):
+    """KPM (the smallest triplets, sensitive to the last bits of the covariance) on the same samples, fed one per
+    batch as PEFT's hook requires: the same A and B, the same outputs after the same update, and splice's folder
+    (plain LoRA of rank 2r against the untouched base) loads in PEFT."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    fam = tiny["llama"]
+    batch = fam.batch(rows=3, seed=7)
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    reference = fam.build()
+    cfg = peft.LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(corda_method="kpm"), **fields)
+
+    samples = [{"input_ids": batch["input_ids"][i:i + 1]} for i in range(3)]  # PEFT's hook takes one at a time
+
+    def run_model():
+        for sample in samples:
+            reference(**sample)
+
+    preprocess_corda(reference, cfg, run_model=run_model)
+    theirs = peft.get_peft_model(reference, cfg).eval()
+    ours = splice.adapt(fam.build(), splice.LoraConfig(init_lora_weights="corda", corda_config={"corda_method": "kpm"},
+                                                       **fields), calibration=samples).eval()
+    base_out = fam.output(fam.build())
+    close(fam.output(ours), base_out)
+    close(fam.output(theirs), base_out)
+    their_params, our_params = lora_params(theirs), lora_params(ours)
+    assert their_params.keys() == our_params.keys() and len(our_params) == 16
+    for n, p in our_params.items():
+        close(p, their_params[n])
+    # the same trained weights on both: the same outputs, since both subtract the same start s·B₀A₀
+    randomise(list(their_params.values()), seed=3)
+    with torch.no_grad():
+        for n, p in our_params.items():
+            p.copy_(their_params[n])
+    expected = fam.output(theirs)
+    assert (expected - base_out).abs().max() > 1e-3
+    close(fam.output(ours), expected)
+    splice.save_adapter(ours, tmp_path / "corda")
+    close(fam.output(peft.PeftModel.from_pretrained(fam.build(), tmp_path / "corda")), expected)

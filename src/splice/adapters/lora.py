@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
-from splice.adapters.inits import DATA_INITS, WEIGHT_STARTS, EvaConfig, LoraGAConfig
+from splice.adapters.inits import DATA_INITS, WEIGHT_STARTS, CordaConfig, EvaConfig, LoraGAConfig
 from splice.adapters.ops import lora_linear
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Dense, LowRank
@@ -45,17 +45,20 @@ class LoraConfig(AdapterConfig):
         "Which biases train: none, those of the wrapped modules (lora_only), or every bias in the model (all).",
         default="none",
     )
-    init_lora_weights: Literal["kaiming", "gaussian", "pissa", "olora", "eva", "lora_ga"] | bool = doc(
+    init_lora_weights: Literal["kaiming", "gaussian", "pissa", "olora", "eva", "lora_ga", "corda"] | bool = doc(
         "Initialisation of A (B starts at 0): kaiming (PEFT's default, also `true`), gaussian (std 1/r), pissa "
         "(A, B from the top-r singular vectors of the base weight), olora (from its QR decomposition), or, from "
         "calibration data, eva (A from the principal directions of each layer's inputs; ranks redistributed) or "
-        "lora_ga (A, B from the SVD of the full-weight gradient).",
+        "lora_ga (A, B from the SVD of the full-weight gradient) or corda (from the SVD of the weight times the "
+        "input covariance).",
         default="kaiming",
     )
     eva_config: EvaConfig | None = doc("Options of init_lora_weights=eva (rho, use_label_mask, whiten, "
                                        "adjust_scaling_factors).", default=None)
     lora_ga_config: LoraGAConfig | None = doc("Options of init_lora_weights=lora_ga (direction, scale, "
                                               "stable_gamma).", default=None)
+    corda_config: CordaConfig | None = doc("Options of init_lora_weights=corda (corda_method: ipm or kpm).",
+                                           default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +84,11 @@ class LoraConfig(AdapterConfig):
             self.lora_ga_config = config_from_dict(LoraGAConfig, self.lora_ga_config, "lora_ga_config")
         if self.init_lora_weights == "lora_ga" and self.lora_ga_config is None:
             self.lora_ga_config = LoraGAConfig()
+        if isinstance(self.corda_config, dict):
+            from splice.adapters.config import config_from_dict
+            self.corda_config = config_from_dict(CordaConfig, self.corda_config, "corda_config")
+        if self.init_lora_weights == "corda" and self.corda_config is None:
+            self.corda_config = CordaConfig()
 
     @property
     def scaling(self) -> float:

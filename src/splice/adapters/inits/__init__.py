@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from splice.adapters.inits.calibrate import default_forward
+from splice.adapters.inits.corda import CordaConfig, corda_start, input_covariances
 from splice.adapters.inits.eva import EvaConfig, eva_starts
 from splice.adapters.inits.lora_ga import LoraGAConfig, lora_ga_start, mean_gradients
 from splice.adapters.inits.olora import olora_start
@@ -28,7 +29,7 @@ WEIGHT_STARTS: dict[str, Callable[[Tensor, int, float], tuple[Tensor, Tensor]]] 
     "pissa": pissa_start,
     "olora": olora_start,
 }
-DATA_INITS = ("eva", "lora_ga")
+DATA_INITS = ("eva", "lora_ga", "corda")
 Built = list[tuple[str, nn.Module, str, nn.Module]]  # (module name, module, kind, adapter) as `adapt` builds them
 
 
@@ -67,6 +68,12 @@ def data_init(model: nn.Module, config: Any, built: Built, calibration: Iterable
         for name, _, kind, adapter in built:
             grad = grads[name].t() if kind == "conv1d" else grads[name]
             A, B = lora_ga_start(grad, targets[name][1], adapter.r, adapter.scale, config.lora_ga_config)
+            adapter.start(A.to(adapter.lora_A.dtype), B.to(adapter.lora_B.dtype))
+        return built
+    if init == "corda":
+        covariances = input_covariances(model, {n: b for n, (b, _) in bases.items()}, calibration, forward)
+        for name, _, _, adapter in built:
+            A, B = corda_start(targets[name][1], covariances[name], adapter.r, adapter.scale, config.corda_config)
             adapter.start(A.to(adapter.lora_A.dtype), B.to(adapter.lora_B.dtype))
         return built
     starts = eva_starts(model, targets, config.r, config.lora_alpha, config.eva_config, calibration, forward)
@@ -118,4 +125,4 @@ def saved_patterns(model: nn.Module, adapter_name: str, config: Any) -> dict[str
     return {"rank_pattern": ranks, "alpha_pattern": alphas, "target_modules": sorted(names)}
 
 
-__all__ = ["DATA_INITS", "WEIGHT_STARTS", "EvaConfig", "LoraGAConfig", "data_init", "saved_patterns"]
+__all__ = ["DATA_INITS", "WEIGHT_STARTS", "CordaConfig", "EvaConfig", "LoraGAConfig", "data_init", "saved_patterns"]
