@@ -57,7 +57,8 @@ def train(
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scaling numerator)."),
     dropout: Optional[float] = typer.Option(None, help="Dropout on the adapter branch."),
     rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="Scale by alpha/sqrt(r)."),
-    init: Optional[str] = typer.Option(None, help="kaiming, gaussian, pissa or olora."),
+    init: Optional[str] = typer.Option(None, help="kaiming, gaussian, pissa, olora, or (computed from the first "
+                                                  "training batches) eva, lora_ga, corda."),
     bias: Optional[str] = typer.Option(None, help="none, lora_only or all."),
     num_virtual_tokens: Optional[int] = typer.Option(None, help="Virtual tokens (prompt_tuning, prefix_tuning, "
                                                                "p_tuning)."),
