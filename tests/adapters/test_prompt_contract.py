@@ -42,6 +42,7 @@ ROWS = [
     Row("prefix-tuning-llama-gqa", "llama", "prefix_tuning", dict(num_virtual_tokens=4)),
     Row("prefix-tuning-gpt2-projection", "gpt2", "prefix_tuning",
         dict(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),
+    Row("prefix-tuning-bert", "bert", "prefix_tuning", dict(num_virtual_tokens=2)),
     Row("p-tuning-llama-mlp", "llama", "p_tuning", dict(num_virtual_tokens=4, encoder_hidden_size=24)),
     Row("p-tuning-bert-lstm", "bert", "p_tuning", dict(num_virtual_tokens=3, encoder_reparameterization_type="LSTM")),
 ]
@@ -255,7 +256,7 @@ def test_models_prompt_methods_cannot_use_are_refused_before_any_change(tiny):
     assert splice.active_adapters(model) == []
 
 
-@pytest.mark.parametrize("row", [ROWS[0], ROWS[3]], ids=[ROWS[0].id, ROWS[3].id])
+@pytest.mark.parametrize("row", [ROWS[0], ROWS[3]], ids=[ROWS[0].id, ROWS[3].id])  # llama: prompt, prefix
 def test_generate_with_a_kv_cache_is_refused_in_one_line(tiny, row):
     model = add_adapter(tiny[row.model].build(), row)
     ids = tiny[row.model].batch(rows=1)["input_ids"]

@@ -47,6 +47,8 @@ ROWS = [
         lambda: peft.PrefixTuningConfig(task_type=LM, num_virtual_tokens=3, prefix_projection=True,
                                         encoder_hidden_size=24),
         "prefix_tuning", dict(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=24)),
+    Row("prefix-tuning-bert", "bert", lambda: peft.PrefixTuningConfig(task_type=FE, num_virtual_tokens=3),
+        "prefix_tuning", dict(num_virtual_tokens=3)),
     Row("p-tuning-llama-mlp", "llama",
         lambda: peft.PromptEncoderConfig(task_type=LM, num_virtual_tokens=4, encoder_hidden_size=24),
         "p_tuning", dict(num_virtual_tokens=4, encoder_hidden_size=24)),
