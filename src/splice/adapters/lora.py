@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.adapters.config import AdapterConfig, doc
+from splice.adapters.config import AdapterConfig, config_from_dict, doc
 from splice.adapters.inits import DATA_INITS, WEIGHT_STARTS, CordaConfig, EvaConfig, LoraGAConfig
 from splice.adapters.ops import lora_linear
 from splice.adapters.registry import register
@@ -74,25 +74,22 @@ class LoraConfig(AdapterConfig):
             raise SpliceError(
                 f"init_lora_weights: must be one of {', '.join(INITS)}, got {self.init_lora_weights!r}"
             )
-        if isinstance(self.eva_config, dict):  # from YAML / JSON
-            from splice.adapters.config import config_from_dict
-            self.eva_config = config_from_dict(EvaConfig, self.eva_config, "eva_config")
-        if self.init_lora_weights == "eva" and self.eva_config is None:
-            self.eva_config = EvaConfig()
-        if isinstance(self.lora_ga_config, dict):
-            from splice.adapters.config import config_from_dict
-            self.lora_ga_config = config_from_dict(LoraGAConfig, self.lora_ga_config, "lora_ga_config")
-        if self.init_lora_weights == "lora_ga" and self.lora_ga_config is None:
-            self.lora_ga_config = LoraGAConfig()
-        if isinstance(self.corda_config, dict):
-            from splice.adapters.config import config_from_dict
-            self.corda_config = config_from_dict(CordaConfig, self.corda_config, "corda_config")
-        if self.init_lora_weights == "corda" and self.corda_config is None:
-            self.corda_config = CordaConfig()
+        self.eva_config = _options(self.eva_config, EvaConfig, "eva_config", self.init_lora_weights == "eva")
+        self.lora_ga_config = _options(self.lora_ga_config, LoraGAConfig, "lora_ga_config",
+                                       self.init_lora_weights == "lora_ga")
+        self.corda_config = _options(self.corda_config, CordaConfig, "corda_config",
+                                     self.init_lora_weights == "corda")
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _options(value: Any, cls: type, name: str, needed: bool) -> Any:
+    """An init's options from a dict (YAML, JSON), or their defaults when the init is chosen and none were given."""
+    if isinstance(value, dict):
+        return config_from_dict(cls, value, name)
+    return cls() if value is None and needed else value
 
 
 def module_dims(base: nn.Module, kind: str) -> tuple[int, int]:

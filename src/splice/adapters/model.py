@@ -50,7 +50,7 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
         adapter_name: name of the new adapter; a model can hold many.
         init: False leaves the freshly built weights for a loader to overwrite (skips nothing else).
         calibration: a few batches of model inputs (dicts for `model(**batch)`) for the data-driven LoRA inits
-            (`init_lora_weights="eva"`), run once through the base model.
+            (`init_lora_weights` eva, lora_ga, corda), run once through the base model.
         calibration_loss: batch → loss, to run batches that are not dicts of model inputs.
     Returns:
         The same model, with every base parameter frozen.
