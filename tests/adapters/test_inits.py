@@ -376,3 +376,21 @@ def test_corda_matches_peft(tiny, tmp_path):
     close(fam.output(ours), expected)
     splice.save_adapter(ours, tmp_path / "corda")
     close(fam.output(peft.PeftModel.from_pretrained(fam.build(), tmp_path / "corda")), expected)
+
+
+@pytest.mark.parametrize("init", ["olora", "pissa"])
+def test_peft_converted_folder_of_a_start_init_loads_in_splice(tiny, tmp_path, init):
+    """PEFT's way to share an adapter whose init moved the base weight: save the initial adapter, train, then save
+    with `path_initial_model_for_weight_conversion`, which writes a plain LoRA of rank 2r against the original
+    base. splice loads it onto the untouched base with PEFT's outputs."""
+    fam = tiny["llama"]
+    theirs = peft.get_peft_model(fam.build(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init,
+                                                              target_modules=["q_proj", "v_proj"])).eval()
+    theirs.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial folder must not re-init
+    theirs.save_pretrained(tmp_path / "initial")
+    theirs.peft_config["default"].init_lora_weights = init
+    randomise([p for n, p in theirs.named_parameters() if "lora_" in n], seed=4)
+    expected = fam.output(theirs)
+    theirs.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    assert json.loads((tmp_path / "converted" / "adapter_config.json").read_text())["r"] == 8
+    close(fam.output(splice.load_adapter(fam.build(), tmp_path / "converted")), expected)
