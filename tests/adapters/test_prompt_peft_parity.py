@@ -143,3 +143,42 @@ def test_same_encoder_weights_give_same_outputs(tiny, row):
     close(output(tiny, row, ours), output(tiny, row, reference))
     if row.model != "bert":
         close(loss(tiny, row, ours), loss(tiny, row, reference))
+
+
+def word_tokenizer(path) -> str:
+    """A word-level tokenizer of 20 ids, saved to `path` (ids fit the tiny models' vocabulary of 100)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "classify the sentiment of this movie review as good or bad please".split()
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("init", ["SAMPLE_VOCAB", "TEXT"])
+def test_prompt_tuning_inits_match_peft(tiny, tmp_path, init):
+    """Same seed, same base → the same starting prompt: embeddings of the same sampled tokens, or of the text's
+    tokens repeated to num_virtual_tokens."""
+    text = dict(prompt_tuning_init_text="classify the sentiment", tokenizer_name_or_path=word_tokenizer(tmp_path / "t"))
+    extra = text if init == "TEXT" else {}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        theirs = peft.get_peft_model(tiny["bert"].build(), peft.PromptTuningConfig(
+            task_type=FE, num_virtual_tokens=7, prompt_tuning_init=init, **extra))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ours = splice.adapt(tiny["bert"].build(), splice.PromptTuningConfig(
+            num_virtual_tokens=7, prompt_tuning_init=init.lower(), **extra))
+    start = ours.splice_prompts.encoders["default"].embedding.weight
+    close(start, theirs.prompt_encoder["default"].embedding.weight)
+    words = tiny["bert"].build().get_input_embeddings().weight
+    if init == "TEXT":  # "classify the sentiment" → ids 4, 5, 6, repeated
+        close(start, words[torch.tensor([4, 5, 6, 4, 5, 6, 4])])
+    splice.save_adapter(ours, tmp_path / "saved")
+    cfg = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    assert cfg["prompt_tuning_init"] == init
+    reference = peft.PeftModel.from_pretrained(tiny["bert"].build(), tmp_path / "saved").eval()
+    close(output(tiny, ROWS[2], ours.eval()), output(tiny, ROWS[2], reference))

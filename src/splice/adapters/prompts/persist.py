@@ -93,8 +93,6 @@ def read_prompt_config(cfg: dict[str, Any], where: Path) -> PromptConfig:
     cls = _methods()[cfg["peft_type"]]
     names = {f.name for f in dataclasses.fields(cls)}
     fields = {k: v for k, v in cfg.items() if k in names and v is not None}
-    if "prompt_tuning_init" in fields and str(fields["prompt_tuning_init"]).upper() == "TEXT":
-        fields["prompt_tuning_init"] = "random"  # the init does not matter to a loaded adapter; splice has no TEXT
     try:
         return config_from_dict(cls, fields)
     except SpliceError as err:
