@@ -58,6 +58,14 @@ ROWS = [
         dict(r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["q_proj", "v_proj", "gate_proj"])),
     Row("lora-gpt2-olora-conv1d", "gpt2", "lora", dict(r=2, lora_alpha=4, init_lora_weights="olora",
                                                      target_modules=["c_attn", "c_fc"])),
+    # rho 1: no rank redistribution, whose ranks depend on the base the adapter is added to (test_inits.py)
+    Row("lora-llama-eva", "llama", "lora", dict(r=4, lora_alpha=8, init_lora_weights="eva", eva_config={"rho": 1.0},
+                                              target_modules=["q_proj", "o_proj", "up_proj"])),
+    Row("lora-gpt2-lora-ga-conv1d", "gpt2", "lora",
+        dict(r=2, lora_alpha=4, init_lora_weights="lora_ga", target_modules=["c_attn", "c_proj"])),
+    Row("lora-llama-corda-kpm", "llama", "lora", dict(r=4, lora_alpha=8, init_lora_weights="corda",
+                                                    corda_config={"corda_method": "kpm"},
+                                                    target_modules=["q_proj", "v_proj", "down_proj"])),
     Row("dora-bert-all-linear", "bert", "dora", dict(r=4, lora_alpha=8, target_modules="all-linear")),
     Row("dora-gpt2-conv1d", "gpt2", "dora", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])),
     Row("dora-llama", "llama", "dora",
@@ -92,9 +100,20 @@ def add_adapter(model: nn.Module, row: Row, name: str = "default", seed: int = 1
     """Adapt `model` with `row`'s config as adapter `name`; the result depends on `seed` only."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        splice.adapt(model, row.config(), name)
+        splice.adapt(model, row.config(), name, **calibration(model, row))
     randomise(model, name, seed)
     return model
+
+
+def calibration(model: nn.Module, row: Row) -> dict[str, Any]:
+    """Two batches of token ids (labels = inputs) for the rows of a data-driven LoRA init (eva, lora_ga, corda)."""
+    from splice.adapters.inits import DATA_INITS
+
+    if row.fields.get("init_lora_weights") not in DATA_INITS:
+        return {}
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, model.config.vocab_size, (2, 4, 6), generator=g)
+    return {"calibration": [{"input_ids": x, "labels": x} for x in ids]}
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
