@@ -77,3 +77,14 @@ def test_prompt_method_rejects_lora_flags(capsys, tmp_path, gpt2_dir, pairs_json
     code, _, err = cli(capsys, "train", gpt2_dir, pairs_jsonl, "--out", tmp_path / "x", "--method", "p_tuning",
                        "--r", 4, *FAST)
     assert code != 0 and err.strip() == "error: unknown config key 'r' for method 'p_tuning'"
+
+
+def test_inspect_a_prompt_adapter(capsys, tmp_path, gpt2_dir, pairs_jsonl):
+    out = tmp_path / "prefix"
+    code, _, err = cli(capsys, "train", gpt2_dir, pairs_jsonl, "--out", out, "--method", "prefix_tuning",
+                       "--num-virtual-tokens", 3, *FAST, "--epochs", 1)
+    assert code == 0, err
+    code, stdout, _ = cli(capsys, "inspect", out, "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["method"] == "prefix_tuning" and info["num_virtual_tokens"] == 3
+    assert info["parameters"] == 3 * 2 * 2 * 16 and "rank" not in info  # (n, layers · 2 · width)

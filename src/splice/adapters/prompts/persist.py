@@ -49,6 +49,20 @@ def refuse_prompt_folder(path: str | Path) -> None:
         raise SpliceError(f"{path}: {cls.method} adds {tokens}; it has no weight delta to merge")
 
 
+def prompt_summary(path: str | Path) -> dict[str, Any]:
+    """What `splice inspect` shows of a prompt adapter folder (read from its configs only)."""
+    from splice.io.checkpoints import read_json
+
+    path = Path(path)
+    cfg = read_json(path / CONFIG_FILE)
+    meta = read_json(path / SPLICE_FILE) if (path / SPLICE_FILE).exists() else {}
+    return {"kind": "adapter", "format": "PEFT" + (" + splice" if meta else ""),
+            "method": meta.get("method") or _methods()[cfg["peft_type"]].method,
+            "num_virtual_tokens": cfg.get("num_virtual_tokens"), "token_dim": cfg.get("token_dim"),
+            "task_type": cfg.get("task_type"), "base_model": cfg.get("base_model_name_or_path"),
+            "base_fingerprinted": bool(meta.get("fingerprint"))}
+
+
 def _task_type(model: nn.Module) -> str:
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
