@@ -16,7 +16,7 @@ app = typer.Typer(
 )
 
 ADAPTER_FLAGS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora",
-                 "init": "init_lora_weights", "bias": "bias"}
+                 "init": "init_lora_weights", "bias": "bias", "num_virtual_tokens": "num_virtual_tokens"}
 TRAIN_FLAGS = ("epochs", "lr", "batch_size", "max_length", "max_steps", "seed", "weight_decay", "warmup_ratio")
 YAML_KEYS = ("method", "task", "adapter", "train")
 
@@ -57,8 +57,11 @@ def train(
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scaling numerator)."),
     dropout: Optional[float] = typer.Option(None, help="Dropout on the adapter branch."),
     rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="Scale by alpha/sqrt(r)."),
-    init: Optional[str] = typer.Option(None, help="kaiming, gaussian or pissa."),
+    init: Optional[str] = typer.Option(None, help="kaiming, gaussian, pissa, olora, or (computed from the first "
+                                                  "training batches) eva, lora_ga, corda."),
     bias: Optional[str] = typer.Option(None, help="none, lora_only or all."),
+    num_virtual_tokens: Optional[int] = typer.Option(None, help="Virtual tokens (prompt_tuning, prefix_tuning, "
+                                                               "p_tuning)."),
     target_modules: Optional[str] = typer.Option(None, help="Comma-separated suffixes, a regex, or all-linear."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with method/task/adapter/train "
                                                                        "keys; flags override it."),

@@ -53,7 +53,11 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     dtypes = Counter(str(reader.dtype(n)).replace("torch.", "") for n in names)
     info: dict[str, Any] = {"path": str(path), "tensors": len(names), "parameters": params,
                             "bytes": sum(sizes.values()), "dtypes": dict(dtypes)}
-    if path.is_dir() and (path / CONFIG_FILE).exists():
+    from splice.adapters.prompts.persist import is_prompt_folder, prompt_summary
+
+    if path.is_dir() and is_prompt_folder(path):  # virtual tokens: no rank, no wrapped modules
+        info.update(prompt_summary(path))
+    elif path.is_dir() and (path / CONFIG_FILE).exists():
         cfg = read_json(path / CONFIG_FILE)
         splice_cfg = read_json(path / SPLICE_FILE) if (path / SPLICE_FILE).exists() else {}
         keys = _method_keys(cfg, path)  # the method's own tensor names ("lora_A.weight", "ia3_l", ...)

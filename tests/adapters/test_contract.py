@@ -23,7 +23,7 @@ from torch import nn
 from torch.autograd import gradcheck
 
 import splice
-from splice.adapters import make_config
+from splice.adapters import get_method, make_config
 from splice.adapters.ops import lora_linear
 from splice.adapters.registry import method_names
 
@@ -54,6 +54,18 @@ ROWS = [
         dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all", modules_to_save=["pooler.dense"])),
     Row("lora-llama-pissa", "llama", "lora",
         dict(r=4, lora_alpha=4, init_lora_weights="pissa", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    Row("lora-llama-olora", "llama", "lora",
+        dict(r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["q_proj", "v_proj", "gate_proj"])),
+    Row("lora-gpt2-olora-conv1d", "gpt2", "lora", dict(r=2, lora_alpha=4, init_lora_weights="olora",
+                                                     target_modules=["c_attn", "c_fc"])),
+    # rho 1: no rank redistribution, whose ranks depend on the base the adapter is added to (test_inits.py)
+    Row("lora-llama-eva", "llama", "lora", dict(r=4, lora_alpha=8, init_lora_weights="eva", eva_config={"rho": 1.0},
+                                              target_modules=["q_proj", "o_proj", "up_proj"])),
+    Row("lora-gpt2-lora-ga-conv1d", "gpt2", "lora",
+        dict(r=2, lora_alpha=4, init_lora_weights="lora_ga", target_modules=["c_attn", "c_proj"])),
+    Row("lora-llama-corda-kpm", "llama", "lora", dict(r=4, lora_alpha=8, init_lora_weights="corda",
+                                                    corda_config={"corda_method": "kpm"},
+                                                    target_modules=["q_proj", "v_proj", "down_proj"])),
     Row("dora-bert-all-linear", "bert", "dora", dict(r=4, lora_alpha=8, target_modules="all-linear")),
     Row("dora-gpt2-conv1d", "gpt2", "dora", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])),
     Row("dora-llama", "llama", "dora",
@@ -130,7 +142,10 @@ rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 
 
 def test_every_method_has_a_row():
-    assert {r.method for r in ROWS} == set(method_names())
+    # prompt methods (no weight delta) have their own matrix: test_prompt_contract.py
+    from splice.adapters.prompts import PromptConfig
+    weight_methods = {m for m in method_names() if not issubclass(get_method(m).config, PromptConfig)}
+    assert {r.method for r in ROWS} == weight_methods
 
 
 # -- helpers (method-agnostic) -------------------------------------------------------------------------------------
@@ -151,9 +166,20 @@ def add_adapter(model: nn.Module, row: Row, name: str = "default", seed: int = 1
     """Adapt `model` with `row`'s config as adapter `name`; the result depends on `seed` only."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        splice.adapt(model, row.config(), name)
+        splice.adapt(model, row.config(), name, **calibration(model, row))
     randomise(model, name, seed)
     return model
+
+
+def calibration(model: nn.Module, row: Row) -> dict[str, Any]:
+    """Two batches of token ids (labels = inputs) for the rows of a data-driven LoRA init (eva, lora_ga, corda)."""
+    from splice.adapters.inits import DATA_INITS
+
+    if row.fields.get("init_lora_weights") not in DATA_INITS:
+        return {}
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, model.config.vocab_size, (2, 4, 6), generator=g)
+    return {"calibration": [{"input_ids": x, "labels": x} for x in ids]}
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:

@@ -72,7 +72,7 @@ def test_unknown_method_suggests_the_valid_one():
 
 @pytest.mark.parametrize("fields, field", [
     (dict(r=0), "r"), (dict(r=2.5), "r"), (dict(lora_dropout=1.0), "lora_dropout"), (dict(bias="some"), "bias"),
-    (dict(init_lora_weights="olora"), "init_lora_weights"), (dict(target_modules=[]), "target_modules"),
+    (dict(init_lora_weights="xavier"), "init_lora_weights"), (dict(target_modules=[]), "target_modules"),
 ])
 def test_invalid_values_name_the_field(fields, field):
     msg = error(make_config, "lora", **fields)

@@ -6,6 +6,7 @@ from splice.adapters.model import (AdaptedModel, active_adapters, adapt, delete_
                                    merge_adapter, merge_and_unload, mixed_batch, set_adapter, trainable_parameters,
                                    unmerge_adapter)
 from splice.adapters.persist import load_adapter, save_adapter
+from splice.adapters.prompts import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from splice.adapters.registry import get_method, make_config, method_names, register
 from splice.adapters.adalora import AdaLoraConfig
 from splice.adapters.bitfit import BitFitConfig
@@ -26,3 +27,4 @@ __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_
            "trainable_parameters", "unmerge_adapter"]
 __all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig",
             "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig", "ShiraConfig", "VeraConfig"]
+__all__ += ["PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig"]

@@ -38,8 +38,9 @@ class DoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.init_lora_weights == "pissa":
-            raise SpliceError("init_lora_weights: pissa is not available with dora; use kaiming or gaussian")
+        if self.init_lora_weights not in ("kaiming", "gaussian"):
+            raise SpliceError(f"init_lora_weights: {self.init_lora_weights} is not available with dora; "
+                              "use kaiming or gaussian")
 
     @classmethod
     def claims_peft(cls, cfg: dict[str, Any]) -> bool:

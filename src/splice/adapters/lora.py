@@ -8,6 +8,7 @@
 - PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948) starts A, B at the top-r singular triplets of W₀ and
   trains on the residual W₀ − sB₀A₀. The base weight here is never modified: the layer adds −sB₀A₀ itself, so the
   update against the *original* base is s(BA − B₀A₀), exact and rank 2r (what PEFT writes on conversion).
+- Other starts (OLoRA, ...) live in `splice.adapters.inits`, one file each, and are handled the same way.
 - Wraps nn.Linear, HF Conv1D (GPT-2; its weight is stored transposed), nn.Embedding and nn.Conv2d, with PEFT's
   parameter shapes and key names so that folders interchange with PEFT, vLLM and LoRAX.
 """
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.adapters.config import AdapterConfig, doc, pattern_value
+from splice.adapters.config import AdapterConfig, config_from_dict, doc, pattern_value
+from splice.adapters.inits import DATA_INITS, WEIGHT_STARTS, CordaConfig, EvaConfig, LoraGAConfig
 from splice.adapters.ops import lora_linear
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Dense, LowRank
@@ -32,6 +34,7 @@ KINDS = ("linear", "conv1d", "embedding", "conv2d")
 # PEFT options that change the math in ways splice does not implement: refuse rather than load wrongly.
 _UNSUPPORTED = ("use_qalora", "lora_bias", "target_parameters", "layer_replication", "trainable_token_indices",
                 "use_bdlora", "alora_invocation_tokens")
+INITS = ("kaiming", "gaussian", *WEIGHT_STARTS, *DATA_INITS)
 
 
 @dataclass
@@ -46,11 +49,20 @@ class LoraConfig(AdapterConfig):
         "Which biases train: none, those of the wrapped modules (lora_only), or every bias in the model (all).",
         default="none",
     )
-    init_lora_weights: Literal["kaiming", "gaussian", "pissa"] | bool = doc(
-        "Initialisation of A (B starts at 0): kaiming (PEFT's default, also `true`), gaussian (std 1/r), or pissa "
-        "(A, B from the top-r singular vectors of the base weight).",
+    init_lora_weights: Literal["kaiming", "gaussian", "pissa", "olora", "eva", "lora_ga", "corda"] | bool = doc(
+        "Initialisation of A (B starts at 0): kaiming (PEFT's default, also `true`), gaussian (std 1/r), pissa "
+        "(A, B from the top-r singular vectors of the base weight), olora (from its QR decomposition), or, from "
+        "calibration data, eva (A from the principal directions of each layer's inputs; ranks redistributed) or "
+        "lora_ga (A, B from the SVD of the full-weight gradient) or corda (from the SVD of the weight times the "
+        "input covariance).",
         default="kaiming",
     )
+    eva_config: EvaConfig | None = doc("Options of init_lora_weights=eva (rho, use_label_mask, whiten, "
+                                       "adjust_scaling_factors).", default=None)
+    lora_ga_config: LoraGAConfig | None = doc("Options of init_lora_weights=lora_ga (direction, scale, "
+                                              "stable_gamma).", default=None)
+    corda_config: CordaConfig | None = doc("Options of init_lora_weights=corda (corda_method: ipm or kpm).",
+                                           default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,10 +74,15 @@ class LoraConfig(AdapterConfig):
             raise SpliceError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise SpliceError(f"bias: must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in ("kaiming", "gaussian", "pissa"):
+        if self.init_lora_weights not in INITS:
             raise SpliceError(
-                f"init_lora_weights: must be 'kaiming', 'gaussian' or 'pissa', got {self.init_lora_weights!r}"
+                f"init_lora_weights: must be one of {', '.join(INITS)}, got {self.init_lora_weights!r}"
             )
+        self.eva_config = _options(self.eva_config, EvaConfig, "eva_config", self.init_lora_weights == "eva")
+        self.lora_ga_config = _options(self.lora_ga_config, LoraGAConfig, "lora_ga_config",
+                                       self.init_lora_weights == "lora_ga")
+        self.corda_config = _options(self.corda_config, CordaConfig, "corda_config",
+                                     self.init_lora_weights == "corda")
 
     @property
     def scaling(self) -> float:
@@ -102,6 +119,13 @@ class LoraConfig(AdapterConfig):
         rank = tensors.get("lora_A.weight", tensors.get("lora_embedding_A")).shape[0]
         alpha = pattern_value(module, peft_cfg.get("alpha_pattern"), self.lora_alpha)
         return dataclasses.replace(self, r=rank, lora_alpha=alpha)
+
+
+def _options(value: Any, cls: type, name: str, needed: bool) -> Any:
+    """An init's options from a dict (YAML, JSON), or their defaults when the init is chosen and none were given."""
+    if isinstance(value, dict):
+        return config_from_dict(cls, value, name)
+    return cls() if value is None and needed else value
 
 
 def module_dims(base: nn.Module, kind: str) -> tuple[int, int]:
@@ -169,6 +193,7 @@ class LoraAdapter(nn.Module):
         self.kind = kind
         self.r = config.r
         self.scale = config.scaling
+        self.lora_alpha = config.lora_alpha
         self.dropout = float(config.lora_dropout)
         in_f, out_f = module_dims(base, kind)
         if config.r > min(in_f, out_f) and kind != "embedding":
@@ -184,12 +209,15 @@ class LoraAdapter(nn.Module):
         self.lora_bias = None
         if config.bias != "none" and getattr(base, "bias", None) is not None:
             self.lora_bias = nn.Parameter(torch.zeros_like(base.bias))
-        self.pissa = config.init_lora_weights == "pissa"
+        # True once `start` set s B₀ A₀ ≠ 0 (PiSSA, OLoRA, ...), subtracted in forward; see splice.adapters.inits.
+        self.pissa = False
         self.reset(base, config.init_lora_weights)
 
     @torch.no_grad()
     def reset(self, base: nn.Module, init: str) -> None:
-        """Initialise so that the adapter starts as the identity update (except PiSSA's, which is exact too)."""
+        """Initialise so that the adapted module starts equal to the base (a start B₀A₀ ≠ 0 is subtracted)."""
+        if init in WEIGHT_STARTS and self.kind not in ("linear", "conv1d"):
+            raise SpliceError(f"init_lora_weights: {init} needs a linear layer, not {self.kind}")
         if self.kind == "embedding":
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
@@ -199,17 +227,17 @@ class LoraAdapter(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
-        if init == "pissa":
-            if self.kind not in ("linear", "conv1d"):
-                raise SpliceError(f"init_lora_weights: pissa needs a linear layer, not {self.kind}")
-            W = linear_weight(base, self.kind).float()
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            root = (S[: self.r] / self.scale).sqrt()
-            self.lora_A.copy_(root[:, None] * Vh[: self.r])
-            self.lora_B.copy_(U[:, : self.r] * root[None, :])
-            # The frozen starting point, subtracted in forward so that the base weight stays untouched.
-            self.register_buffer("pissa_A0", self.lora_A.detach().clone())
-            self.register_buffer("pissa_B0", self.lora_B.detach().clone())
+        if init in WEIGHT_STARTS:
+            self.start(*WEIGHT_STARTS[init](linear_weight(base, self.kind).float(), self.r, self.scale))
+
+    @torch.no_grad()
+    def start(self, A0: Tensor, B0: Tensor) -> None:
+        """Start at A = A0 (r, in), B = B0 (out, r), with s B0 A0 subtracted in forward (the base stays untouched)."""
+        self.lora_A.copy_(A0)
+        self.lora_B.copy_(B0)
+        self.pissa = True
+        self.register_buffer("pissa_A0", self.lora_A.detach().clone())
+        self.register_buffer("pissa_B0", self.lora_B.detach().clone())
 
     # -- forward -------------------------------------------------------------------------------------------------
     def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor:

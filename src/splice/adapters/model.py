@@ -7,15 +7,20 @@ state. `AdaptedModel(model)` is a thin handle that gathers the operations below 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig
 from splice.adapters.extras import BiasShift, FullCopy
+from splice.adapters.inits import data_init
 from splice.adapters.inject import adapter_layers, find_targets, module_kind, plain_modules, wrap
 from splice.adapters.layer import AdapterLayer
+from splice.adapters.prompts.model import (add_prompt, delete_prompt, is_active_prompt, is_prompt_config,
+                                           prompt_names, prompt_parameters, refuse_prompt,
+                                           refuse_prompts_in_mixed_batch, set_active_prompt, set_prompts_disabled)
 from splice.adapters.registry import get_method
 from splice.delta.deltaset import DeltaSet
 from splice.errors import SpliceError, closest
@@ -34,7 +39,9 @@ def _check_name(model: nn.Module, name: str) -> None:
                           f"this model has: {', '.join(configs(model)) or 'none'}")
 
 
-def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, init: bool = True) -> nn.Module:
+def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, init: bool = True,
+          calibration: Iterable[Any] | None = None, calibration_loss: Callable[[Any], Tensor] | None = None
+          ) -> nn.Module:
     """Inject adapter `adapter_name` of `config`'s method into `model` and make it the active, trainable one.
 
     Args:
@@ -42,15 +49,23 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
         config: a method config, e.g. `LoraConfig(r=8, target_modules=["query", "value"])`.
         adapter_name: name of the new adapter; a model can hold many.
         init: False leaves the freshly built weights for a loader to overwrite (skips nothing else).
+        calibration: a few batches of model inputs (dicts for `model(**batch)`) for the data-driven LoRA inits
+            (`init_lora_weights` eva, lora_ga, corda), run once through the base model.
+        calibration_loss: batch → loss, to run batches that are not dicts of model inputs.
     Returns:
         The same model, with every base parameter frozen.
     """
-    if not isinstance(config, AdapterConfig):
+    if not isinstance(config, AdapterConfig) and not is_prompt_config(config):
         raise SpliceError(f"config must be an adapter config such as LoraConfig, got {type(config).__name__}")
     if adapter_name in configs(model):
         raise SpliceError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
     if not adapter_name or "/" in adapter_name or "." in adapter_name:
         raise SpliceError(f"adapter name {adapter_name!r}: use letters, digits, '-' and '_' only")
+    if is_prompt_config(config):  # virtual tokens, not wrapped modules: see splice.adapters.prompts
+        add_prompt(model, config, adapter_name)
+        configs(model)[adapter_name] = config
+        set_adapter(model, adapter_name)
+        return model
     method = get_method(config.method)
     targets = find_targets(model, config)
     saved = _modules_to_save(model, config)
@@ -61,6 +76,8 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     prepared = config.prepare(plain, None)  # state shared by all modules (VeRA's projections), made once
     built = [(name, module, kind, method.adapter(base, kind, prepared.for_target(name)))
              for (name, module, kind), (_, base, _) in zip(targets, plain)]
+    with disable_adapters(model) if calibration is not None else contextlib.nullcontext():  # calibrate the base
+        built = data_init(model, config, built, calibration, calibration_loss, method.adapter)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module, kind, adapter in built:
@@ -98,6 +115,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         _check_name(model, n)
+    set_active_prompt(model, names)
     for _, layer in adapter_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
         for n, adapter in layer.adapters.items():
@@ -105,7 +123,8 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    return [n for n in configs(model) if any(n in layer.active for _, layer in adapter_layers(model))]
+    return [n for n in configs(model)
+            if any(n in layer.active for _, layer in adapter_layers(model)) or is_active_prompt(model, n)]
 
 
 @contextlib.contextmanager
@@ -116,11 +135,13 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         raise SpliceError("cannot disable adapters while one is merged into the base; unmerge it first")
     for layer in layers:
         layer.disabled = True
+    set_prompts_disabled(model, True)
     try:
         yield
     finally:
         for layer in layers:
             layer.disabled = False
+        set_prompts_disabled(model, False)
 
 
 @contextlib.contextmanager
@@ -130,6 +151,7 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterato
     The base runs once for the whole batch; each adapter's contribution is computed on its own rows only
     (sorting a batch by adapter makes every group a contiguous slice, which needs no gather at all).
     """
+    refuse_prompts_in_mixed_batch(model, row_adapters)
     groups: dict[str, list[int]] = {}
     for i, n in enumerate(row_adapters):
         if n is not None:
@@ -153,12 +175,14 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterato
 def merge_adapter(model: nn.Module, name: str) -> None:
     """Fold adapter `name` into the base weights; the forward then skips it. `unmerge_adapter` undoes it."""
     _check_name(model, name)
+    refuse_prompt(model, name, configs(model)[name])
     for _, layer in adapter_layers(model):
         layer.merge(name)
 
 
 def unmerge_adapter(model: nn.Module, name: str) -> None:
     _check_name(model, name)
+    refuse_prompt(model, name, configs(model)[name])
     for _, layer in adapter_layers(model):
         layer.unmerge(name)
 
@@ -166,6 +190,7 @@ def unmerge_adapter(model: nn.Module, name: str) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; a module left with no adapter is restored to the original module."""
     _check_name(model, name)
+    delete_prompt(model, name)
     for path, layer in adapter_layers(model):
         if name in layer.adapters:
             layer.delete(name)
@@ -183,6 +208,8 @@ def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
     merge_adapter(model, name)
     for path, layer in adapter_layers(model):
         _replace(model, path, layer.base)
+    for prompt in prompt_names(model):
+        delete_prompt(model, prompt)
     configs(model).clear()
     return model
 
@@ -196,12 +223,13 @@ def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.P
     """Parameters of adapter `name` (default: all active adapters)."""
     names = [name] if name else active_adapters(model)
     return [p for _, layer in adapter_layers(model) for n in names if n in layer.adapters
-            for p in layer.adapters[n].parameters()]
+            for p in layer.adapters[n].parameters()] + prompt_parameters(model, names)
 
 
 def get_delta(model: nn.Module, name: str = "default") -> DeltaSet:
     """Adapter `name` as a DeltaSet keyed by the base model's own parameter names ('…query.weight')."""
     _check_name(model, name)
+    refuse_prompt(model, name, configs(model)[name], "return")
     if any(name in layer.merged for _, layer in adapter_layers(model)):
         # DoRA's and modules_to_save's deltas are measured against the base weights, which now include them.
         raise SpliceError(f"adapter {name!r} is merged into the base; unmerge it before taking its delta")

@@ -7,10 +7,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from splice.adapters.extras import BiasShift, FullCopy
+from splice.adapters.inits import saved_patterns
 from splice.adapters.inject import adapter_layers, module_kind, plain_modules, wrap
 from splice.adapters.model import configs, set_adapter
 from splice.adapters.config import AdapterConfig
 from splice.adapters.registry import Method, get_method
+from splice.adapters.prompts.model import is_prompt_config
+from splice.adapters.prompts.persist import is_prompt_folder, load_prompt, save_prompt
 from splice.delta.deltaset import fingerprints_match, tensor_fingerprint
 from splice.errors import SpliceError
 from splice.io.checkpoints import atomic_output_dir, write_json
@@ -27,6 +30,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     config = configs(model).get(adapter_name)
     if config is None:
         raise SpliceError(f"no adapter named {adapter_name!r} on this model; it has: {', '.join(configs(model))}")
+    if is_prompt_config(config):
+        return save_prompt(model, path, adapter_name, config, force=force)
     if any(adapter_name in layer.merged for _, layer in adapter_layers(model)):
         # Merged, the base weights include it: the fingerprints (and trained biases, saved as base + shift) would
         # describe the merged weights, and the folder would then be refused by, or wrong on, the real base.
@@ -48,6 +53,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
             fingerprint[f"{name}.weight"] = tensor_fingerprint(layer.base.weight)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_cfg = config.to_peft(base=base, kinds=kinds, adapters=adapters)
+    peft_cfg.update(saved_patterns(model, adapter_name, config))  # per-layer ranks chosen by an init (eva)
     with atomic_output_dir(path, force=force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, peft_cfg)
@@ -64,6 +70,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     trained on (splice_config.json), a different base is refused. The adapter becomes active if it is the only one.
     """
     path = Path(path)
+    if is_prompt_folder(path):
+        load_prompt(model, path, adapter_name, is_trainable=is_trainable)
+        return model
     folder = read_adapter_folder(path)
     if adapter_name in configs(model):
         raise SpliceError(f"adapter {adapter_name!r} already exists on this model; pick another name")

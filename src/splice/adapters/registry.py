@@ -74,3 +74,4 @@ def _load_builtin_methods() -> None:
     import splice.adapters.shira  # noqa: F401
     import splice.adapters.vera  # noqa: F401
     import splice.adapters.lora  # noqa: F401
+    import splice.adapters.prompts  # noqa: F401

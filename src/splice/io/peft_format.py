@@ -63,11 +63,13 @@ class AdapterFolder:
 def read_adapter_folder(path: str | Path) -> AdapterFolder:
     """Parse an adapter folder written by PEFT or splice; one-line SpliceErrors name the file at fault."""
     from splice.adapters.registry import get_method
+    from splice.adapters.prompts.persist import refuse_prompt_folder
     from splice.io.checkpoints import CheckpointReader, read_json
 
     path = Path(path)
     if not path.is_dir():
         raise SpliceError(f"{path}: adapter folder does not exist")
+    refuse_prompt_folder(path)  # prompt methods have no weight delta; splice.adapters.prompts loads them
     cfg = read_json(path / CONFIG_FILE)
     config = _config_from_peft(cfg, path / CONFIG_FILE)
     adapter_cls = get_method(config.method).adapter

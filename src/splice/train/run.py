@@ -13,6 +13,7 @@ from splice.adapters.config import AdapterConfig
 from splice.adapters.inject import find_targets
 from splice.adapters.model import adapt, trainable_parameters
 from splice.adapters.persist import load_adapter, save_adapter
+from splice.adapters.prompts.model import is_prompt_config
 from splice.io.models import load_model
 from splice.train.data import CausalLMCollator, ClassificationCollator, TextDataset, batches
 from splice.train.loop import TrainConfig, TrainResult, train_loop
@@ -29,6 +30,21 @@ class RunReport:
     out: Path | None = None
 
 
+CALIBRATION_BATCHES = 4  # training batches a data-driven LoRA init (eva, lora_ga, corda) is computed from
+
+
+def _calibration(adapter: AdapterConfig, items: list, collate: Callable, config: TrainConfig,
+                 loss: Callable | None = None) -> dict[str, Any]:
+    """adapt()'s calibration arguments: the first few (shuffled) training batches, when the init needs data."""
+    from splice.adapters.inits import DATA_INITS
+
+    if getattr(adapter, "init_lora_weights", None) not in DATA_INITS:
+        return {}
+    order = batches(items, config.batch_size, True, config.seed)
+    first = [collate(b) for _, b in zip(range(CALIBRATION_BATCHES), order)]
+    return {"calibration": first, "calibration_loss": loss}
+
+
 def _say(log: Callable[[str], None] | None, text: str) -> None:
     if log is not None:
         log(text)
@@ -40,7 +56,8 @@ def train_classifier(model_name: str, train: TextDataset, evaluation: TextDatase
     """Frozen probe, then adapter training with the probe's head frozen; saves adapter + head to `out`."""
     torch.manual_seed(config.seed)
     encoder, tokenizer = load_model(model_name, "encoder")
-    find_targets(encoder, adapter)  # a bad target_modules fails now, not after the probe
+    if not is_prompt_config(adapter):  # prompt methods target no module
+        find_targets(encoder, adapter)  # a bad target_modules fails now, not after the probe
     model = EncoderClassifier(encoder, len(train.label_names))
     collate = ClassificationCollator(tokenizer, config.max_length)
     report = RunReport()
@@ -50,7 +67,10 @@ def train_classifier(model_name: str, train: TextDataset, evaluation: TextDatase
     report.metrics["probe_accuracy"] = accuracy(model, evaluation, collate, progress)
     _say(log, f"frozen probe accuracy: {report.metrics['probe_accuracy']:.4f}  ({len(evaluation)} eval examples)")
 
-    adapt(encoder, adapter)
+    def classify_loss(b: dict) -> torch.Tensor:
+        return F.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"])
+
+    adapt(encoder, adapter, **_calibration(adapter, list(train), collate, config, classify_loss))
     params = trainable_parameters(encoder)
     report.trainable_params = sum(p.numel() for p in params)
     _say(log, f"training {adapter.method} ({report.trainable_params:,} parameters) on {len(train)} examples")
@@ -105,12 +125,13 @@ def train_causal_lm(model_name: str, train: list, evaluation: list, adapter: Ada
     """Adapter training on (prompt, completion) pairs with the loss on completions; saves the adapter."""
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(model_name, "causal-lm")
-    find_targets(model, adapter)
+    if not is_prompt_config(adapter):
+        find_targets(model, adapter)
     collate = CausalLMCollator(tokenizer, config.max_length)
     report = RunReport()
     report.metrics["base_perplexity"] = perplexity(model, evaluation, collate, progress=progress)
     _say(log, f"base perplexity: {report.metrics['base_perplexity']:.3f}")
-    adapt(model, adapter)
+    adapt(model, adapter, **_calibration(adapter, train, collate, config))
     params = trainable_parameters(model)
     report.trainable_params = sum(p.numel() for p in params)
     steps = (len(train) + config.batch_size - 1) // config.batch_size

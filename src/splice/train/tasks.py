@@ -39,7 +39,8 @@ class EncoderClassifier(nn.Module):
 
     def features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        return mean_pool(out.last_hidden_state, attention_mask)
+        # Prompt methods put their virtual tokens in front of the input: pool over the real tokens only.
+        return mean_pool(out.last_hidden_state[:, -attention_mask.shape[1]:], attention_mask)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.head(self.features(input_ids, attention_mask))
