@@ -111,6 +111,8 @@ def saved_patterns(model: nn.Module, adapter_name: str, config: Any) -> dict[str
     whose rank or alpha differs from the config's, as EVA's redistribution makes them; {} when none does."""
     from splice.adapters.inject import adapter_layers
 
+    if getattr(config, "method", None) not in ("lora", "dora"):  # AdaLoRA keeps its own rank_pattern
+        return {}
     layers = [(n, layer.adapters[adapter_name]) for n, layer in adapter_layers(model)
               if adapter_name in layer.adapters and hasattr(layer.adapters[adapter_name], "lora_A")]
     ranks, alphas, names = {}, {}, []
