@@ -160,7 +160,15 @@ def test_apply_errors_and_force(capsys, tmp_path, bert_dir):
     assert code != 0 and "query" in line and "shape" in line and not (tmp_path / "o2").exists()
 
 
-@pytest.mark.parametrize("method", splice.method_names())
+def weight_methods() -> list[str]:
+    """Methods with a weight delta to apply (prompt methods train in tests/cli/test_train_prompts.py)."""
+    from splice.adapters.prompts import PromptConfig
+    from splice.adapters.registry import get_method
+
+    return [m for m in splice.method_names() if not issubclass(get_method(m).config, PromptConfig)]
+
+
+@pytest.mark.parametrize("method", weight_methods())
 def test_every_method_trains_then_applies(capsys, tmp_path, bert_dir, sentiment_csv, method):
     """`splice train --method NAME` with the method's defaults (sized down) runs a few steps and saves a folder
     that loads back, that `splice inspect` describes and that `splice apply` merges into the same model."""
