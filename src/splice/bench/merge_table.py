@@ -11,6 +11,10 @@ from typing import Any
 from splice.errors import SpliceError
 
 
+# What a merge method raises for inputs it cannot merge (SLERP and 8 models, Fisher without a task head, ...).
+MERGE_ERRORS = (SpliceError, RuntimeError, ValueError, TypeError)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -32,7 +36,8 @@ def method_order() -> list[str]:
 def run_merges(ctx: Any) -> None:
     from splice.bench.quality import MERGE_INPUTS
 
-    for kind, arm_key in MERGE_INPUTS.items():
+    for kind in ctx.profile.merge_kinds:
+        arm_key = MERGE_INPUTS[kind]
         folders = [ctx.root / "finetunes" / kind / t.name for t in ctx.tasks]
         if not all((f / "config.json").is_file() for f in folders):
             continue  # the adapter stage has not produced every input yet (out of time)
@@ -48,7 +53,10 @@ def _calibration(ctx: Any) -> list[str]:
 
 
 def merge_cell(ctx: Any, kind: str, name: str, folders: list, individual: dict[str, dict[str, float]]) -> None:
-    """Validation grid (each setting its own cached cell), then the chosen setting on test, then mergekit."""
+    """Validation grid (each setting its own cached cell), then the chosen setting on test, then mergekit.
+
+    With a one-point grid there is nothing to choose, so the validation pass is skipped.
+    """
     from splice.bench.cells import score
     from splice.bench.merging import config, settings, splice_merged
     from splice.merge.methods.registry import get_merge_method
@@ -56,27 +64,38 @@ def merge_cell(ctx: Any, kind: str, name: str, folders: list, individual: dict[s
     p = ctx.profile
     heads = {t.name: ctx.head(t.name) for t in ctx.tasks}
     grid = settings(get_merge_method(name), p.lambdas, p.densities)
-    tried = []
-    for i, setting in enumerate(grid):
-        def validate(setting: dict = setting) -> dict[str, Any]:
+    calibration = _calibration(ctx)
+    kept: dict[int, Any] = {}  # the best merged encoder of this run's grid, kept to score it on test
+
+    def merged(setting: dict[str, Any]) -> Any:
+        return splice_merged(config(name, ctx.base_dir, folders, setting), ctx.base, calibration, seed=p.seed,
+                             progress=ctx.progress)
+    tried: list[dict[str, Any]] = []
+    for i, setting in enumerate(grid if len(grid) > 1 else []):
+        def validate(i: int = i, setting: dict = setting) -> dict[str, Any]:
             try:
-                model = splice_merged(config(name, ctx.base_dir, folders, setting), ctx.base, _calibration(ctx),
-                                      seed=p.seed, progress=ctx.progress)
-            except (SpliceError, RuntimeError, ValueError, TypeError) as exc:  # e.g. SLERP refuses 8 inputs
+                model = merged(setting)
+            except MERGE_ERRORS as exc:  # e.g. SLERP refuses more than two inputs
                 return {"setting": setting, "error": _one_line(exc)}
             acc = score(model, ctx.tokenizer, ctx.tasks, heads, p.max_length, "val", ctx.progress)
-            return {"setting": setting, "val": acc, "val_normalized": normalized(acc, individual["val"])}
+            result = {"setting": setting, "val": acc, "val_normalized": normalized(acc, individual["val"])}
+            if all(result["val_normalized"] > r["val_normalized"] for r in tried if "error" not in r):
+                kept.clear()
+                kept[i] = model
+            return result
         tried.append(ctx.cell(f"merge/{kind}/{name}/val{i}", validate))
-    ok = [r for r in tried if "error" not in r]
 
     def test() -> dict[str, Any]:
-        if not ok:
+        ok = [(i, r) for i, r in enumerate(tried) if "error" not in r]
+        if tried and not ok:
             return {"error": tried[0]["error"], "grid": tried}
-        best = max(ok, key=lambda r: r["val_normalized"])  # the first of equals: grid order is deterministic
-        model = splice_merged(config(name, ctx.base_dir, folders, best["setting"]), ctx.base, _calibration(ctx),
-                              seed=p.seed, progress=ctx.progress)
+        i, best = max(ok, key=lambda ir: (ir[1]["val_normalized"], -ir[0])) if ok else (0, {"setting": grid[0]})
+        try:
+            model = kept[i] if i in kept else merged(best["setting"])
+        except MERGE_ERRORS as exc:
+            return {"setting": best["setting"], "error": _one_line(exc)}
         acc = score(model, ctx.tokenizer, ctx.tasks, heads, p.max_length, "test", ctx.progress)
-        return {"setting": best["setting"], "val_normalized": best["val_normalized"], "test": acc,
+        return {"setting": best["setting"], "val_normalized": best.get("val_normalized"), "test": acc,
                 "mean": sum(acc.values()) / len(acc), "normalized": normalized(acc, individual["test"]),
                 "grid": tried}
     chosen = ctx.cell(f"merge/{kind}/{name}/test", test)

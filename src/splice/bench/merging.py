@@ -9,8 +9,10 @@ test. A method that cannot merge these inputs (SLERP takes two models) is report
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,17 @@ def settings(method: Any, lambdas: tuple[float, ...], densities: tuple[float, ..
 
 
 def config(method: str, base: Path, models: list[Path], setting: dict[str, Any]) -> dict[str, Any]:
-    """The mergekit-style config of one merge (the same dict is handed to splice and to mergekit)."""
-    cfg: dict[str, Any] = {"merge_method": method, "base_model": str(base),
+    """The mergekit-style config of one merge (the same dict is handed to splice and to mergekit).
+
+    The base is named only for methods that need one: a soup such as `linear` would otherwise merge the base as
+    one more model, as mergekit does.
+    """
+    from splice.merge.methods.registry import get_merge_method
+
+    cfg: dict[str, Any] = {"merge_method": method,
                            "models": [{"model": str(m), "parameters": dict(setting["model"])} for m in models]}
+    if get_merge_method(method).needs_base:
+        cfg["base_model"] = str(base)
     if setting["parameters"]:
         cfg["parameters"] = dict(setting["parameters"])
     return cfg
@@ -107,9 +117,28 @@ def mergekit_merged(cfg: dict[str, Any], base: nn.Module, out: Path) -> nn.Modul
     from mergekit.options import MergeOptions
     from safetensors.torch import load_file
 
-    run_merge(MergeConfiguration.model_validate({**cfg, "dtype": "float32"}), str(out),
-              options=MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, lazy_unpickle=False))
+    with _mergekit_alias_fix():
+        run_merge(MergeConfiguration.model_validate({**cfg, "dtype": "float32"}), str(out),
+                  options=MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, lazy_unpickle=False))
     state: dict[str, torch.Tensor] = {}
     for f in sorted(out.glob("*.safetensors")):
         state.update(load_file(str(f)))
     return load_state(base, state, "mergekit's merge")
+
+
+@contextlib.contextmanager
+def _mergekit_alias_fix() -> Iterator[None]:
+    """mergekit 0.1.5 plans an optional weight (BERT's pooler) with `[name] + aliases`, a list + tuple TypeError, so
+    it cannot merge any BERT. While this block runs, the aliases it is handed are lists; nothing else changes."""
+    from mergekit.plan import MergePlanner
+
+    original = MergePlanner.plan_tensor
+
+    def plan_tensor(self: Any, weight: Any, weights_in: list, *args: Any, **kwargs: Any) -> Any:
+        weights_in = [w.model_copy(update={"aliases": list(w.aliases)}) if w.aliases else w for w in weights_in]
+        return original(self, weight, weights_in, *args, **kwargs)
+    MergePlanner.plan_tensor = plan_tensor
+    try:
+        yield
+    finally:
+        MergePlanner.plan_tensor = original

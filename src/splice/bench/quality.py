@@ -43,6 +43,7 @@ class Profile:
     lambdas: tuple[float, ...]  # λ grid of the merge methods
     densities: tuple[float, ...]  # density grid of the sparsifying merge methods
     calibration_per_task: int  # validation texts per task fed to Fisher / RegMean
+    merge_kinds: tuple[str, ...] = ("lora", "full")  # which fine-tunes' deltas are merged (keys of MERGE_INPUTS)
     lr_adapter: float = 1e-3
     lr_full: float = 3e-5
     seed: int = 0
@@ -52,9 +53,11 @@ class Profile:
 
 
 PROFILES = {
-    "smoke": Profile("smoke", ("rt_sentiment", "wordnet_supersense", "language_id"), max_train=300, max_test=200,
-                     val=60, epochs=1.0, batch_size=16, max_length=32, lambdas=(0.5,), densities=(0.5,),
-                     calibration_per_task=8),
+    # Every arm and every merge method end to end in minutes: the merge code paths are the same for both delta
+    # kinds, so smoke merges only the LoRA deltas, with one setting per method (no validation search).
+    "smoke": Profile("smoke", ("rt_sentiment", "wordnet_supersense", "language_id"), max_train=200, max_test=100,
+                     val=40, epochs=1.0, batch_size=16, max_length=32, lambdas=(0.5,), densities=(0.5,),
+                     calibration_per_task=8, merge_kinds=("lora",)),
     "full": Profile("full", tuple(TASK_NAMES), max_train=2000, max_test=1000, val=200, epochs=3.0, batch_size=32,
                     max_length=64, lambdas=(0.3, 0.6, 1.0), densities=(0.2, 0.5), calibration_per_task=16),
 }
@@ -130,7 +133,7 @@ def run_adapters(ctx: Context) -> None:
             continue
         lr = p.lr_full if arm.method == FULL else p.lr_adapter
         train = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=lr, max_length=p.max_length, seed=p.seed)
-        kind = next((k for k, v in MERGE_INPUTS.items() if v == arm.key), None)
+        kind = next((k for k, v in MERGE_INPUTS.items() if v == arm.key and k in p.merge_kinds), None)
         for task in ctx.tasks:
             save = ctx.root / "finetunes" / kind / task.name if kind else None
             if save is not None and not (save / "config.json").is_file():
@@ -157,7 +160,7 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, out: Pat
     """
     from splice.bench.merge_table import run_merges
     from splice.bench.report import collect, write_report
-    from splice.io.models import load_model, resolve_model
+    from splice.io.models import load_model
 
     p = get_profile(profile) if isinstance(profile, str) else profile
     cache = (cache or default_cache()).expanduser()
@@ -168,8 +171,12 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, out: Pat
     tasks = [load_task(n, cache, max_train=p.max_train, max_test=p.max_test, val=p.val, seed=p.seed)
              for n in p.tasks]
     base, tokenizer = load_model("default", "encoder")
-    ctx = Context(p, store, root, tasks, base, tokenizer, Path(resolve_model("default")), progress, deadline, log,
-                  mergekit)
+    base_dir = root / "finetunes" / "base"
+    if not (base_dir / "config.json").is_file():  # saved like the fine-tunes, so every input has the same tensors
+        from splice.bench.cells import save_model
+
+        save_model(base, base_dir)
+    ctx = Context(p, store, root, tasks, base, tokenizer, base_dir, progress, deadline, log, mergekit)
     finished = True
     try:
         run_adapters(ctx)
@@ -182,6 +189,6 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, out: Pat
                           "command": command})
     results = collect(ctx, runs)
     out = out or Path("bench/results")
-    write_report(results, out, p, command)
-    log(f"report: {out / 'quality.md'}")
+    report = write_report(results, out, p, command)
+    log(f"report: {report}")
     return results
