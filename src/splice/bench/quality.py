@@ -142,7 +142,8 @@ def run_adapters(ctx: Context) -> None:
                 arm, ctx.base, ctx.tokenizer, task, ctx.head(task.name), train, ctx.progress, save))
 
 
-def run(profile: str | Profile = "smoke", *, cache: Path | None = None, out: Path | None = None,
+def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Path | None = None,
+        out: Path | None = None,
         max_minutes: float | None = None, progress: bool = True, mergekit: bool = True,
         command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) one profile and write its report; returns the collected results.
@@ -150,6 +151,8 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, out: Pat
     Args:
         profile: "smoke", "full" or a `Profile`.
         cache: the cache folder (data, fine-tunes, finished cells); default `default_cache()`.
+        work: where this profile's fine-tunes and finished cells go (default: a folder of `cache` named after the
+            profile and a digest of its settings); a fresh folder re-runs every cell on the cached data.
         out: where quality.md and the PNG plots go; default bench/results under the current folder.
         max_minutes: start no new cell after this many minutes (the report covers what finished).
         mergekit: also score mergekit's merge of the same deltas where mergekit has the method.
@@ -164,7 +167,7 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, out: Pat
 
     p = get_profile(profile) if isinstance(profile, str) else profile
     cache = (cache or default_cache()).expanduser()
-    root = cache / "runs" / f"{p.name}-{p.digest()}"
+    root = work or cache / "runs" / f"{p.name}-{p.digest()}"
     store = Store(root)
     started, t0 = time.time(), time.monotonic()
     deadline = t0 + 60 * max_minutes if max_minutes is not None else None
