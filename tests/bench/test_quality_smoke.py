@@ -5,6 +5,9 @@ baseline. A few minutes on 2 cores; the cells go to a fresh folder, so nothing i
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from splice.bench.arms import PROBE
@@ -14,7 +17,8 @@ from splice.merge.methods.registry import merge_method_names
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    work = tmp_path_factory.mktemp("quality-work")
+    # SPLICE_BENCH_SMOKE_WORK reuses the cells of an earlier smoke run (local iteration); CI starts fresh.
+    work = Path(os.environ.get("SPLICE_BENCH_SMOKE_WORK") or tmp_path_factory.mktemp("quality-work"))
     out = tmp_path_factory.mktemp("quality-out")
     results = run("smoke", work=work, out=out, progress=False, command="splice bench quality --profile smoke",
                   log=lambda line: None)

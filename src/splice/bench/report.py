@@ -165,16 +165,20 @@ def write_report(r: dict[str, Any], out: Path, profile: Profile, command: str) -
              f"seed {profile.seed}; merge grid λ ∈ {list(profile.lambdas)}, density ∈ {list(profile.densities)}.",
              "", "## Data", "", "| task | classes | train | val | test |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {t} | {d['classes']} | {d['train']} | {d['val']} | {d['test']} |" for t, d in r["data"].items()]
-    lines += ["", "## Adapters", "", "s/step: mean seconds per training step (batch "
-              f"{profile.batch_size}); peak RSS: the whole benchmark process during training.", ""]
+    lines += ["", "## Adapters", "", "Trainable params: the adapter's (the frozen head excluded); for the probe, the "
+              "head's on the task with most classes. s/step: mean seconds per training step (batch "
+              f"{profile.batch_size}), contended. Peak RSS: the whole benchmark process (base model and data "
+              "included) while the cell trained.", ""]
     lines += _adapter_table(r) + [""] + (_verdicts(r) or ["- nothing trained yet"])
     labels = {"lora": "LoRA q,v deltas, densified", "full": "full fine-tune deltas"}
     for kind in profile.merge_kinds:
         label = labels.get(kind, kind)
         lines += ["", f"## Merges of the {len(r['tasks'])} {label}", "",
                   "Mean normalized accuracy = mean over tasks of merged ÷ that task's own fine-tune. The setting is "
-                  "the grid point with the best mean normalized validation accuracy; mergekit runs that same setting.",
-                  ""] + _merge_table(r, kind)
+                  "the grid point with the best mean normalized validation accuracy (one-point grids skip the search); "
+                  "mergekit runs that same setting on the same model folders. mergekit 0.1.5 cannot plan a BERT as "
+                  "it ships (a list + tuple TypeError on the pooler's aliases in mergekit/plan.py), so the benchmark "
+                  "hands it the aliases as a list while it runs; its merge math is untouched.", ""] + _merge_table(r, kind)
     missing = _missing(r)
     lines += ["", "## Not run", ""] + (missing or ["- nothing: every cell finished"])
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
