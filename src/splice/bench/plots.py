@@ -63,6 +63,8 @@ def merges(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(bars))))
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color=["C0" if "splice" in b[0] else "C1" for b in bars])
     ax.axvline(100, color="grey", lw=0.8, ls="--")
+    values = [b[1] for b in bars]
+    ax.set_xlim(min(min(values), 100) - 3, max(max(values), 100) + 2)  # from 0 the differences would not show
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
     ax.set_xlabel("mean normalized accuracy (% of the individual fine-tunes)")
