@@ -236,6 +236,8 @@ def bench_quality(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
     mergekit: bool = typer.Option(True, "--mergekit/--no-mergekit", help="Also score mergekit's merge of the "
                                                                         "same deltas where it has the method."),
+    report_only: bool = typer.Option(False, "--report-only", help="Compute nothing: write the report from the "
+                                                                  "cells finished so far."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Adapters and merges on all-MiniLM-L6-v2 and real tasks: accuracy tables, plots, the reproduce command."""
@@ -252,7 +254,7 @@ def bench_quality(
                        ([f"--threads {threads}"] if threads is not None else []) +
                        ([] if mergekit else ["--no-mergekit"]))
     run_quality(profile, cache=cache, out=out, max_minutes=max_minutes, progress=progress, mergekit=mergekit,
-                command=command, log=lambda line: typer.echo(line, err=True))
+                command=command, report_only=report_only, log=lambda line: typer.echo(line, err=True))
 
 
 def run(argv: list[str] | None = None) -> int:

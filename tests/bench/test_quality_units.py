@@ -109,3 +109,11 @@ def test_a_failing_fetch_names_the_command_and_its_last_line(tmp_path, monkeypat
 def test_the_email_reader_keeps_subject_and_plain_body():
     raw = "From x\nSubject: Cheap   pills\nContent-Type: text/plain\n\nBuy\n now"
     assert tasks._email_text(raw) == "Subject: Cheap pills Buy now"
+
+
+def test_cli_rejects_an_unknown_profile_in_one_line(capsys):
+    from splice.cli import run
+
+    assert run(["bench", "quality", "--profile", "smok"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown profile 'smok' (did you mean 'smoke'?); known: smoke, full"

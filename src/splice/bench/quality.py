@@ -146,7 +146,7 @@ def run_adapters(ctx: Context) -> None:
 def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Path | None = None,
         out: Path | None = None,
         max_minutes: float | None = None, progress: bool = True, mergekit: bool = True,
-        command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
+        command: str = "", report_only: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) one profile and write its report; returns the collected results.
 
     Args:
@@ -158,6 +158,7 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
         max_minutes: start no new cell after this many minutes (the report covers what finished).
         mergekit: also score mergekit's merge of the same deltas where mergekit has the method.
         command: the command line that reproduces this run, printed in the report.
+        report_only: compute nothing; write the report from the cells finished so far.
 
     Raises:
         SpliceError: a missing data source, model or package, as one line naming what to install.
@@ -182,15 +183,18 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
         save_model(base, base_dir)
     ctx = Context(p, store, root, tasks, base, tokenizer, base_dir, progress, deadline, log, mergekit)
     finished = True
-    try:
-        run_adapters(ctx)
-        run_merges(ctx)
-    except OutOfTime:
-        finished = False
-        log(f"time budget of {max_minutes} min spent; finished cells are cached, run again to continue")
-    runs = store.log_run({"start": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
-                          "seconds": round(time.monotonic() - t0, 1), "cells": ctx.done, "finished": finished,
-                          "command": command})
+    if report_only:
+        runs = store.runs()
+    else:
+        try:
+            run_adapters(ctx)
+            run_merges(ctx)
+        except OutOfTime:
+            finished = False
+            log(f"time budget of {max_minutes} min spent; finished cells are cached, run again to continue")
+        runs = store.log_run({"start": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+                              "seconds": round(time.monotonic() - t0, 1), "cells": ctx.done, "finished": finished,
+                              "command": command})
     results = collect(ctx, runs)
     out = out or Path("bench/results")
     report = write_report(results, out, p, command)
