@@ -87,9 +87,10 @@ def vs_params(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, params, acc in points:
+    for i, (name, params, acc) in enumerate(points):
         ax.scatter(params, acc)
-        ax.annotate(name, (params, acc), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        # staggered labels: arms with the same parameter count and accuracy would print on top of each other
+        ax.annotate(name, (params, acc), fontsize=7, xytext=(4, 2 - 9 * (i % 3)), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("mean test accuracy (%)")
