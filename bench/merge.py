@@ -327,7 +327,11 @@ def main() -> None:
         "is reading the same input files once, cold, doing nothing else. splice fsyncs its output before the "
         "atomic rename; mergekit does not. Memory: peak over 20 ms samples of the process tree's RssAnon (anon) and "
         "RssFile + RssShmem (file-backed: mapped input pages the kernel may drop). max |splice − mergekit| is over "
-        "every output tensor, first round; see the note below the tables for where it is not 0.")
+        "every output tensor, first round: 0 where both round the same float32 result once; mergekit does "
+        "task_arithmetic / model_stock arithmetic partly in bfloat16, which moves some outputs by one bfloat16 ulp "
+        "(1.2e-4 near 0.03, 3.9e-3 just below 1.0, the norm weights); and where TIES deltas tie exactly at the "
+        "density cut (bfloat16 deltas of the norm weights are multiples of 2⁻⁷), mergekit's argsort keeps an "
+        "unspecified subset and splice the first by index.")
     for size, section, verdict in zip(args.sizes, sections, verdicts):
         body = "\n\n".join([intro, md_table(["machine", ""], list(info.items())),
                              f"Reproduce: `{cmd.strip()}` ({minutes:.0f} min for {', '.join(args.sizes)}).",

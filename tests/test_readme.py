@@ -27,5 +27,6 @@ def test_readme_cli_commands_exist():
     from splice.cli import app
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    names |= {g.name for g in app.registered_groups}  # sub-apps such as `splice bench`
     for command in re.findall(r"`splice (\w+)", README):
         assert command in names, command

@@ -353,6 +353,45 @@ def extract(
     typer.echo(f"wrote {out}")
 
 
+bench_app = typer.Typer(help="Benchmarks on real models and data (fetched at run time into a cache folder).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("quality", epilog="Example:  splice bench quality --profile smoke   (full: --profile full "
+                                     "--max-minutes 9, repeated until the report says every cell finished)")
+def bench_quality(
+    profile: str = typer.Option("smoke", help="smoke (3 tasks, a few hundred examples, 1 epoch) or full "
+                                              "(8 tasks, 2,000 / 1,000 examples, 3 epochs)."),
+    cache: Optional[Path] = typer.Option(None, help="Data, fine-tunes and finished cells (default "
+                                                    "$SPLICE_BENCH_CACHE or ~/.cache/splice/bench)."),
+    out: Path = typer.Option(Path("bench/results"), help="Folder for the markdown report and PNG plots."),
+    max_minutes: Optional[float] = typer.Option(None, help="Start no new cell after this many minutes; "
+                                                           "a re-run resumes from the cache."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
+    mergekit: bool = typer.Option(True, "--mergekit/--no-mergekit", help="Also score mergekit's merge of the "
+                                                                        "same deltas where it has the method."),
+    report_only: bool = typer.Option(False, "--report-only", help="Compute nothing: write the report from the "
+                                                                  "cells finished so far."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Adapters and merges on all-MiniLM-L6-v2 and real tasks: accuracy tables, plots, the reproduce command."""
+    from splice.bench.quality import get_profile
+
+    get_profile(profile)  # a typo fails before the heavy imports
+    import torch
+
+    from splice.bench.quality import run as run_quality
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    command = " ".join(["splice bench quality", f"--profile {profile}"] +
+                       ([f"--threads {threads}"] if threads is not None else []) +
+                       ([] if mergekit else ["--no-mergekit"]))
+    run_quality(profile, cache=cache, out=out, max_minutes=max_minutes, progress=progress, mergekit=mergekit,
+                command=command, report_only=report_only, log=lambda line: typer.echo(line, err=True))
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv`; returns the exit code. Bad input becomes one `error: ...` line, never a traceback."""
     try:

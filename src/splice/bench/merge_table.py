@@ -1,0 +1,127 @@
+"""Cells of the merge table: for each kind of delta and each registered merge method, choose the setting on the
+validation split (mean normalized accuracy: merged ÷ the task's own fine-tune), then score it on test; and where
+mergekit has the method, score mergekit's merge of the same inputs with the same setting.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from typing import Any
+
+from splice.errors import SpliceError
+
+
+# What a merge method raises for inputs it cannot merge (SLERP and 8 models, Fisher without a task head, ...).
+MERGE_ERRORS = (SpliceError, RuntimeError, ValueError, TypeError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def normalized(acc: dict[str, float], individual: dict[str, float]) -> float:
+    """Mean over tasks of merged ÷ individual fine-tune accuracy (the task-arithmetic literature's measure)."""
+    return sum(acc[t] / individual[t] for t in acc) / len(acc)
+
+
+def method_order() -> list[str]:
+    from splice.bench.quality import MERGE_FIRST
+    from splice.merge.methods.registry import merge_method_names
+
+    names = merge_method_names()
+    return [m for m in MERGE_FIRST if m in names] + [m for m in names if m not in MERGE_FIRST]
+
+
+def run_merges(ctx: Any) -> None:
+    from splice.bench.quality import MERGE_INPUTS
+
+    for kind in ctx.profile.merge_kinds:
+        arm_key = MERGE_INPUTS[kind]
+        folders = [ctx.root / "finetunes" / kind / t.name for t in ctx.tasks]
+        if not all((f / "config.json").is_file() for f in folders):
+            continue  # the adapter stage has not produced every input yet (out of time)
+        individual = {split: {t.name: ctx.store.get(f"adapt/{t.name}/{arm_key}")[key] for t in ctx.tasks}
+                      for split, key in (("val", "val_accuracy"), ("test", "accuracy"))}
+        for method in method_order():
+            merge_cell(ctx, kind, method, folders, individual)
+
+
+def _calibration(ctx: Any) -> list[str]:
+    n = ctx.profile.calibration_per_task
+    return [text for t in ctx.tasks for text in t.val.texts[:n]]
+
+
+def merge_cell(ctx: Any, kind: str, name: str, folders: list, individual: dict[str, dict[str, float]]) -> None:
+    """Validation grid (each setting its own cached cell), then the chosen setting on test, then mergekit.
+
+    With a one-point grid there is nothing to choose, so the validation pass is skipped.
+    """
+    from splice.bench.cells import score
+    from splice.bench.merging import config, settings, splice_merged
+    from splice.merge.methods.registry import get_merge_method
+
+    p = ctx.profile
+    heads = {t.name: ctx.head(t.name) for t in ctx.tasks}
+    grid = settings(get_merge_method(name), p.lambdas, p.densities)
+    calibration = _calibration(ctx)
+    kept: dict[int, Any] = {}  # the best merged encoder of this run's grid, kept to score it on test
+
+    def merged(setting: dict[str, Any]) -> Any:
+        return splice_merged(config(name, ctx.base_dir, folders, setting), ctx.base, calibration, seed=p.seed,
+                             progress=ctx.progress)
+    tried: list[dict[str, Any]] = []
+    for i, setting in enumerate(grid if len(grid) > 1 else []):
+        def validate(i: int = i, setting: dict = setting) -> dict[str, Any]:
+            try:
+                model = merged(setting)
+            except MERGE_ERRORS as exc:  # e.g. SLERP refuses more than two inputs
+                return {"setting": setting, "error": _one_line(exc)}
+            acc = score(model, ctx.tokenizer, ctx.tasks, heads, p.max_length, "val", ctx.progress)
+            result = {"setting": setting, "val": acc, "val_normalized": normalized(acc, individual["val"])}
+            if all(result["val_normalized"] > r["val_normalized"] for r in tried if "error" not in r):
+                kept.clear()
+                kept[i] = model
+            return result
+        tried.append(ctx.cell(f"merge/{kind}/{name}/val{i}", validate))
+
+    def test() -> dict[str, Any]:
+        ok = [(i, r) for i, r in enumerate(tried) if "error" not in r]
+        if tried and not ok:
+            return {"error": tried[0]["error"], "grid": tried}
+        i, best = max(ok, key=lambda ir: (ir[1]["val_normalized"], -ir[0])) if ok else (0, {"setting": grid[0]})
+        try:
+            model = kept[i] if i in kept else merged(best["setting"])
+        except MERGE_ERRORS as exc:
+            return {"setting": best["setting"], "error": _one_line(exc)}
+        acc = score(model, ctx.tokenizer, ctx.tasks, heads, p.max_length, "test", ctx.progress)
+        return {"setting": best["setting"], "val_normalized": best.get("val_normalized"), "test": acc,
+                "mean": sum(acc.values()) / len(acc), "normalized": normalized(acc, individual["test"]),
+                "grid": tried}
+    chosen = ctx.cell(f"merge/{kind}/{name}/test", test)
+    if ctx.mergekit and "error" not in chosen:
+        mergekit_cell(ctx, kind, name, folders, chosen["setting"], heads, individual)
+
+
+def mergekit_cell(ctx: Any, kind: str, name: str, folders: list, setting: dict, heads: dict,
+                  individual: dict[str, dict[str, float]]) -> None:
+    from splice.bench.cells import score
+    from splice.bench.merging import config, mergekit_merged, mergekit_methods
+
+    if name not in mergekit_methods():
+        return
+
+    def compute() -> dict[str, Any]:
+        tmp = tempfile.mkdtemp(prefix="mergekit-", dir=ctx.root)
+        try:
+            from pathlib import Path
+
+            model = mergekit_merged(config(name, ctx.base_dir, folders, setting), ctx.base, Path(tmp) / "out")
+        except Exception as exc:  # mergekit's own errors are of many types; the report shows the line
+            return {"setting": setting, "error": _one_line(exc)}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc = score(model, ctx.tokenizer, ctx.tasks, heads, ctx.profile.max_length, "test", ctx.progress)
+        return {"setting": setting, "test": acc, "mean": sum(acc.values()) / len(acc),
+                "normalized": normalized(acc, individual["test"])}
+    ctx.cell(f"mergekit/{kind}/{name}", compute)

