@@ -47,8 +47,10 @@ class Arm:
 
         from splice.adapters.registry import get_method, make_config
 
-        names = {f.name for f in dc_fields(get_method(self.method).config)}
-        defaults = {k: v for k, v in {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}.items() if k in names}
+        own = {f.name: f.default for f in dc_fields(get_method(self.method).config)}
+        # r=8 only where the method sizes itself by a rank: OFT's r defaults to 0 (its block size decides instead).
+        defaults = {k: v for k, v in {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}.items()
+                    if k in own and not (k == "r" and own[k] == 0)}
         return make_config(self.method, **{**defaults, **self.fields})
 
 
