@@ -159,7 +159,7 @@ def test_compress_a_corrupt_adapter_is_one_line(capsys, tmp_path, bert_dir):
 
 # -- extract ----------------------------------------------------------------------------------------------------
 def test_extract_recovers_a_rank_r_finetune_exactly_and_loads_in_peft(capsys, tmp_path, bert_dir):
-    peft = pytest.importorskip("peft")
+    import peft  # a test dependency: never skipped
     ft = make_finetune(bert_dir, tmp_path / "ft", rank=3)
     code, out, err = cli(capsys, "extract", bert_dir, ft, tmp_path / "lora", "--rank", "3", "--no-progress")
     assert code == 0, err
