@@ -2,8 +2,8 @@
 
 `run(profile)` fills a cell cache (see `Store`) in priority order and writes the markdown report and plots from
 whatever has finished, so a long profile can run in chunks (`max_minutes`) and each chunk resumes where the last
-stopped. Order: baselines and task heads (the probe), then the adapter arms (the two merge inputs first: splice LoRA
-q,v and full fine-tuning), then the merge table, one merge method at a time.
+stopped. Order (see `run_all`): baselines and task heads (the probe), the two merge inputs (splice LoRA q,v and full
+fine-tuning) on every task, every other arm on the first task, the merge table, then the rest of the adapter table.
 """
 from __future__ import annotations
 
@@ -119,9 +119,9 @@ def ordered_arms() -> list[Arm]:
     return sorted(every, key=lambda a: first.index(a.key) if a.key in first else len(first))
 
 
-def run_adapters(ctx: Context) -> None:
+def run_baselines(ctx: Context) -> None:
+    """Majority and TF-IDF baselines and the frozen-encoder probe, whose head every other arm reuses."""
     from splice.bench import cells
-    from splice.train.loop import TrainConfig
 
     p = ctx.profile
     for task in ctx.tasks:
@@ -131,18 +131,40 @@ def run_adapters(ctx: Context) -> None:
             ctx.store.root.joinpath("cells", "adapt", task.name, "probe.json").unlink(missing_ok=True)
         ctx.cell(f"adapt/{task.name}/probe", lambda: cells.fit_head(ctx.base, ctx.tokenizer, task, p.max_length,
                                                                    ctx.head(task.name), ctx.progress))
-    for arm in ordered_arms():
-        if arm.method == PROBE:
-            continue
+
+
+def run_adapters(ctx: Context, todo: list[Arm], tasks: list[Task]) -> None:
+    """Train each arm on each task (arm by arm), caching each (task, arm) cell."""
+    from splice.bench import cells
+    from splice.train.loop import TrainConfig
+
+    p = ctx.profile
+    for arm in todo:
         lr = p.lr_full if arm.method == FULL else p.lr_adapter
         train = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=lr, max_length=p.max_length, seed=p.seed)
         kind = next((k for k, v in MERGE_INPUTS.items() if v == arm.key and k in p.merge_kinds), None)
-        for task in ctx.tasks:
+        for task in tasks:
             save = ctx.root / "finetunes" / kind / task.name if kind else None
             if save is not None and not (save / "config.json").is_file():
                 ctx.store.root.joinpath("cells", "adapt", task.name, f"{arm.key}.json").unlink(missing_ok=True)
             ctx.cell(f"adapt/{task.name}/{arm.key}", lambda: cells.train_cell(
                 arm, ctx.base, ctx.tokenizer, task, ctx.head(task.name), train, ctx.progress, save))
+
+
+def run_all(ctx: Context) -> None:
+    """Every cell, in the order that makes a partial run most useful: the baselines, the merge inputs on every
+    task, every other arm on the first task (the quickstart task, so each method's row starts there), the merge
+    table, then the other arms on the remaining tasks."""
+    from splice.bench.merge_table import run_merges
+
+    run_baselines(ctx)
+    trained = [a for a in ordered_arms() if a.method != PROBE]
+    inputs = [a for a in trained if a.key in MERGE_INPUTS.values()]
+    others = [a for a in trained if a.key not in MERGE_INPUTS.values()]
+    run_adapters(ctx, inputs, ctx.tasks)
+    run_adapters(ctx, others, ctx.tasks[:1])
+    run_merges(ctx)
+    run_adapters(ctx, others, ctx.tasks[1:])
 
 
 def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Path | None = None,
@@ -165,7 +187,6 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
     Raises:
         SpliceError: a missing data source, model or package, as one line naming what to install.
     """
-    from splice.bench.merge_table import run_merges
     from splice.bench.report import collect, write_report
     from splice.io.models import load_model
 
@@ -189,8 +210,7 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
         runs = store.runs()
     else:
         try:
-            run_adapters(ctx)
-            run_merges(ctx)
+            run_all(ctx)
         except OutOfTime:
             finished = False
             log(f"time budget of {max_minutes} min spent; finished cells are cached, run again to continue")
