@@ -39,7 +39,9 @@ from splice.io.models import TOKENIZER_FILES, copy_model_files
 from splice.io.stream_writer import write_planned_shards
 from splice.merge.card import model_card
 from splice.merge.config import torch_dtype
-from splice.merge.inputs import check_finite
+from splice.merge import blocks
+from splice.merge.blocks import BlockSource
+from splice.merge.inputs import ModelFolder, check_finite
 from splice.merge.methods.registry import TensorContext
 from splice.merge.plan import MergePlan, Source, TensorTask
 
@@ -57,8 +59,11 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
 
 
 def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
-                 extras: dict[str, list[Tensor]] | None = None) -> Tensor:
+                 extras: dict[str, list[Tensor]] | None = None, min_block: int | None = None) -> Tensor:
     """Compute one output tensor of `plan` (in `task.dtype`).
+
+    A tensor of `min_block` entries or more is merged in row blocks when its method has a blocked form and every
+    input is a model folder (memory-mapped); others are merged whole.
 
     Raises:
         SpliceError: NaN/inf in an input or in the method's result, integer tensors that differ between inputs,
@@ -84,6 +89,10 @@ def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
     method = plan.method
     ctx = TensorContext(name=task.name, layer=task.layer, num_layers=task.num_layers,
                         generator=tensor_generator(seed, task.name), extras=dict(extras or {}))
+    if (method.blocks is not None and work == torch.float32 and first.dim() >= 2
+            and first.numel() >= (blocks.MIN_ELEMENTS if min_block is None else min_block)
+            and not ctx.extras and all(isinstance(s.input, ModelFolder) for s in task.sources)):
+        return _merge_blocks(plan, task, raw, ctx, rounding)
     base = prepared(task.base) if task.base is not None else None
     if method.space == "delta":
         assert base is not None  # the config check refuses a delta method without base_model
@@ -101,6 +110,30 @@ def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
                           f"expected {tuple(task.shape)}")
     check_finite(out, f"merge method {method.name!r}", task.name)
     return out.to(task.dtype)
+
+
+def _merge_blocks(plan: MergePlan, task: TensorTask, raw: dict[Source, Tensor], ctx: TensorContext,
+                  rounding: torch.dtype | None) -> Tensor:
+    """`merge_tensor` in row blocks (see splice.merge.blocks): the output in its dtype plus O(block) working memory."""
+    method = plan.method
+    def prepare(rows: Tensor, i: int) -> Tensor:
+        s = task.base if i < 0 else task.inputs[i]
+        t = rows.to(rounding) if rounding is not None else rows
+        return check_finite(t.to(torch.float32, copy=True), s.input.where, s.name)
+
+    source = BlockSource(raw[task.base] if task.base is not None else None, [raw[s] for s in task.inputs], prepare,
+                         deltas=method.space == "delta")
+    out = torch.empty(task.shape, dtype=task.dtype)
+    for rows, block in method.blocks(source, ctx=ctx, **task.params, **task.model_params):
+        block = block.to(torch.float32)
+        if method.space == "delta":
+            base = source.base_block(rows)
+            block = block.add_(base) if block.data_ptr() != base.data_ptr() else base + block
+        if tuple(block.shape) != tuple(out[rows].shape):
+            raise SpliceError(f"merge method {method.name!r} returned a block of shape {tuple(block.shape)} for "
+                              f"rows {rows.start}:{rows.stop} of tensor {task.name!r}, expected {tuple(out[rows].shape)}")
+        out[rows] = check_finite(block, f"merge method {method.name!r}", task.name)
+    return out
 
 
 def _stream(plan: MergePlan, seed: int, progress: bool,

@@ -35,7 +35,7 @@ changes the dtype of the sign mask (a memory saving), never the result.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ from splice.errors import SpliceError
 from splice.merge.methods import _common as c
 from splice.merge.methods.registry import Param, TensorContext, merge_method
 from splice.merge.methods.sparsify import SPARSIFY_METHODS, sparsify
+from splice.merge.methods.sparsify_blocks import BlockSparsifier
 
 CONSENSUS_METHODS: tuple[str, ...] = ("none", "sum", "count")
 
@@ -121,6 +122,13 @@ def generalized_task_arithmetic(
         t = t * w[i] if t.untyped_storage().data_ptr() == given.untyped_storage().data_ptr() else t.mul_(w[i])
         del given
         deltas[i] = t
+    return _combine(deltas, weight, w, consensus, normalize, scale, dtype)
+
+
+def _combine(deltas: list[Tensor], weight: list[float], w: Tensor, consensus: str, normalize: bool, scale: float,
+             dtype: torch.dtype) -> Tensor:
+    """λ · Σ m_i d_i / D of the weighted, sparsified deltas `d_i` (consumed): sign consensus and the sum, elementwise."""
+    n = len(deltas)
     if consensus != "none":
         elected = elected_sign(deltas, consensus)  # (*shape) int8; int8_mask changes nothing here
         merged, divisor = torch.zeros_like(deltas[0]), torch.zeros_like(deltas[0])
@@ -142,6 +150,31 @@ def generalized_task_arithmetic(
     if scale != 1:
         merged *= scale
     return merged
+
+
+def generalized_blocks(source: Any, *, weight: list[float], density: list[float] | None = None,
+                       sparsify_method: str = "none", consensus: str = "none", gamma: list[float] | None = None,
+                       epsilon: list[float] | None = None, normalize: bool = False, rescale: bool = False,
+                       int8_mask: bool = False, scale: float = 1.0, generator: torch.Generator | None = None,
+                       ) -> Iterator[tuple[slice, Tensor]]:
+    """`generalized_task_arithmetic` on a large float32 tensor read in row blocks (`source`: see
+    `splice.merge.blocks.BlockSource`): per-model statistics passes (sparsify_blocks.py), then one emitting pass
+    that yields (rows, merged delta of those rows). Same masks and sign elections as the whole-tensor function."""
+    n = source.count
+    density = density or [1.0] * n
+    sparsifiers = [BlockSparsifier(sparsify_method, density[i], n=source.numel, gamma=gamma[i] if gamma else 0.01,
+                                   epsilon=epsilon[i] if epsilon else 0.15, rescale=rescale) for i in range(n)]
+    for i, sp in enumerate(sparsifiers):  # model by model, so random draws come in the whole version's order
+        sp.prepare(lambda i=i: source.model_blocks(i), generator)
+    for sp in sparsifiers:
+        sp.begin()
+    w = torch.tensor(weight, dtype=torch.float32)
+    for rows, blocks in source.blocks():
+        deltas = []
+        for i, (sp, given) in enumerate(zip(sparsifiers, blocks)):
+            t = sp.apply(given)
+            deltas.append(t * w[i] if t is given else t.mul_(w[i]))
+        yield rows, _combine(deltas, weight, w, consensus, normalize, scale, torch.float32)
 
 
 def _variant(name: str, sparsify_method: str | None, consensus: str | None, normalize: bool, rescale: bool,
@@ -166,8 +199,8 @@ def _variant(name: str, sparsify_method: str | None, consensus: str | None, norm
     if sparsify_method in ("rank_magnitude_sampling", None):
         model_params["epsilon"] = Param(float, 0.15, help="keep probability spans density ± epsilon by rank")
 
-    def fn(base: Tensor, deltas: list[Tensor], *, ctx: TensorContext | None = None, **given: Any) -> Tensor:
-        p = c.bind(name, params, model_params, given, len(deltas), ctx)
+    def arguments(given: dict[str, Any], n: int, ctx: TensorContext | None) -> dict[str, Any]:
+        p = c.bind(name, params, model_params, given, n, ctx)
         method = p.get("sparsify", sparsify_method)
         agree = p.get("consensus", consensus)
         if method not in SPARSIFY_METHODS:
@@ -180,18 +213,29 @@ def _variant(name: str, sparsify_method: str | None, consensus: str | None, norm
         for key in ("gamma", "epsilon"):
             if key in p:
                 c.in_range(name, key, p[key], 0.0, 1.0, ctx)
+        return dict(weight=p["weight"], density=p["density"], sparsify_method=method, consensus=agree,
+                    gamma=p.get("gamma"), epsilon=p.get("epsilon"), normalize=p["normalize"], rescale=p["rescale"],
+                    int8_mask=p["int8_mask"], scale=p["lambda"], generator=ctx.generator if ctx else None)
+
+    def fn(base: Tensor, deltas: list[Tensor], *, ctx: TensorContext | None = None, **given: Any) -> Tensor:
+        args = arguments(given, len(deltas), ctx)
         c.same_shapes(name, [base, *deltas], ctx)
         try:
-            return generalized_task_arithmetic(
-                base, deltas, weight=p["weight"], density=p["density"], sparsify_method=method, consensus=agree,
-                gamma=p.get("gamma"), epsilon=p.get("epsilon"), normalize=p["normalize"], rescale=p["rescale"],
-                int8_mask=p["int8_mask"], scale=p["lambda"], generator=ctx.generator if ctx else None)
+            return generalized_task_arithmetic(base, deltas, **args)
+        except SpliceError as e:
+            raise SpliceError(f"{name}: {e}{c.where(ctx)}") from None
+
+    def blocks(source: Any, *, ctx: TensorContext | None = None, **given: Any) -> Iterator[tuple[slice, Tensor]]:
+        args = arguments(given, source.count, ctx)
+        try:
+            yield from generalized_blocks(source, **args)
         except SpliceError as e:
             raise SpliceError(f"{name}: {e}{c.where(ctx)}") from None
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = doc
-    return merge_method(name, space="delta", reference=reference, params=params, model_params=model_params)(fn)
+    return merge_method(name, space="delta", reference=reference, params=params, model_params=model_params,
+                        blocks=blocks)(fn)
 
 
 task_arithmetic = _variant(

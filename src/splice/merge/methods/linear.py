@@ -14,12 +14,10 @@ from torch import Tensor
 
 from splice.errors import SpliceError
 from splice.merge.methods import _common as c
+from splice.merge.blocks import elementwise
 from splice.merge.methods.registry import Param, TensorContext, merge_method
 
 
-@merge_method("linear", space="weights", needs_base=False, reference="https://arxiv.org/abs/2203.05482",
-              params={"normalize": Param(bool, True, help="divide by the sum of the weights")},
-              model_params={"weight": Param(float, required=True, help="weight of this model")})
 def linear(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContext | None = None,
            weight: list[float] | float, normalize: bool = True) -> Tensor:
     """Weighted average of whole weights, the model soup (https://arxiv.org/abs/2203.05482)."""
@@ -39,3 +37,10 @@ def linear(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContext | N
     if normalize:
         out.div_(w.sum())
     return out.to(out_dtype)
+
+
+# Elementwise, so merged block by block it gives the whole tensor's bits.
+merge_method("linear", space="weights", needs_base=False, reference="https://arxiv.org/abs/2203.05482",
+             params={"normalize": Param(bool, True, help="divide by the sum of the weights")},
+             model_params={"weight": Param(float, required=True, help="weight of this model")},
+             blocks=elementwise(linear))(linear)

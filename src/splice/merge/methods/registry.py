@@ -14,7 +14,7 @@ which the executor seeds per tensor name, so a merge is reproducible.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +55,8 @@ class MergeMethod:
     model_params: dict[str, Param]
     needs_base: bool
     needs: frozenset[str] = frozenset()
+    # The same function on a large tensor read in row blocks (see splice.merge.blocks), or None: merged whole.
+    blocks: Callable[..., Iterator[tuple[slice, Tensor]]] | None = None
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
@@ -62,7 +64,8 @@ MERGE_METHODS: dict[str, MergeMethod] = {}
 
 def merge_method(name: str, *, space: Literal["delta", "weights"], reference: str = "",
                  params: dict[str, Param] | None = None, model_params: dict[str, Param] | None = None,
-                 needs_base: bool | None = None, needs: set[str] | frozenset[str] = frozenset()):
+                 needs_base: bool | None = None, needs: set[str] | frozenset[str] = frozenset(),
+                 blocks: Callable[..., Iterator[tuple[slice, Tensor]]] | None = None):
     """Register `fn(base, tensors, *, ctx, **params)` as merge method `name`.
 
     `tensors` are deltas when space="delta" (then a base is always required), full weights when space="weights".
@@ -72,7 +75,8 @@ def merge_method(name: str, *, space: Literal["delta", "weights"], reference: st
         if name in MERGE_METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
         MERGE_METHODS[name] = MergeMethod(name, fn, space, reference, dict(params or {}), dict(model_params or {}),
-                                          space == "delta" if needs_base is None else needs_base, frozenset(needs))
+                                          space == "delta" if needs_base is None else needs_base, frozenset(needs),
+                                          blocks)
         return fn
 
     return wrap

@@ -138,6 +138,27 @@ def random(tensor: Tensor, density: float, rescale: bool = False,
     return rescaled(tensor.to(dtype), mask, rescale).to(tensor.dtype)
 
 
+def check_epsilon(density: float, epsilon: float) -> None:
+    """DELLA's keep probabilities density ± epsilon must lie inside (0, 1)."""
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise SpliceError(f"parameter 'epsilon' must keep density ± epsilon inside (0, 1), "
+                          f"got density={density}, epsilon={epsilon}")
+
+
+def rank_probabilities(rows: Tensor, density: float, epsilon: float, dtype: torch.dtype) -> Tensor:
+    """MAGPRUNE's keep probability of each entry of `rows` (R, C, ...), by its magnitude rank within its row."""
+    order = torch.argsort(rows.abs(), dim=1)
+    # The inverse permutation by scatter: the rank of each entry in its row (1 = smallest), without a 2nd sort.
+    positions = torch.arange(1, rows.shape[1] + 1, dtype=dtype).view(1, -1, *[1] * (rows.dim() - 2))
+    ranks = torch.empty(order.shape, dtype=dtype).scatter_(1, order, positions.expand_as(order).contiguous())
+    del order
+    lo = ranks.min(dim=1, keepdim=True).values
+    span = ranks.max(dim=1, keepdim=True).values - lo
+    # A row of one entry has no rank spread (mergekit divides 0/0 there and fails); give it the middle probability.
+    rank01 = torch.where(span > 0, (ranks - lo) / span, 0.5).clamp(0, 1)
+    return (density - epsilon) + rank01 * 2 * epsilon
+
+
 def rank_magnitude_sampling(tensor: Tensor, density: float, epsilon: float, rescale: bool = False,
                             generator: torch.Generator | None = None) -> Tensor:
     """DELLA's MAGPRUNE: keep probability rises linearly with magnitude rank, from density − ε to density + ε.
@@ -148,9 +169,7 @@ def rank_magnitude_sampling(tensor: Tensor, density: float, epsilon: float, resc
         return tensor
     if density <= 0:
         return torch.zeros_like(tensor)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise SpliceError(f"parameter 'epsilon' must keep density ± epsilon inside (0, 1), "
-                          f"got density={density}, epsilon={epsilon}")
+    check_epsilon(density, epsilon)
     shape = tensor.shape
     dtype = _draw_dtype(tensor)
     rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor  # (R, C, ...)
@@ -160,17 +179,7 @@ def rank_magnitude_sampling(tensor: Tensor, density: float, epsilon: float, resc
     # rank/probability temporaries (several times the tensor's size on a 65M-entry embedding).
     step = max(1, (1 << 22) // max(1, rows[0].numel()))
     for r0 in range(0, rows.shape[0], step):
-        block = rows[r0:r0 + step]
-        order = torch.argsort(block.abs(), dim=1)
-        # The inverse permutation by scatter: the rank of each entry in its row (1 = smallest), without a 2nd sort.
-        positions = torch.arange(1, block.shape[1] + 1, dtype=dtype).view(1, -1, *[1] * (block.dim() - 2))
-        ranks = torch.empty(order.shape, dtype=dtype).scatter_(1, order, positions.expand_as(order).contiguous())
-        del order
-        lo = ranks.min(dim=1, keepdim=True).values
-        span = ranks.max(dim=1, keepdim=True).values - lo
-        # A row of one entry has no rank spread (mergekit divides 0/0 there and fails); give it the middle probability.
-        rank01 = torch.where(span > 0, (ranks - lo) / span, 0.5).clamp(0, 1)
-        probs = (density - epsilon) + rank01 * 2 * epsilon
+        probs = rank_probabilities(rows[r0:r0 + step], density, epsilon, dtype)
         mask[r0:r0 + step] = torch.bernoulli(probs, generator=generator)
     return rescaled(rows.to(dtype), mask, rescale).to(tensor.dtype).reshape(shape)
 
