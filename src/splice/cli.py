@@ -186,6 +186,9 @@ def merge(
                                                                            "calibration folder, for methods that "
                                                                            "need Fisher / Gram statistics."),
     seed: int = typer.Option(0, "--seed", help="Seed of random methods (DARE, DELLA); per tensor, reproducible."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Tensors merged at once, one core each (default: "
+                                                                  "torch's thread count, at most 4); the output "
+                                                                  "does not depend on it."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Merge fine-tunes of one base from a mergekit-style YAML, streaming tensor by tensor."""
@@ -197,7 +200,7 @@ def merge(
     if lora_rank is not None and out_format != "lora":
         raise SpliceError("--lora-rank needs --out-format lora")
     result = run_merge(config, out, force=force, dry_run=dry_run, progress=progress, calibration=calibration,
-                       seed=seed, out_format=out_format, lora_rank=lora_rank)
+                       seed=seed, out_format=out_format, lora_rank=lora_rank, workers=workers)
     typer.echo(str(result) if dry_run else f"wrote {result}")
 
 

@@ -298,3 +298,56 @@ def test_cli_errors_are_one_line(family, write_yaml, tmp_path, capsys):
     assert "did you mean 'lora'" in capsys.readouterr().err
     assert cli(["merge", "--help"]) == 0
     assert "Example:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "linear"])
+def test_parallel_workers_write_the_same_bytes(family, tmp_path, monkeypatch, method):
+    """Tensors merged side by side (and large ones in row blocks) give the bytes of the one-at-a-time merge."""
+    from splice.merge import blocks
+
+    fam = family("llama", n=3, layers=2)
+    params = {"linear": {}, "della": {"density": 0.5, "epsilon": 0.1}}.get(method, {"density": 0.5})
+    config = {**ta_config(fam), "merge_method": method, "parameters": params}
+    if method == "linear":
+        del config["base_model"]
+    one = merge(config, tmp_path / "one", progress=False, seed=3, workers=1)
+    monkeypatch.setattr(blocks, "MIN_ELEMENTS", 2048)  # the embeddings and MLP weights go through row blocks
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 512)
+    many = merge(config, tmp_path / "many", progress=False, seed=3, workers=3)
+    a, b = load_file(one / "model.safetensors"), load_file(many / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        if method in ("dare_ties", "della"):  # the L1 rescale factor is summed block by block: float rounding
+            torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_parallel_workers_restore_torch_threads(family, weights, tmp_path):
+    fam = family("llama", n=2, layers=2)
+    threads = torch.get_num_threads()
+    out = merge(ta_config(fam), tmp_path / "out", progress=False, workers=3)
+    assert torch.get_num_threads() == threads
+    assert weights(out).keys() == weights(fam.base).keys()
+
+
+def test_interrupted_parallel_run_leaves_nothing(family, tmp_path, monkeypatch):
+    fam = family("llama", n=2, layers=2)
+    real = executor.merge_tensor
+    calls = []
+
+    def interrupted(plan, task, **kwargs):
+        calls.append(task.name)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # in a worker thread: the main thread re-raises it
+        return real(plan, task, **kwargs)
+
+    monkeypatch.setattr(executor, "merge_tensor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge(ta_config(fam), tmp_path / "out", progress=False, workers=3)
+    assert [p.name for p in tmp_path.iterdir() if p.name == "out" or p.name.startswith(".out.")] == []
+
+
+def test_workers_must_be_positive(family, tmp_path):
+    fam = family("llama", n=2, layers=2)
+    fails(ta_config(fam), tmp_path / "out", "workers: must be at least 1", workers=0)

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict
                 f"which holds {data_len} bytes)"
             )
         entry["shape"] = shape
+        entry["file_range"] = (8 + n + start, 8 + n + end)
     return header, metadata
 
 
@@ -98,7 +100,10 @@ class CheckpointReader:
         self.path = Path(path)
         self.file = self._resolve(self.path)
         self._entries: dict[str, tuple[Path, torch.Size, torch.dtype]] = {}
+        self._ranges: dict[str, tuple[int, int]] = {}  # safetensors: the bytes of each tensor in its file
         self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
         self._bin: dict[str, Tensor] | None = None
         self.metadata: dict[str, Any] = {}
         if self.file.suffix == ".json":
@@ -127,6 +132,7 @@ class CheckpointReader:
         entries, metadata = read_safetensors_header(file)
         for name, e in entries.items():
             self._entries[name] = (file, torch.Size(e["shape"]), _DTYPES[e["dtype"]])
+            self._ranges[name] = e["file_range"]
         if not self.metadata:
             self.metadata = dict(metadata)
         return metadata
@@ -197,15 +203,35 @@ class CheckpointReader:
         if self._bin is not None:  # a copy, so callers' in-place edits never reach the cached (maybe mapped) dict
             return self._bin[name].clone()
         try:
-            handle = self._handles.get(file)
-            if handle is None:
-                handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            with self._lock:  # the merge executor reads from several threads
+                handle = self._handles.get(file)
+                if handle is None:
+                    handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
             return handle.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise SpliceError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading tensor `name` from disk now, without waiting for it (a hint: a later
+        `get` then finds its pages in memory instead of faulting them in one by one while a merge computes)."""
+        if name not in self._ranges or not hasattr(os, "posix_fadvise"):
+            return
+        file = self._entries[name][0]
+        start, end = self._ranges[name]
+        try:
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint: the read itself reports real errors
+
     def close(self) -> None:
         """Drop open file handles and memory maps."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._handles.clear()
         self._bin = None if self._bin is None else {}
 

@@ -47,7 +47,7 @@ class MergeReport:
 def merge(config: str | Path | dict[str, Any] | MergeConfig, out: str | Path, *, force: bool = False,
           dry_run: bool = False, progress: bool = True, calibration: str | Path | list[str] | None = None,
           seed: int = 0, out_format: Literal["model", "lora"] | None = None, lora_rank: int | None = None,
-          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path | MergeReport:
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, workers: int | None = None) -> Path | MergeReport:
     """Merge the models a mergekit-style config names, and write the result at `out`.
 
     Args:
@@ -66,6 +66,8 @@ def merge(config: str | Path | dict[str, Any] | MergeConfig, out: str | Path, *,
         lora_rank: with ``out_format="lora"``, truncate the merged update of each module to this rank by SVD
             (implies ``out_format="lora"``).
         max_shard_bytes: the largest safetensors shard written.
+        workers: tensors merged at once, each on one core (default: torch's thread count, at most 4); the bytes
+            written do not depend on it. Memory grows with it.
 
     Returns:
         The output folder, or a `MergeReport` for a dry run.
@@ -73,6 +75,8 @@ def merge(config: str | Path | dict[str, Any] | MergeConfig, out: str | Path, *,
     Raises:
         SpliceError: any invalid config or input, as one line naming the field, file or tensor; nothing written.
     """
+    if workers is not None and workers < 1:
+        raise SpliceError(f"workers: must be at least 1, got {workers}")
     fmt = out_format or ("lora" if lora_rank is not None else "model")
     if fmt not in ("model", "lora"):
         raise SpliceError(f"out_format: {fmt!r} is not one of model, lora")
@@ -107,7 +111,7 @@ def merge(config: str | Path | dict[str, Any] | MergeConfig, out: str | Path, *,
             extras = PlanExtras.build(plan, calibration, progress=progress)
         try:
             return execute(plan, out, yaml_text, force=force, progress=progress, seed=seed,
-                           max_shard_bytes=max_shard_bytes, extras=extras)
+                           max_shard_bytes=max_shard_bytes, extras=extras, workers=workers)
         finally:
             if extras is not None:
                 extras.close()

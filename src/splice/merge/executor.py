@@ -22,11 +22,14 @@ partial folder and an existing one untouched.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import shutil
 import sys
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,7 @@ from splice.merge.plan import MergePlan, Source, TensorTask
 
 __all__ = ["execute", "merge_tensor", "tensor_generator", "DEFAULT_SHARD_BYTES"]
 
+MAX_WORKERS = 4  # tensors in flight at most (memory grows with it: O(workers × inputs × largest whole tensor))
 DEFAULT_SHARD_BYTES = 2 * 2**30  # the output's largest shard file (memory does not depend on it)
 # config.json keys that hold the number of transformer blocks, by family.
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -136,23 +140,67 @@ def _merge_blocks(plan: MergePlan, task: TensorTask, raw: dict[Source, Tensor], 
     return out
 
 
+def _workers() -> int:
+    """Tensors merged at once: one per torch thread (most of a merge's kernels, the histograms and masked selects of
+    sparsification among them, run on one core each; whole tensors side by side keep every core busy)."""
+    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
+
+
+@contextlib.contextmanager
+def _single_threaded_torch(workers: int) -> Iterator[None]:
+    # The workers are the parallelism: torch's own intra-op threads on top would oversubscribe the cores.
+    before = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _stream(plan: MergePlan, seed: int, progress: bool,
-            extras: Any = None) -> Iterator[tuple[str, Tensor]]:
+            extras: Any = None, workers: int | None = None) -> Iterator[tuple[str, Tensor]]:
+    """The merged tensors in plan order, up to `workers` of them computed at once; each task's inputs are asked
+    from disk (prefetched) as it is queued, so reads overlap the compute of the tensors before it."""
+    workers = workers if workers is not None else _workers()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
                    file=sys.stderr, dynamic_ncols=True)
+
+    def compute(task: TensorTask, found: Any) -> Tensor:
+        return merge_tensor(plan, task, seed=seed, extras=found)
+
+    tasks = iter(plan.tasks)
+    queued: collections.deque[tuple[TensorTask, Any, Future[Tensor] | None]] = collections.deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="splice-merge") if workers > 1 else None
+
+    def queue_next() -> None:
+        task = next(tasks, None)
+        if task is None:
+            return
+        for s in task.sources:
+            s.input.prefetch(s.name)
+        found = extras.for_task(task) if extras is not None else None
+        queued.append((task, found, pool.submit(compute, task, found) if pool is not None else None))
+
     try:
-        for task in plan.tasks:
-            if bar is not None:
-                bar.set_postfix_str(task.name, refresh=False)
-            found = extras.for_task(task) if extras is not None else None
-            yield task.name, merge_tensor(plan, task, seed=seed, extras=found)
-            if bar is not None:
-                bar.update(task.nbytes)
+        with _single_threaded_torch(workers):
+            for _ in range(workers + 1):  # one more than are computing: its reads start early
+                queue_next()
+            while queued:
+                task, found, future = queued.popleft()
+                result = future.result() if future is not None else compute(task, found)
+                queue_next()
+                if bar is not None:
+                    bar.set_postfix_str(task.name, refresh=False)
+                    bar.update(task.nbytes)
+                yield task.name, result
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
 
@@ -192,7 +240,8 @@ def write_support_files(plan: MergePlan, folder: Path, yaml_text: str, name: str
 
 
 def execute(plan: MergePlan, out: str | Path, yaml_text: str, *, force: bool = False, progress: bool = True,
-            seed: int = 0, max_shard_bytes: int = DEFAULT_SHARD_BYTES, extras: Any = None) -> Path:
+            seed: int = 0, max_shard_bytes: int = DEFAULT_SHARD_BYTES, extras: Any = None,
+            workers: int | None = None) -> Path:
     """Run `plan` and write a complete HF model folder at `out`, atomically.
 
     Args:
@@ -201,6 +250,7 @@ def execute(plan: MergePlan, out: str | Path, yaml_text: str, *, force: bool = F
         seed: the global seed of random methods (per tensor: see `tensor_generator`).
         max_shard_bytes: the largest shard; more shards get an HF index.
         extras: per-tensor extra inputs for methods that declare `needs` (see `splice.merge.calibration`).
+        workers: tensors computed at once (default `_workers()`); the output does not depend on it.
 
     Returns:
         The output folder.
@@ -209,6 +259,6 @@ def execute(plan: MergePlan, out: str | Path, yaml_text: str, *, force: bool = F
     with atomic_output_dir(out, force=force) as tmp:
         write_support_files(plan, tmp, yaml_text, out.name)
         layout = [(task.name, task.shape, task.dtype) for task in plan.tasks]
-        write_planned_shards(layout, _stream(plan, seed, progress, extras), tmp, max_shard_bytes=max_shard_bytes)
+        write_planned_shards(layout, _stream(plan, seed, progress, extras, workers), tmp, max_shard_bytes=max_shard_bytes)
     return out
 

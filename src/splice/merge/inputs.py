@@ -99,6 +99,9 @@ class MergeInput:
         """The exact float32 update of `name` against `base` when this input knows it (a LoRA), else None."""
         return None
 
+    def prefetch(self, name: str) -> None:
+        """Start reading `name` from disk in the background (a hint; default: nothing)."""
+
     def close(self) -> None:
         pass
 
@@ -133,6 +136,9 @@ class ModelFolder(MergeInput):
     def get(self, name: str, *, check: bool = True) -> Tensor:
         t = self.reader.get(name)
         return check_finite(t, self.where, name) if check else t
+
+    def prefetch(self, name: str) -> None:
+        self.reader.prefetch(name)
 
     def close(self) -> None:
         self.reader.close()
@@ -179,6 +185,9 @@ class LoraInput(MergeInput):
 
     def dtype(self, name: str) -> torch.dtype:
         return self.base.dtype(name)
+
+    def prefetch(self, name: str) -> None:
+        self.base.prefetch(name)
 
     def get(self, name: str, *, check: bool = True) -> Tensor:
         w = self.base.get(name, check=check)

@@ -84,15 +84,16 @@ def largest_mask(values: Tensor, k: int) -> Tensor:
         cut = _kth_largest_float32(values, k)
     else:
         cut = torch.kthvalue(values, n - k + 1).values
-    mask = (values > cut).to(values.dtype)
-    need = k - int(mask.sum())
+    keep = values > cut
+    # count_nonzero: a bool .sum() accumulates in int64 and is ~30× slower on CPU.
+    need = k - int(torch.count_nonzero(keep))
     if need:
         tied = values == cut
-        if int(tied.sum()) == need:
-            mask += tied
+        if int(torch.count_nonzero(tied)) == need:
+            keep |= tied
         else:
-            mask[tied.nonzero().squeeze(1)[:need]] = 1
-    return mask
+            keep[tied.nonzero().squeeze(1)[:need]] = True
+    return keep.to(values.dtype)
 
 
 def magnitude(tensor: Tensor, density: float, rescale: bool = False) -> Tensor:
