@@ -17,7 +17,9 @@ block, before the residual add and layer norm; that is the default `target_modul
 
 The update is not a weight delta (f is non-linear): `delta()` returns None, and merge / get_delta / `splice apply`
 / `splice compress` / `splice merge` refuse it with one line (`HoulsbyConfig.has_delta = False`). Serve or train it
-as it is; mixed batches work (each group's bottleneck runs on that group's base rows).
+as it is; mixed batches work (each group's bottleneck runs on that group's base rows). Several active adapters on
+one module each read the base output h and add their changes (the wrapper's rule for every method), rather than
+running one after the other as adapter-hub's `Stack` does; a single adapter is the paper's.
 
 Trainable parameters per wrapped module: 2·d·m + d + m (two weight matrices and their biases).
 
@@ -29,7 +31,8 @@ Choices where the paper leaves room (each an option):
 - init "identity" (default): W_down as nn.Linear's own init (Kaiming-uniform), W_up = 0 and both biases 0, so the
   model equals the base exactly at init and W_up learns first, as LoRA's B does (adapter-hub's "mam_adapter" init).
   "near_identity" is the paper's: both weights from a normal with std 1e-2 truncated at two std, biases 0;
-- dropout on the adapter's output (training only), default 0.
+- dropout on the adapter's output (training only), default 0;
+- the paper also trains every layer norm; that is `modules_to_save=["LayerNorm"]` (BERT's names), not a default.
 
 Pfeiffer adapters (pfeiffer.py) and Compacter (compacter.py) reuse this layer.
 """
