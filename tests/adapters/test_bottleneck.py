@@ -272,6 +272,35 @@ def test_bottleneck_mixed_batch_trains(tiny, method):
         close(mixed[i:i + 1].detach(), alone)
 
 
+def test_bottleneck_adapters_serve_in_one_batch_with_the_library_alone_tokens(tiny, tmp_path):
+    """"Serve them as they are": the engine's mixed batches (with a KV cache) give each adapter's own tokens."""
+    from splice.serve import AdapterPool, Engine, SamplingParams
+
+    build = tiny["llama"].build
+    configs = {"h": splice.HoulsbyConfig(bottleneck_size=8), "p": splice.PfeifferConfig(),
+               "c": splice.CompacterConfig(reduction_factor=4), "s": splice.SSFConfig()}
+    for i, (name, config) in enumerate(configs.items()):
+        m = splice.adapt(build(), config)
+        with torch.no_grad():
+            for p in splice.trainable_parameters(m):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.3)
+        splice.save_adapter(m, tmp_path / name)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [14]]
+    jobs = [(a, p) for a in (None, *configs) for p in prompts]
+    want = []
+    for a, p in jobs:
+        ref = build() if a is None else splice.load_adapter(build(), tmp_path / a)
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)
+        want.append(out[0, len(p):].tolist())
+    assert len({tuple(w) for w in want}) > len(prompts)  # the adapters change the tokens
+    model = build()
+    with Engine(model, AdapterPool(model, tmp_path), max_batch=6) as engine:
+        got = engine.generate([p for _, p in jobs], [a for a, _ in jobs], SamplingParams(max_tokens=5))
+    assert got == want
+
+
 def test_bottleneck_config_fields_round_trip_through_the_folder(tiny, tmp_path):
     config = splice.HoulsbyConfig(bottleneck_size=4, non_linearity="tanh", dropout=0.1, init_weights="near_identity")
     model = splice.adapt(tiny["gpt2"].build(), config)
