@@ -43,6 +43,7 @@ def base_folder(name_or_path: str) -> Path:
 
 def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
     """The adapter's deltas keyed by the base checkpoint's tensor names, shapes and fingerprints checked."""
+    refuse_without_delta(folder)
     names = sorted({k.rsplit(".", 1)[0] for k in base.keys()})
     has = lambda m: f"{m}.weight" in base  # noqa: E731
     where = str(folder.path)
@@ -78,6 +79,15 @@ def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
             raise SpliceError(f"{where}: the update of {name} has shape {tuple(d.shape)}, the base tensor "
                               f"{tuple(base.shape(name))}")
     return DeltaSet(deltas, base=str(base.path), method=folder.config.method, config=folder.config.to_dict())
+
+
+def refuse_without_delta(folder: AdapterFolder) -> None:
+    """One line for a folder whose method is not a weight delta (bottleneck adapters): apply, compress and merge
+    need one."""
+    from splice.adapters.config import not_a_delta
+
+    if not getattr(folder.config, "has_delta", True):
+        raise SpliceError(f"{folder.path}: {not_a_delta(folder.config.method, 'merged or compressed')}")
 
 
 def _lora_delta(folder: AdapterFolder, src: str, t: dict[str, Tensor], weight: str, base: CheckpointReader) -> Delta:

@@ -9,6 +9,10 @@ Tolerances (fp32):
 - 1e-5 absolute where the same weights run through a different code path (save → load, mixed batch, two adapters);
 - 1e-4 × max(1, max|output|) where weights were folded into the base (merge, DeltaSet applied to a state dict);
 - 1e-5 absolute on every base weight after merge → unmerge.
+
+A method whose update is not a weight delta (its config's `has_delta` is False: bottleneck adapters) runs the same
+rows; where a check needs the delta, the row checks instead that merge / merge_and_unload / get_delta refuse it with
+one line naming the method and leave the model as it was.
 """
 from __future__ import annotations
 
@@ -137,6 +141,24 @@ ROWS = [
     Row("ln-tuning-bert", "bert", "ln_tuning", dict(target_modules=["LayerNorm"])),
     Row("ln-tuning-llama-rmsnorm", "llama", "ln_tuning", dict(target_modules=["input_layernorm", "norm"])),
     Row("ln-tuning-gpt2", "gpt2", "ln_tuning", dict(target_modules=["ln_1", "ln_2"], modules_to_save=["ln_f"])),
+    # Bottleneck adapters are not a weight delta (has_delta False): their rows check the one-line refusal of merge,
+    # merge_and_unload and get_delta instead, and that two active adapters add their changes module by module.
+    Row("houlsby-bert", "bert", "houlsby", dict()),  # default targets; reduction 16 → m = 2 on the 32-wide model
+    Row("houlsby-gpt2-conv1d-near-identity", "gpt2", "houlsby",
+        dict(bottleneck_size=4, non_linearity="tanh", init_weights="near_identity")),
+    Row("houlsby-llama-swish-dropout", "llama", "houlsby", dict(reduction_factor=4, non_linearity="swish",
+                                                                dropout=0.1)),
+    Row("pfeiffer-bert", "bert", "pfeiffer", dict()),
+    Row("pfeiffer-llama-modules-to-save", "llama", "pfeiffer", dict(bottleneck_size=8, modules_to_save=["lm_head"])),
+    Row("compacter-bert", "bert", "compacter", dict(reduction_factor=4)),  # m = 8, n = 4
+    Row("compacter-gpt2-conv1d-rank2", "gpt2", "compacter", dict(bottleneck_size=4, phm_dim=2, phm_rank=2)),
+    Row("compacter-llama-dropout", "llama", "compacter", dict(reduction_factor=4, dropout=0.1)),
+    Row("ssf-bert-all-linear", "bert", "ssf", dict()),
+    Row("ssf-bert-layernorm-paper-init", "bert", "ssf", dict(target_modules=["dense", "LayerNorm"],
+                                                             init_weights="paper")),
+    Row("ssf-gpt2-conv1d-ln", "gpt2", "ssf", dict(target_modules=["c_attn", "c_fc", "ln_1"])),
+    Row("ssf-llama-where-bias", "llama", "ssf", dict(shift="where_bias")),  # no biases: γ only, and it merges
+    Row("ssf-cnn-conv2d", "cnn", "ssf", dict(target_modules=["conv1", "conv2", "head"])),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 
@@ -180,6 +202,20 @@ def calibration(model: nn.Module, row: Row) -> dict[str, Any]:
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(3, model.config.vocab_size, (2, 4, 6), generator=g)
     return {"calibration": [{"input_ids": x, "labels": x} for x in ids]}
+
+
+def has_delta(row: Row) -> bool:
+    """Whether the row's method is a weight delta; a row whose method is not checks the refusals instead."""
+    return get_method(row.method).config.has_delta
+
+
+def assert_not_a_delta(call, row: Row) -> None:
+    """`call` raises the one line that names the method and says it is not a weight delta."""
+    with pytest.raises(splice.SpliceError) as info:
+        call()
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{row.method} adapters are not a weight delta: they cannot be ")
+    assert msg.endswith("; serve or train them as they are")
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
@@ -239,6 +275,11 @@ def test_merge_keeps_outputs_and_unmerge_restores_base_weights(tiny, row):
     before = {n: p.detach().clone() for n, p in params.items()}
     add_adapter(model, row)
     out = fam.output(model)
+    if not has_delta(row):  # refused before any module is touched
+        assert_not_a_delta(lambda: splice.merge_adapter(model, "default"), row)
+        assert all(torch.equal(p, before[n]) for n, p in params.items())
+        assert torch.equal(fam.output(model), out)
+        return
 
     splice.merge_adapter(model, "default")
     close(fam.output(model), out, atol=merge_tol(out))
@@ -258,6 +299,11 @@ def test_merge_and_unload_gives_plain_model_with_same_outputs(tiny, row):
     types = module_types(model)
     add_adapter(model, row)
     out = fam.output(model)
+    if not has_delta(row):  # refused, and the model keeps its adapter
+        assert_not_a_delta(lambda: splice.merge_and_unload(model), row)
+        assert module_types(model) != types and splice.active_adapters(model) == ["default"]
+        assert torch.equal(fam.output(model), out)
+        return
     merged = splice.merge_and_unload(model)
     assert module_types(merged) == types
     close(fam.output(merged), out, atol=merge_tol(out))
@@ -300,6 +346,9 @@ def test_two_active_adapters_add_their_deltas(tiny, row):
     splice.set_adapter(model, ["a", "b"])
     assert splice.active_adapters(model) == ["a", "b"]
     out = fam.output(model)
+    if not has_delta(row):
+        each_module_adds_both_changes(fam, model)
+        return
     base = fam.build()
     state = base.state_dict()
     original = {k: v.clone() for k, v in state.items()}
@@ -313,12 +362,44 @@ def test_two_active_adapters_add_their_deltas(tiny, row):
     close(fam.output(base), out, atol=merge_tol(out))
 
 
+def each_module_adds_both_changes(fam, model: nn.Module) -> None:
+    """With adapters a and b active, every wrapped module's output is base + (a's change) + (b's change), on the
+    inputs that module sees in a forward of the model (for methods with no DeltaSet to compare against)."""
+    from splice.adapters.inject import adapter_layers
+
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args, path=path: seen.setdefault(path, args[0]))
+             for path, layer in adapter_layers(model)]
+    fam.output(model)
+    for h in hooks:
+        h.remove()
+    assert seen
+    with torch.no_grad():
+        for path, x in seen.items():
+            layer = model.get_submodule(path)
+            both = layer(x)
+            layer.disabled = True
+            base = layer(x)
+            layer.disabled = False
+            alone = []
+            for name in ("a", "b"):
+                layer.active = [name]
+                alone.append(layer(x))
+            layer.active = ["a", "b"]
+            close(both, alone[0] + alone[1] - base, atol=1e-5)
+
+
 @rows
 def test_adapter_on_top_of_a_merged_adapter(tiny, row):
     """Merging "a" changes the base weights under "b": "b" must then act as it would on a base that has a's delta,
     e.g. DoRA's row norms must be those of the new weights."""
     fam = tiny[row.model]
     model = add_adapter(add_adapter(fam.build(), row, "a", seed=1), row, "b", seed=2)
+    if not has_delta(row):  # a cannot be merged; b, active, still gives its own outputs
+        assert_not_a_delta(lambda: splice.merge_adapter(model, "a"), row)
+        splice.set_adapter(model, "b")
+        close(fam.output(model), fam.output(add_adapter(fam.build(), row, "b", seed=2)), atol=1e-5)
+        return
     delta_a = splice.get_delta(model, "a")
     splice.merge_adapter(model, "a")
     splice.set_adapter(model, "b")
@@ -360,6 +441,9 @@ def test_mixed_batch_equals_each_row_alone(tiny, row, names):
 def test_get_delta_applied_to_base_state_dict_gives_adapted_outputs(tiny, row):
     fam, model, _ = setup(tiny, row)
     out = fam.output(model)
+    if not has_delta(row):
+        assert_not_a_delta(lambda: splice.get_delta(model, "default"), row)
+        return
     delta = splice.get_delta(model, "default")
     assert len(delta) > 0 and delta.method == row.method
     base = fam.build()

@@ -171,11 +171,13 @@ def weight_methods() -> list[str]:
 @pytest.mark.parametrize("method", weight_methods())
 def test_every_method_trains_then_applies(capsys, tmp_path, bert_dir, sentiment_csv, method):
     """`splice train --method NAME` with the method's defaults (sized down) runs a few steps and saves a folder
-    that loads back, that `splice inspect` describes and that `splice apply` merges into the same model."""
+    that loads back, that `splice inspect` describes and that `splice apply` merges into the same model (or, for a
+    method that is not a weight delta, refuses with one line)."""
     out = tmp_path / method
     # Sizes that fit the 16-wide model (SHiRA's default r=32, FourierFT's 1000 coefficients do not).
     fields = splice.adapters.config.field_help(splice.adapters.get_method(method).config)
-    small = {k: v for k, v in {"r": 2, "n_frequency": 16}.items() if k in fields}
+    # Bottleneck adapters: m = 16 // 4 = 4 (Compacter's default reduction 32 leaves no bottleneck at width 16).
+    small = {k: v for k, v in {"r": 2, "n_frequency": 16, "reduction_factor": 4}.items() if k in fields}
     if "oft_block_size" in fields:  # OFT's r is derived from its block size (32 does not divide 16)
         small = {"oft_block_size": 4}
     config = tmp_path / "small.yaml"
@@ -195,6 +197,12 @@ def test_every_method_trains_then_applies(capsys, tmp_path, bert_dir, sentiment_
     info = json.loads(stdout)
     assert code == 0 and info["method"] == method and info["wrapped_modules"] >= 1
     code, _, err = cli(capsys, "apply", bert_dir, out, tmp_path / "merged", "--no-progress")
+    if not splice.adapters.get_method(method).config.has_delta:  # bottleneck adapters: one line, nothing written
+        assert code != 0 and err.strip().splitlines() == [
+            f"error: {out}: {method} adapters are not a weight delta: they cannot be merged or compressed; "
+            "serve or train them as they are"]
+        assert not (tmp_path / "merged").exists()
+        return
     assert code == 0, err
     with torch.no_grad():
         full = AutoModel.from_pretrained(tmp_path / "merged").eval()(input_ids=x).last_hidden_state

@@ -20,6 +20,10 @@ from splice.adapters.oft import OFTConfig
 from splice.adapters.randlora import RandLoraConfig
 from splice.adapters.shira import ShiraConfig
 from splice.adapters.vera import VeraConfig
+from splice.adapters.houlsby import HoulsbyConfig
+from splice.adapters.pfeiffer import PfeifferConfig
+from splice.adapters.compacter import CompacterConfig
+from splice.adapters.ssf import SSFConfig
 
 __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_adapters", "adapt", "delete_adapter",
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
@@ -28,3 +32,4 @@ __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_
 __all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig",
             "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig", "ShiraConfig", "VeraConfig"]
 __all__ += ["PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig"]
+__all__ += ["HoulsbyConfig", "PfeifferConfig", "CompacterConfig", "SSFConfig"]

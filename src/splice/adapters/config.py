@@ -22,6 +22,9 @@ class AdapterConfig:
     peft_type: ClassVar[str | None] = None
     # Whether the method wraps modules of any type (as kind "module"; LN tuning), not only the kinds inject knows.
     wraps_any_module: ClassVar[bool] = False
+    # Whether the update is a weight delta (`delta()` returns it). A bottleneck adapter with a non-linearity is
+    # not: merge, get_delta, apply, compress and merge-of-folders refuse it with `not_a_delta`'s one line.
+    has_delta: ClassVar[bool] = True
 
     target_modules: list[str] | str = doc(
         "Modules to wrap: a list of name suffixes (['query', 'value']), one regex matched against the full module "
@@ -62,15 +65,21 @@ class AdapterConfig:
 
     @classmethod
     def fields_from_peft(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        """Config fields from PEFT's adapter_config.json (values are validated by the dataclass afterwards)."""
+        """Config fields from PEFT's adapter_config.json (values are validated by the dataclass afterwards).
+
+        A method PEFT does not have reads back the fields `to_peft` wrote for it (its own, beyond the shared ones).
+        """
+        own = {} if cls.peft_type else {k: cfg[k] for k in _own_fields(cls) if k in cfg}
         return {"target_modules": _targets(cfg.get("target_modules")), "exclude_modules": cfg.get("exclude_modules"),
-                "modules_to_save": cfg.get("modules_to_save")}
+                "modules_to_save": cfg.get("modules_to_save"), **own}
 
     def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
         """PEFT's adapter_config.json for this config; `kinds`/`adapters` are those of the wrapped modules."""
         target = self.target_modules
-        # A method PEFT does not have keeps the folder's shape, names itself, and PEFT refuses it (peft_type null).
-        own = {} if self.peft_type else {"splice_method": self.method}
+        # A method PEFT does not have keeps the folder's shape, names itself, and PEFT refuses it (peft_type null);
+        # its own fields go in as they are, for `fields_from_peft` to read back.
+        own = {} if self.peft_type else {"splice_method": self.method,
+                                         **{k: getattr(self, k) for k in _own_fields(type(self))}}
         return {"peft_type": self.peft_type, **own, "task_type": None, "base_model_name_or_path": base,
                 "revision": None,
                 "target_modules": target if isinstance(target, str) else list(target),
@@ -80,6 +89,18 @@ class AdapterConfig:
     def for_module(self, module: str, tensors: dict[str, Any], peft_cfg: dict[str, Any]) -> "AdapterConfig":
         """The config of one module of a loaded folder (PEFT's rank_pattern / alpha_pattern); default: the same."""
         return self
+
+
+def _own_fields(cls: type) -> list[str]:
+    """The dataclass fields `cls` adds to AdapterConfig's."""
+    shared = {f.name for f in dataclasses.fields(AdapterConfig)}
+    return [f.name for f in dataclasses.fields(cls) if f.name not in shared]
+
+
+def not_a_delta(method: str, action: str = "merged") -> SpliceError:
+    """The one line every path that needs a weight delta raises for a method that has none (`has_delta` False)."""
+    return SpliceError(f"{method} adapters are not a weight delta: they cannot be {action}; "
+                       "serve or train them as they are")
 
 
 def _targets(value: Any) -> Any:

@@ -37,8 +37,9 @@ class Adapter(Protocol):
     def contribution(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
         """The change this adapter makes to `base_out` (same shape) for input `x`."""
 
-    def delta(self, base: nn.Module) -> dict[str, Delta]:
-        """Parameter name of `base` ('weight', 'bias') → its update, in the cheapest exact form."""
+    def delta(self, base: nn.Module) -> dict[str, Delta] | None:
+        """Parameter name of `base` ('weight', 'bias') → its update, in the cheapest exact form; None for a method
+        whose update is not a weight delta (a bottleneck adapter: its config says `has_delta = False`)."""
 
     def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
         """Tensors under PEFT's key names, relative to the module ('lora_A.weight', ...)."""
@@ -87,17 +88,19 @@ class AdapterLayer(nn.Module):
         return out
 
     def _forward_mixed(self, x: Tensor, *args, **kwargs) -> Tensor:
-        # Groups are disjoint, so each group still reads base rows from `out`; updates are in place (autograd
-        # checks that nothing it saved was overwritten). A contiguous group (a slice) costs no copy at all.
-        out = self.base(x, *args, **kwargs)
+        # Groups are disjoint, so each group reads its own base rows; updates are in place. A contiguous group (a
+        # slice) costs no copy at all. Under autograd an adapter may save the base rows it read (a bottleneck
+        # adapter's input is the base output, IA3 multiplies it), so the updates then go into a copy.
+        base_out = self.base(x, *args, **kwargs)
+        out = base_out.clone() if torch.is_grad_enabled() else base_out
         for name, rows in self.row_groups or []:
             if name not in self.adapters or name in self.merged:
                 continue
             adapter = self.adapters[name]
             if isinstance(rows, slice):
-                out[rows] += adapter.contribution(x[rows], out[rows], self.base).to(out.dtype)
+                out[rows] += adapter.contribution(x[rows], base_out[rows], self.base).to(out.dtype)
             else:
-                change = adapter.contribution(x.index_select(0, rows), out.index_select(0, rows), self.base)
+                change = adapter.contribution(x.index_select(0, rows), base_out.index_select(0, rows), self.base)
                 out.index_add_(0, rows, change.to(out.dtype))
         return out
 
@@ -125,7 +128,11 @@ class AdapterLayer(nn.Module):
         if custom is not None:
             self._merge_cache[name] = custom(self.base)
         else:
-            for pname, d in adapter.delta(self.base).items():
+            deltas = adapter.delta(self.base)
+            if deltas is None:  # model.merge_adapter says so first, naming the method; this is the layer's own guard
+                raise SpliceError(f"adapter {name!r} ({type(adapter).__name__}) is not a weight delta: it cannot be "
+                                  "merged")
+            for pname, d in deltas.items():
                 d.apply_to(self.base.get_parameter(pname).data)
         self.merged.append(name)
 

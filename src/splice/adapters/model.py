@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from splice.adapters.config import AdapterConfig
+from splice.adapters.config import AdapterConfig, not_a_delta
 from splice.adapters.extras import BiasShift, FullCopy
 from splice.adapters.inits import data_init
 from splice.adapters.inject import adapter_layers, find_targets, module_kind, plain_modules, wrap
@@ -176,8 +176,23 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     """Fold adapter `name` into the base weights; the forward then skips it. `unmerge_adapter` undoes it."""
     _check_name(model, name)
     refuse_prompt(model, name, configs(model)[name])
+    refuse_without_delta(model, name, "merged")
     for _, layer in adapter_layers(model):
         layer.merge(name)
+
+
+def refuse_without_delta(model: nn.Module, name: str, action: str) -> None:
+    """One line, before any module is touched, when adapter `name` (or one of its modules) has no weight delta:
+    a method that is not a delta (`has_delta` False: bottleneck adapters), or a module that says why it cannot be
+    merged (`merge_refusal(base)`: SSF's shift on a module without a bias)."""
+    config = configs(model)[name]
+    if not getattr(config, "has_delta", True):
+        raise not_a_delta(config.method, action)
+    for path, layer in adapter_layers(model):
+        check = getattr(layer.adapters[name], "merge_refusal", None) if name in layer.adapters else None
+        reason = check(layer.base) if check is not None and name not in layer.merged else None
+        if reason:
+            raise SpliceError(f"adapter {name!r} cannot be {action}: module {path!r} {reason}")
 
 
 def unmerge_adapter(model: nn.Module, name: str) -> None:
@@ -222,14 +237,18 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
     """Parameters of adapter `name` (default: all active adapters)."""
     names = [name] if name else active_adapters(model)
-    return [p for _, layer in adapter_layers(model) for n in names if n in layer.adapters
-            for p in layer.adapters[n].parameters()] + prompt_parameters(model, names)
+    params = [p for _, layer in adapter_layers(model) for n in names if n in layer.adapters
+              for p in layer.adapters[n].parameters()] + prompt_parameters(model, names)
+    # A tensor shared by every module of an adapter (Compacter's A_i) is listed once: an optimizer given it
+    # twice would step it twice, and a parameter count would count it per module.
+    return list({id(p): p for p in params}.values())
 
 
 def get_delta(model: nn.Module, name: str = "default") -> DeltaSet:
     """Adapter `name` as a DeltaSet keyed by the base model's own parameter names ('…query.weight')."""
     _check_name(model, name)
     refuse_prompt(model, name, configs(model)[name], "return")
+    refuse_without_delta(model, name, "returned as a delta")
     if any(name in layer.merged for _, layer in adapter_layers(model)):
         # DoRA's and modules_to_save's deltas are measured against the base weights, which now include them.
         raise SpliceError(f"adapter {name!r} is merged into the base; unmerge it before taking its delta")

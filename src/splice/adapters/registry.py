@@ -75,3 +75,7 @@ def _load_builtin_methods() -> None:
     import splice.adapters.vera  # noqa: F401
     import splice.adapters.lora  # noqa: F401
     import splice.adapters.prompts  # noqa: F401
+    import splice.adapters.houlsby  # noqa: F401
+    import splice.adapters.pfeiffer  # noqa: F401
+    import splice.adapters.compacter  # noqa: F401
+    import splice.adapters.ssf  # noqa: F401

@@ -51,7 +51,9 @@ def open_deltas(path: str | Path, base: str | None = None) -> DeltaSet:
 def _adapter_without_base(folder: AdapterFolder) -> DeltaSet:
     """LoRA updates keyed '<module>.weight' by the adapter's own module names; shapes come from the factors."""
     from splice.adapters.lora import lora_update
+    from splice.apply import refuse_without_delta
 
+    refuse_without_delta(folder)
     if folder.config.method == "dora" or folder.biases or folder.saved:
         what = "DoRA" if folder.config.method == "dora" else "trained biases" if folder.biases else "modules_to_save"
         raise SpliceError(f"{folder.path}: this adapter has {what}, whose update depends on the base weights; "
