@@ -297,6 +297,29 @@ def test_relora_folds_every_cycle_into_one_adapter_of_the_original_base(tmp_path
         torch.testing.assert_close(fresh(input_ids=ids).last_hidden_state, trained, atol=1e-5, rtol=1e-5)
 
 
+def test_relora_sum_past_full_rank_is_stored_exactly_at_full_rank(tmp_path):
+    model = bert()
+    splice.adapt(model, splice.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "intermediate.dense"]))
+    ids = data(1)[0]
+    params = splice.trainable_parameters(model)
+    strategy = build_strategy(ReloraConfig(interval=2, warmup=1), params, [model], 100)
+    for _ in range(9):  # 10 cycles of rank 4: 40 > 32 = min(out, in) of both matrices
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.2)
+        strategy.restart(None)
+    with torch.no_grad():
+        trained = model(input_ids=ids).last_hidden_state
+    strategy.close()
+    assert configs(model)["default"].r == 32 and configs(model)["default"].lora_alpha == 64
+    assert model.encoder.layer[0].intermediate.dense.adapters["default"].lora_A.shape == (32, 32)
+    splice.save_adapter(model, tmp_path / "a")
+    fresh = splice.load_adapter(bert(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, trained, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fresh(input_ids=ids).last_hidden_state, trained, atol=1e-5, rtol=1e-5)
+
+
 def test_relora_in_the_loop_restarts_on_schedule_with_a_jagged_warmup():
     model = relora_model()
     params = splice.trainable_parameters(model)

@@ -18,7 +18,9 @@ VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "dora": [("q,v", {"target_modules": ["query", "value"]})],
 }
 PROBE, FULL = "probe", "full"
-STRATEGY_BASES = {"full": ("-", FULL, "", {}), "lora": ("splice", "lora", "q,v", {"target_modules": ["query", "value"]})}
+# what a training strategy trains on top of (its `pairs_with`) → (impl, method, variant, fields) of that arm
+STRATEGY_BASES = {"full": ("-", FULL, "", {}),
+                  "lora": ("splice", "lora", "q,v", {"target_modules": ["query", "value"]})}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ subspace and the sum of the cycles can reach rank k · r:
 
 After training, the k merged cycles are taken out of the base weights again and the adapter becomes the exact sum
 of all cycles, a LoRA of rank k · r (its factors concatenated: B = [B₁ … B_k], A = [A₁; …; A_k]; lora_alpha scaled
-so that s is unchanged), so the saved adapter is relative to the original base like any other and loads in PEFT.
+so that s is unchanged; past the matrix's full rank min(out, in), the exact SVD factorisation of that rank), so the
+saved adapter is relative to the original base like any other and loads in PEFT.
 ReLoRA's warm start (full-rank training before the first cycle) is for pre-training from scratch and is not
 needed when fine-tuning a pre-trained model.
 
@@ -65,6 +66,16 @@ def magnitude_prune_(t: Tensor, share: float) -> None:
         mags = t.abs()
         threshold = mags.flatten().kthvalue(t.numel() - keep).values
         t.mul_(mags > threshold)
+
+
+def _at_most_full_rank(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """The same product B A with at most min(out, in) columns: past the matrix's full rank, an SVD (float64) gives
+    an exact factorisation of the sum of cycles that a LoRA of that shape can hold."""
+    full = min(B.shape[0], A.shape[1])
+    if B.shape[1] <= full:
+        return B, A
+    U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+    return (U[:, :full] * S[:full]).to(B.dtype), Vh[:full].to(A.dtype)
 
 
 @dataclass
@@ -152,17 +163,21 @@ class Relora(TrainStrategy):
             B_now, A_now = adapter.low_rank()
             B = torch.cat([*(b for b, _ in c.merged), B_now.detach()], 1)
             A = torch.cat([*(a for _, a in c.merged), A_now.detach()], 0)
+            B, A = _at_most_full_rank(B, A)
             rank = A.shape[0]
             adapter.lora_A = nn.Parameter(A.reshape(rank, *adapter.lora_A.shape[1:]).contiguous(),
                                           requires_grad=adapter.lora_A.requires_grad)
             adapter.lora_B = nn.Parameter(B.reshape(B.shape[0], rank, *adapter.lora_B.shape[2:]).contiguous(),
                                           requires_grad=adapter.lora_B.requires_grad)
             cfg = configs(c.model)[c.name]
+            # Same s = lora_alpha / r (or / √r) at the new rank; a module whose rank differs from the config's is
+            # saved with PEFT's rank_pattern / alpha_pattern (see splice.adapters.inits.saved_patterns).
             adapter.r = rank
-            adapter.lora_alpha = adapter.scale * (math.sqrt(rank) if cfg.use_rslora else rank)  # same s
+            adapter.lora_alpha = adapter.scale * (math.sqrt(rank) if cfg.use_rslora else rank)
             c.merged = []
-            folded[(id(c.model), c.name)] = (c.model, rank)
-        for (_, name), (model, rank) in folded.items():  # the saved config: r = k·r, alpha keeping s
+            key = (id(c.model), c.name)
+            folded[key] = (c.model, max(rank, folded.get(key, (None, 0))[1]))
+        for (_, name), (model, rank) in folded.items():  # the config: the largest rank, alpha keeping s
             cfg = configs(model)[name]
             alpha = cfg.scaling * (math.sqrt(rank) if cfg.use_rslora else rank)
             configs(model)[name] = dataclasses.replace(cfg, r=rank, lora_alpha=alpha)
