@@ -378,6 +378,6 @@ def test_options_without_a_strategy_and_layer_checks_at_build_time_are_one_line(
 
 
 def test_a_config_object_is_the_same_as_name_and_options():
-    a = TrainConfig(strategy=GaloreConfig(rank=2))
+    a = splice.TrainConfig(strategy=splice.GaloreConfig(rank=2))  # the top-level API
     assert a.strategy == "galore" and a.strategy_options["rank"] == 2
     assert a.strategy_config() == TrainConfig(strategy="galore", strategy_options={"rank": 2}).strategy_config()

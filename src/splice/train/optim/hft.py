@@ -114,8 +114,8 @@ class Hft(TrainStrategy):
                 p.requires_grad_(True)
 
     def summary(self) -> dict[str, Any]:
-        trained = sum(u.numel for u in self.selected) + sum(
-            p.numel() for p in self.params if not any(p is q for u in self.units for q in u.params))
+        managed = {id(p) for u in self.units for p in u.params}
+        trained = sum(u.numel for u in self.selected) + sum(p.numel() for p in self.params if id(p) not in managed)
         return {"rounds": self.rounds, "units": len(self.units), "trained_units": len(self.selected),
                 "trained_params": trained, "grad_floats": trained, "state_floats": 2 * trained}
 
