@@ -487,8 +487,9 @@ def strategy_table(specs: list[Spec], timing: dict, memory: dict) -> str:
             "4 B × (3 · N_full − the gradient and optimizer-state numbers the strategy reports); activations are "
             "not counted (LISA and HFT also skip the weight gradients of frozen layers, so they may save more). "
             "Verdict: measured saving ≥ implied.\n")
-    return head + common.md_table(["configuration", "trained params (head included)", "step × full", "+ over loaded MiB",
-                                   "measured saving vs full", "implied by the mechanism", "verdict"], rows)
+    return head + common.md_table(["configuration", "trained params (head included)", "step × full",
+                                   "+ over loaded MiB", "measured saving vs full", "implied by the mechanism",
+                                   "verdict"], rows)
 
 
 def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> str:
