@@ -17,6 +17,11 @@ What is measured (batch 32, sequence 128: every row filled with random token ids
   them alike; speed is reported as the median over rounds of the ratio to the floor measured in the same round.
   A step during which other processes took more than 10% of the CPUs (read from /proc/stat) is retried once the
   machine is quiet, so a burst from a neighbour does not land on one configuration only.
+- memory-efficient training (splice.train.optim: GaLore, LISA, HFT, ReLoRA; one row per registered strategy, with
+  its defaults, on what it pairs with: full fine-tuning, or splice LoRA r8 query/value), driven through the
+  strategy's own hooks (its optimizer, before/after each step), timed and measured like the rows above; the report
+  sets each row's measured memory saving beside the saving its mechanism implies (gradients and optimizer state
+  it does not hold).
 - peak memory: one fresh subprocess per configuration; peak RSS (VmHWM, reset after loading) over 5 steps (glibc's
   heap keeps growing for the first few steps, so one step under-reports), and its increment over the RSS right
   after the base model was loaded.
@@ -69,12 +74,14 @@ KINDS = {
 def registry_kinds() -> dict[str, tuple]:
     """Every other registered method that PEFT also has, with its default config, on all linear layers (or, for a
     method that picks its own modules, such as LN tuning, on its default targets)."""
+    from splice.adapters.config import AdapterConfig
     from splice.adapters.registry import get_method, method_names
 
     out = {}
     for name in method_names():
         config = get_method(name).config
-        if name in ("lora", "dora") or config.peft_type is None:
+        # Prompt methods (prompt/prefix/p-tuning) add virtual tokens, not module adapters: not rows of this table.
+        if name in ("lora", "dora") or config.peft_type is None or not issubclass(config, AdapterConfig):
             continue
         target = None if config.wraps_any_module else "all-linear"
         out[f"{name}_all"] = (target, name, f"{name} (defaults){' all-linear' if target else ''}")
@@ -82,6 +89,21 @@ def registry_kinds() -> dict[str, tuple]:
 
 
 KINDS.update(registry_kinds())
+
+
+def strategy_kinds() -> dict[str, tuple[str, str, str]]:
+    """Every registered training strategy on what it pairs with: kind → (base kind, strategy, label)."""
+    from splice.train.optim.registry import get_strategy, strategy_names
+
+    out = {}
+    for name in strategy_names():
+        on = "full" if get_strategy(name).pairs_with == "full" else "lora_qv"
+        what = "full fine-tuning" if on == "full" else "splice LoRA r8 query/value"
+        out[f"{on}+{name}"] = (on, name, f"{what} + {name} (defaults)")
+    return out
+
+
+STRATEGY_KINDS = strategy_kinds()
 
 
 @dataclass(frozen=True)
@@ -107,11 +129,13 @@ class Spec:
             return "frozen model (floor)"
         if self.kind == "full":
             return "full fine-tuning"
+        if self.kind in STRATEGY_KINDS:
+            return STRATEGY_KINDS[self.kind][2]
         return f"{self.impl} {KINDS[self.kind][2]}"
 
 
 def specs_for(dropouts: list[float], kinds: list[str] = list(KINDS)) -> list[Spec]:
-    out = [Spec("-", "floor"), Spec("-", "full")]
+    out = [Spec("-", "floor"), Spec("-", "full")] + [Spec("-", k) for k in STRATEGY_KINDS]
     for i, d in enumerate(dropouts):
         for kind in kinds:
             if isinstance(KINDS[kind][1], str) and i:  # a registry method runs its own defaults: once, not per dropout
@@ -178,9 +202,15 @@ def prepare(spec: Spec, model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
         # enable_input_require_grads().
         model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
         adapted = 0
-    elif spec.kind == "full":
+    elif spec.kind == "full" or STRATEGY_KINDS.get(spec.kind, ("",))[0] == "full":
         model.requires_grad_(True)
         adapted = 0
+    elif spec.kind in STRATEGY_KINDS:  # a strategy on splice LoRA r8 query/value
+        import splice
+        from splice.adapters.inject import adapter_layers
+
+        model = splice.adapt(model, splice.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["query", "value"]))
+        adapted = len(adapter_layers(model))
     elif spec.impl == "splice":
         import splice
         from splice.adapters.inject import adapter_layers
@@ -198,7 +228,9 @@ def prepare(spec: Spec, model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
 
 
 class Trainer:
-    """One configuration ready to step: model (train mode), head, AdamW over everything trainable."""
+    """One configuration ready to step: model (train mode), head, AdamW over everything trainable (or, for a
+    training strategy, the strategy's optimizer and its before/after-step hooks, as splice's training loop calls
+    them)."""
 
     def __init__(self, spec: Spec, batch: dict[str, torch.Tensor], model: nn.Module | None = None):
         torch.manual_seed(SEED)
@@ -208,19 +240,33 @@ class Trainer:
         hidden = self.model.config.hidden_size if hasattr(self.model, "config") else 384
         self.head = nn.Linear(hidden, 2)
         params = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
-        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.strategy = None
+        if spec.kind in STRATEGY_KINDS:
+            from splice.train.optim.registry import build_strategy, make_strategy_config
+
+            config = make_strategy_config(STRATEGY_KINDS[spec.kind][1])  # the strategy's defaults
+            self.strategy = build_strategy(config, params, [self.model], total_steps=10**9, seed=SEED)
+        made = self.strategy.optimizer(params, 1e-4, 1e-2) if self.strategy else None
+        self.opt = made or torch.optim.AdamW(params, lr=1e-4)  # torch's default weight decay 1e-2 in both
+        self.info["optimized_params"] = sum(p.numel() for p in params)  # the model's trainable ones + the head
         self.batch = batch
+        self.steps = 0
         self.last_loss = float("nan")
 
     def step(self) -> dict[str, float]:
         b = self.batch
         t0 = time.perf_counter()
+        if self.strategy:
+            self.strategy.before_step(self.steps, self.opt)
         h = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         loss = F.cross_entropy(self.head(mean_pool(h, b["attention_mask"])), b["labels"])
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
         self.opt.step()
+        self.steps += 1
+        if self.strategy:
+            self.strategy.after_step(self.steps, self.opt)
         self.opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         self.last_loss = loss.item()
@@ -252,6 +298,7 @@ def memory_child(key: str, steps: int, threads: int) -> None:
     print("MEM " + json.dumps({"key": key, "rss_imports": rss_imports, "rss_loaded": rss_loaded, "peak": peak,
                                "rss_end": common.rss_bytes(), "peak_reset": reset, "loss": trainer.last_loss,
                                "digest": common.source_digest(ROOT / "src" / "splice"), "peak_per_step": peaks,
+                               "strategy": trainer.strategy.summary() if trainer.strategy else None,
                                **trainer.info}), flush=True)
 
 
@@ -408,6 +455,43 @@ def verdict(ok: bool) -> str:
     return "**PASS**" if ok else "**FAIL**"
 
 
+def strategy_table(specs: list[Spec], timing: dict, memory: dict) -> str:
+    """Each training strategy beside full fine-tuning: step time, memory increment, and the saving its mechanism
+    implies: fp32 gradients + AdamW moments not held, 4 · (3 · N_full − (gradient + state numbers it holds))."""
+    def inc(key: str) -> int:
+        return memory[key]["peak"] - memory[key]["rss_loaded"]
+
+    rows = []
+    full_inc, n_full = inc("full"), memory["full"]["optimized_params"]
+    for spec in specs:
+        if spec.kind not in STRATEGY_KINDS:
+            continue
+        on, _, label = STRATEGY_KINDS[spec.kind]
+        m, summary = memory[spec.key], memory[spec.key].get("strategy") or {}
+        held = summary.get("grad_floats", 0) + summary.get("state_floats", 0)
+        per_step, every = summary.get("trained_params"), m.get("optimized_params", m["trainable_params"])
+        cells = [label, f"{every:,}" + (f" ({per_step:,} per step)" if per_step and per_step != every else ""),
+                 common.fmt_ratio(common.ratio_stats(timing[spec.key], timing["full"])),
+                 common.mib(inc(spec.key))]
+        if on == "full" and held:
+            implied = 4 * (3 * n_full - held)
+            saved = full_inc - inc(spec.key)
+            cells += [f"{100 * saved / full_inc:.1f}% ({common.mib(saved)} MiB)",
+                      f"{100 * implied / full_inc:.1f}% ({common.mib(implied)} MiB)", verdict(saved >= implied)]
+        else:
+            cells += ["—", "—", "—"]
+        rows.append(cells)
+    head = ("\n### Memory-efficient training strategies (splice.train.optim), beside full fine-tuning "
+            f"(+{common.mib(full_inc)} MiB over loaded, {n_full:,} parameters)\n\n"
+            "Implied saving: the fp32 gradients and AdamW moments the mechanism does not hold, "
+            "4 B × (3 · N_full − the gradient and optimizer-state numbers the strategy reports); activations are "
+            "not counted (LISA and HFT also skip the weight gradients of frozen layers, so they may save more). "
+            "Verdict: measured saving ≥ implied.\n")
+    return head + common.md_table(["configuration", "trained params (head included)", "step × full",
+                                   "+ over loaded MiB", "measured saving vs full", "implied by the mechanism",
+                                   "verdict"], rows)
+
+
 def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> str:
     floor = timing["floor"]
     dropouts = sorted({s.dropout for s in specs if s.impl != "-"}, reverse=True)
@@ -455,6 +539,8 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
     out.append(common.md_table(["configuration", "lora_dropout", "modules adapted", "trainable params",
                                 "step s (median)", "fwd / bwd / opt s", "× floor", "splice ÷ PEFT",
                                 "peak RSS MiB", "+ over loaded MiB"], rows))
+
+    out.append(strategy_table(specs, timing, memory))
 
     # inference table
     base_t = inf_timing["base model"]

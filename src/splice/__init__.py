@@ -23,6 +23,8 @@ _EXPORTS = {
     "splice.adapters.prompts": ("PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig"),
     "splice.delta": ("Delta", "DeltaSet", "Dense", "Kron", "LowRank", "Scale", "Sparse"),
     "splice.errors": ("SpliceError",),
+    "splice.train.loop": ("TrainConfig", "train_loop"),
+    "splice.train.optim": ("GaloreConfig", "HftConfig", "LisaConfig", "ReloraConfig", "strategy_names"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

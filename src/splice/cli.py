@@ -17,7 +17,8 @@ app = typer.Typer(
 
 ADAPTER_FLAGS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora",
                  "init": "init_lora_weights", "bias": "bias", "num_virtual_tokens": "num_virtual_tokens"}
-TRAIN_FLAGS = ("epochs", "lr", "batch_size", "max_length", "max_steps", "seed", "weight_decay", "warmup_ratio")
+TRAIN_FLAGS = ("epochs", "lr", "batch_size", "max_length", "max_steps", "seed", "weight_decay", "warmup_ratio",
+               "strategy")
 YAML_KEYS = ("method", "task", "adapter", "train")
 
 
@@ -42,8 +43,33 @@ def _targets(value: str) -> list[str] | str:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-@app.command(epilog="Example:  splice train default reviews.csv --out my-adapter --method lora --r 8 "
-                    "--target-modules query,value --epochs 3")
+def _options(items: list[str], flag: str) -> dict[str, Any]:
+    """KEY=VALUE items → a dict; values read as YAML scalars (8 → int, 0.5 → float, true → bool)."""
+    from splice.io.checkpoints import parse_yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpliceError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} rank=8")
+        out[key.strip()] = parse_yaml(value, flag) if value.strip() else value
+    return out
+
+
+def _train_section(section: dict[str, Any]) -> dict[str, Any]:
+    """The YAML `train:` section; a strategy's options may sit under its own name (`galore: {rank: 8}`)."""
+    fields = dict(section)
+    name = fields.get("strategy")
+    if isinstance(name, str) and isinstance(fields.get(name), dict):
+        fields["strategy_options"] = {**fields.pop(name), **(fields.get("strategy_options") or {})}
+    return fields
+
+
+@app.command(epilog="Examples:  splice train default reviews.csv --out my-adapter --method lora --r 8 "
+                    "--target-modules query,value --epochs 3\n\n"
+                    "splice train default reviews.csv --out my-model --method full --strategy galore "
+                    "--strategy-option rank=8 --lr 3e-5   (memory-efficient full fine-tuning; YAML: train: "
+                    "{strategy: galore, galore: {rank: 8}}; the strategies and their options: splice strategies)")
 def train(
     model: str = typer.Argument(..., help="Base model: 'default' (embedded all-MiniLM-L6-v2), a local folder, "
                                           "or a hub id."),
@@ -52,7 +78,8 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Adapter folder to write (PEFT format)."),
     task: str = typer.Option("auto", help="classification, causal-lm, or auto (classification when the data "
                                           "has a label column)."),
-    method: Optional[str] = typer.Option(None, help="Adapter method (default lora); see `splice methods`."),
+    method: Optional[str] = typer.Option(None, help="Adapter method (default lora; see `splice methods`), or full: "
+                                                    "fine-tune every weight and save the whole model."),
     r: Optional[int] = typer.Option(None, help="Rank."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scaling numerator)."),
     dropout: Optional[float] = typer.Option(None, help="Dropout on the adapter branch."),
@@ -69,6 +96,11 @@ def train(
     batch_size: Optional[int] = typer.Option(None), max_length: Optional[int] = typer.Option(None),
     max_steps: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
     weight_decay: Optional[float] = typer.Option(None), warmup_ratio: Optional[float] = typer.Option(None),
+    strategy: Optional[str] = typer.Option(None, help="Memory-efficient training strategy: galore, lisa, hft (with "
+                                                      "--method full) or relora (with --method lora); see "
+                                                      "`splice strategies`."),
+    strategy_option: list[str] = typer.Option([], "--strategy-option", help="KEY=VALUE: one option of the "
+                                                                            "strategy (repeatable), e.g. rank=8."),
     eval_file: Optional[Path] = typer.Option(None, help="Held-out data (default: 10% of DATA)."),
     text_field: str = typer.Option("text"), label_field: str = typer.Option("label"),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -81,17 +113,26 @@ def train(
     from splice.train.loop import TrainConfig
     from splice.train.run import train_causal_lm, train_classifier
 
+    from splice.train.run import FULL
+
     cfg = _load_yaml(config)
     flags = locals()
     adapter_fields = dict(cfg.get("adapter") or {})
     method = method or cfg.get("method") or "lora"
     adapter_fields.update(_own_names(method, {field: flags[f] for f, field in ADAPTER_FLAGS.items()
-                                              if flags[f] is not None}))
+                                              if flags[f] is not None}) if method != FULL else {})
     if target_modules is not None:
         adapter_fields["target_modules"] = _targets(target_modules)
-    adapter = make_config(method, **adapter_fields)
-    train_fields = dict(cfg.get("train") or {})
+    if method == FULL:  # every weight trains: no adapter, so no adapter options
+        given = sorted(adapter_fields) + [f"--{f.replace('_', '-')}" for f in ADAPTER_FLAGS if flags[f] is not None]
+        if given:
+            raise SpliceError(f"--method full trains every weight; adapter options do not apply: {', '.join(given)}")
+    adapter = None if method == FULL else make_config(method, **adapter_fields)
+    train_fields = _train_section(cfg.get("train") or {})
     train_fields.update({f: flags[f] for f in TRAIN_FLAGS if flags[f] is not None})
+    if strategy_option:
+        train_fields["strategy_options"] = {**(train_fields.get("strategy_options") or {}),
+                                            **_options(strategy_option, "--strategy-option")}
     tconf = config_from_dict(TrainConfig, train_fields, "train")
     if out.exists() and not force:
         raise SpliceError(f"{out}: output folder exists; pass --force to replace it")
@@ -112,6 +153,20 @@ def train(
         train_causal_lm(model, pairs, evaluation, adapter, tconf, out, force=force, progress=progress)
     else:
         raise SpliceError(f"--task: {kind!r} is not one of auto, classification, causal-lm")
+
+
+@app.command(epilog="Example:  splice strategies")
+def strategies() -> None:
+    """List the memory-efficient training strategies (`splice train --strategy NAME`) and their options."""
+    from splice.adapters.config import field_help
+    from splice.train.optim.registry import get_strategy, strategy_names
+
+    for name in strategy_names():
+        s = get_strategy(name)
+        on = "--method full" if s.pairs_with == "full" else "a LoRA adapter (--method lora)"
+        typer.echo(f"{name}  ({s.reference}; trains on top of {on})")
+        for field, text in field_help(s.config).items():
+            typer.echo(f"    {field}: {text}")
 
 
 def _own_names(method: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -117,3 +117,24 @@ def test_cli_rejects_an_unknown_profile_in_one_line(capsys):
     assert run(["bench", "quality", "--profile", "smok"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown profile 'smok' (did you mean 'smoke'?); known: smoke, full"
+
+
+def test_every_registered_training_strategy_gets_a_row_on_what_it_pairs_with():
+    from splice.train.optim.registry import STRATEGIES, StrategyConfig, TrainStrategy, register_strategy
+
+    @dataclass
+    class FakeStrategyConfig(StrategyConfig):
+        knob: int = 1
+
+    register_strategy("bench_fake_strategy", config=FakeStrategyConfig, pairs_with="lora")(
+        type("FakeStrategy", (TrainStrategy,), {}))
+    try:
+        by_key = {a.key: a for a in arms()}
+        fake = by_key["splice_lora_qv_bench_fake_strategy"]
+        assert fake.strategy == "bench_fake_strategy" and fake.adapter_config().target_modules == ["query", "value"]
+        assert fake.label == "lora q,v + bench_fake_strategy"
+    finally:
+        del STRATEGIES["bench_fake_strategy"]
+    keys = [a.key for a in arms()]
+    assert {"full_galore", "full_lisa", "full_hft", "splice_lora_qv_relora"} <= set(keys)
+    assert keys[-1] == "full" and next(a for a in arms() if a.key == "full_lisa").label == "full fine-tune + lisa"

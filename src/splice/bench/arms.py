@@ -3,7 +3,9 @@
 Every registered method trains with its config's defaults (plus `rank` r=8 where the config has one). LoRA also
 gets an all-linear variant. Methods that PEFT implements too (LoRA and DoRA, which PEFT writes as `use_dora`) get a
 PEFT row with the same config, translated by splice's own PEFT writer (`peft_config_dict`). Two rows are not
-adapters: the head-only probe (the base encoder frozen) and full fine-tuning.
+adapters: the head-only probe (the base encoder frozen) and full fine-tuning. Every registered training strategy
+(`splice.train.optim`: GaLore, LISA, HFT, ReLoRA) gets a row on top of what it pairs with, with its defaults: full
+fine-tuning, or splice LoRA on query/value.
 """
 from __future__ import annotations
 
@@ -16,26 +18,31 @@ VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "dora": [("q,v", {"target_modules": ["query", "value"]})],
 }
 PROBE, FULL = "probe", "full"
+# what a training strategy trains on top of (its `pairs_with`) → (impl, method, variant, fields) of that arm
+STRATEGY_BASES = {"full": ("-", FULL, "", {}),
+                  "lora": ("splice", "lora", "q,v", {"target_modules": ["query", "value"]})}
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One trained configuration: `method` is "probe", "full" or a registered adapter method."""
+    """One trained configuration: `method` is "probe", "full" or a registered adapter method; `strategy` a
+    registered training strategy (or "")."""
 
     impl: str  # "splice", "peft" or "-" (probe and full fine-tuning are the same code for both)
     method: str
     variant: str = ""
     fields: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    strategy: str = ""
 
     @property
     def key(self) -> str:
         slug = self.variant.replace(",", "").replace("-", "_")
-        return "_".join(p for p in (self.impl if self.impl != "-" else "", self.method, slug) if p)
+        return "_".join(p for p in (self.impl if self.impl != "-" else "", self.method, slug, self.strategy) if p)
 
     @property
     def label(self) -> str:
         name = {"probe": "head-only probe", "full": "full fine-tune"}.get(self.method, self.method)
-        return " ".join(p for p in (name, self.variant) if p)
+        return " ".join(p for p in (name, self.variant) if p) + (f" + {self.strategy}" if self.strategy else "")
 
     @property
     def trains_encoder(self) -> bool:
@@ -55,8 +62,10 @@ class Arm:
 
 
 def arms() -> list[Arm]:
-    """Probe, every registered method (and its PEFT twin where PEFT has it), full fine-tuning."""
+    """Probe, every registered method (and its PEFT twin where PEFT has it), every registered training strategy on
+    what it pairs with, full fine-tuning."""
     from splice.adapters.registry import method_names
+    from splice.train.optim.registry import get_strategy, strategy_names
 
     out = [Arm("-", PROBE)]
     for name in method_names():
@@ -64,6 +73,9 @@ def arms() -> list[Arm]:
             out.append(Arm("splice", name, variant, fields))
             if name in PEFT_METHODS:
                 out.append(Arm("peft", name, variant, fields))
+    for name in strategy_names():
+        impl, method, variant, fields = STRATEGY_BASES[get_strategy(name).pairs_with]
+        out.append(Arm(impl, method, variant, dict(fields), strategy=name))
     out.append(Arm("-", FULL))
     return out
 

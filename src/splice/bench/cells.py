@@ -114,15 +114,18 @@ def train_cell(arm: Arm, base: nn.Module, tokenizer: Any, task: Task, head_file:
         return F.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"])
 
     steps = (len(items) + train.batch_size - 1) // train.batch_size
+    trainable = sum(p.numel() for p in params if p.requires_grad)  # before a strategy reshapes anything (ReLoRA)
     with PeakRss() as rss:
         result = train_loop(params, lambda e: batches(items, train.batch_size, True, train.seed + e), loss_fn, train,
                             steps, modules=[module], progress=progress)
     model.eval()
     out = {"accuracy": accuracy(model, task.test, collate, progress, desc=f"{task.name} test"),
            "val_accuracy": accuracy(model, task.val, collate, progress, desc=f"{task.name} val"),
-           "trainable": sum(p.numel() for p in params if p.requires_grad), "train_seconds": result.seconds,
+           "trainable": trainable, "train_seconds": result.seconds,
            "step_seconds": result.seconds / max(result.steps, 1), "steps": result.steps,
            "final_loss": result.final_loss, "peak_rss_mib": rss.peak_mib}
+    if result.strategy:  # what the strategy did: parameters trained per step, restarts, projected matrices...
+        out["strategy"] = result.strategy
     if save_to is not None:
         plain = densify(arm, module)
         save_to.parent.mkdir(parents=True, exist_ok=True)

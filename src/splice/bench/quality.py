@@ -141,7 +141,8 @@ def run_adapters(ctx: Context, todo: list[Arm], tasks: list[Task]) -> None:
     p = ctx.profile
     for arm in todo:
         lr = p.lr_full if arm.method == FULL else p.lr_adapter
-        train = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=lr, max_length=p.max_length, seed=p.seed)
+        train = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=lr, max_length=p.max_length, seed=p.seed,
+                            strategy=arm.strategy or None)
         kind = next((k for k, v in MERGE_INPUTS.items() if v == arm.key and k in p.merge_kinds), None)
         for task in tasks:
             save = ctx.root / "finetunes" / kind / task.name if kind else None

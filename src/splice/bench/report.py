@@ -52,10 +52,12 @@ def _adapter_table(r: dict[str, Any]) -> list[str]:
         accs = arm_accuracies(row, tasks)
         done = [c for c in row["cells"].values() if c]
         params = max((c["trainable"] for c in done), default=None)
+        per_step = max((c.get("strategy", {}).get("trained_params") or 0 for c in done), default=0)
         steps = [c["step_seconds"] for c in done if c.get("step_seconds")]
         rss = [c["peak_rss_mib"] for c in done if c.get("peak_rss_mib")]
         lines.append(f"| {row['label']} | {row['impl']} | " + " | ".join(_pct(v) for v in accs) +
-                     f" | **{_pct(_mean(accs))}** | {f'{params:,}' if params else '–'} | "
+                     f" | **{_pct(_mean(accs))}** | {f'{params:,}' if params else '–'}"
+                     f"{f' ({per_step:,} per step)' if params and per_step and per_step != params else ''} | "
                      f"{f'{sum(steps) / len(steps):.2f}' if steps else '–'} | {f'{max(rss):,.0f}' if rss else '–'} |")
     return lines
 

@@ -1,13 +1,16 @@
 """The one training loop. Tasks and methods contribute a loss function and the parameters to train; nothing else.
 
-AdamW, linear warm-up then linear decay, gradient clipping, a progress bar with loss and throughput.
+AdamW, linear warm-up then linear decay, gradient clipping, a progress bar with loss and throughput. A
+memory-efficient strategy (`TrainConfig.strategy`: galore, lisa, hft, relora; see `splice.train.optim`) changes
+what it must through the loop's hooks (the optimizer, which parameters train before each step, what happens after
+it, a factor on the schedule), never through a copy of the loop.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +34,10 @@ class TrainConfig:
     max_length: int = doc("Tokens per example (longer inputs are truncated).", default=64)
     max_steps: int | None = doc("Stop after this many steps (overrides epochs).", default=None)
     seed: int = doc("Seed for shuffling, dropout and initialisation.", default=0)
+    strategy: Any = doc("Memory-efficient training strategy: galore, lisa, hft or relora (`splice strategies`), "
+                        "or its config object (GaloreConfig(rank=8)); None trains with plain AdamW.", default=None)
+    strategy_options: dict[str, Any] = doc("The strategy's options, e.g. {'rank': 8} for galore.",
+                                           default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr"):
@@ -38,6 +45,24 @@ class TrainConfig:
                 raise SpliceError(f"{name}: must be positive, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise SpliceError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
+        from splice.train.optim.registry import StrategyConfig
+
+        if isinstance(self.strategy, StrategyConfig):  # a config object: keep its name and fields as plain data
+            self.strategy_options = {**self.strategy.to_dict(), **(self.strategy_options or {})}
+            self.strategy = self.strategy.name
+        if self.strategy is None and self.strategy_options:
+            raise SpliceError("strategy_options: given without a strategy; name one (galore, lisa, hft, relora)")
+        if self.strategy is not None and not isinstance(self.strategy, str):
+            raise SpliceError(f"strategy: expected a strategy name or config, got {type(self.strategy).__name__}")
+        if not isinstance(self.strategy_options, dict):
+            raise SpliceError(f"strategy_options: expected a mapping, got {self.strategy_options!r}")
+        self.strategy_config()  # an unknown strategy or a bad option fails now, not after loading the model
+
+    def strategy_config(self) -> Any:
+        """The strategy's validated config object, or None."""
+        from splice.train.optim.registry import make_strategy_config
+
+        return make_strategy_config(self.strategy, **self.strategy_options) if self.strategy else None
 
 
 @dataclass
@@ -46,6 +71,7 @@ class TrainResult:
     seconds: float
     final_loss: float
     examples_per_second: float
+    strategy: dict[str, Any] = field(default_factory=dict)  # what the strategy reports (`TrainStrategy.summary`)
 
 
 def train_loop(
@@ -71,15 +97,22 @@ def train_loop(
         modules: modules put in train mode during the loop and back in eval mode after it.
         hooks: what a method adds to training (AdaLoRA's rank allocator): each may have `loss()`, a term added to
             the loss, and `after_step(step)`, run after the optimizer step (1-based) while the gradients are there.
+
+    `config.strategy` (GaLore, LISA, HFT, ReLoRA) is built here over `params` and `modules` and called at its hooks:
+    see `splice.train.optim.registry.TrainStrategy`.
     """
     params = [p for p in params if p.requires_grad]
     if not params:
         raise SpliceError("nothing to train: no parameter requires a gradient")
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup = int(config.warmup_ratio * total)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    strategy = _strategy(config, params, modules, total)
+    opt = strategy.optimizer(params, config.lr, config.weight_decay) if strategy else None
+    opt = opt or torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    factor = strategy.lr_factor if strategy else (lambda s: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+        opt, lambda s: factor(s) * ((s + 1) / (warmup + 1) if s < warmup
+                                    else max(0.0, (total - s) / max(1, total - warmup))))
     torch.manual_seed(config.seed)
     for m in modules:
         m.train()
@@ -89,6 +122,8 @@ def train_loop(
         epoch = 0
         while step < total:
             for batch in batches(epoch):
+                if strategy:
+                    strategy.before_step(step, opt)
                 loss = loss_fn(batch)
                 for hook in hooks:
                     if hasattr(hook, "loss"):
@@ -103,6 +138,8 @@ def train_loop(
                 for hook in hooks:
                     if hasattr(hook, "after_step"):
                         hook.after_step(step + 1)
+                if strategy:
+                    strategy.after_step(step + 1, opt)
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 seen += batch_size_of(batch)
@@ -115,7 +152,18 @@ def train_loop(
             epoch += 1
     finally:
         bar.close()
+        if strategy:
+            strategy.close()
         for m in modules:
             m.eval()
     elapsed = time.perf_counter() - start
-    return TrainResult(step, elapsed, loss_avg, seen / max(elapsed, 1e-9))
+    return TrainResult(step, elapsed, loss_avg, seen / max(elapsed, 1e-9), strategy.summary() if strategy else {})
+
+
+def _strategy(config: TrainConfig, params: Sequence[nn.Parameter], modules: Sequence[nn.Module], total: int):
+    """The run's strategy mechanism (None without one)."""
+    if not config.strategy:
+        return None
+    from splice.train.optim.registry import build_strategy
+
+    return build_strategy(config.strategy_config(), params, modules, total, config.seed)
