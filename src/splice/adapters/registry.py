@@ -75,3 +75,5 @@ def _load_builtin_methods() -> None:
     import splice.adapters.vera  # noqa: F401
     import splice.adapters.lora  # noqa: F401
     import splice.adapters.prompts  # noqa: F401
+    import splice.adapters.dylora  # noqa: F401
+    import splice.adapters.increlora  # noqa: F401
