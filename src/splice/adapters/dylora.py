@@ -14,10 +14,10 @@ rank in use, not over r), are a rank-b LoRA for every b. Training makes them so:
   own Parameter (A_i: 1×in, B_i: out×1), so a component above b has no gradient at all (None) and AdamW leaves it,
   and its moments, untouched: with one (r, in) tensor its zero gradient would still move it by Adam's momentum.
 - `frozen` chooses what trains at rank b. The paper's Algorithm 1 updates only the b-th row of A and column of B
-  (the parameters unique to rank b; the ones below are used but detached): `frozen=True`. The variant that updates
-  every component ≤ b, which the paper compares it with, is splice's default (`frozen=False`): in a short run each
-  component of the frozen variant trains on only ~1/(r − r_min + 1) of the steps (about 20 of the quality
-  benchmark's ~170 at r = 8), so it would not train well out of the box.
+  (the parameters unique to rank b; the ones below are used but detached): `frozen=True`. splice's default,
+  `frozen=False`, updates every component ≤ b (the same nested objective, as in nested dropout). The choice is
+  deliberate: in a short run each component of the frozen form trains on only ~1/(r − r_min + 1) of the steps
+  (about 20 of the quality benchmark's ~170 at r = 8), so it would not train well out of the box.
 - Trained without the hook (a loop that does not call it), the adapter is plain LoRA of rank r (every component
   trains, scale α/r).
 

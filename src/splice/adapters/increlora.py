@@ -28,14 +28,17 @@ optimizer see; max_r defaults to 2r, capped by the layer), of which rank · (in 
 Choices where the paper leaves room, and where splice differs from the authors' code (github.com/FeiyuZhang98/
 IncreLoRA), stated:
 - Defaults are the authors' GLUE scripts': init_r 1, rank_step r/2 (their table {2: 1, 4: 2, 6: 3, 8: 4}),
-  beta1 = beta2 = 0.85, orth_reg_weight 0.1, advance learning on, tinit = deltaT. Their scripts give tinit and
-  deltaT in steps (100–1000) for runs of thousands of steps and select top_h = 3–10 of 72 modules; here
-  top_h = ⌈n / 8⌉ and deltaT is set from the run's length so that growth ends 40% into training (where it ends in
-  their MRPC, RTE and CoLA scripts).
+  beta1 = beta2 = 0.85, orth_reg_weight 0.1, advance learning on, tinit = deltaT, lora_alpha 16 (SST-2; 32 in
+  others). Their scripts give tinit and deltaT in steps (100–1000) for runs of thousands of steps and select
+  top_h = 3–10 of 72 modules; here top_h = ⌈n / 8⌉ and deltaT is set from the run's length so that growth ends by
+  40% of training (it ends 35–40% into their MRPC, RTE and CoLA runs).
 - The scale is the constant lora_alpha / r. The authors divide by each module's current rank, so a module's update
   shrinks every time it grows; a constant scale keeps the function continuous.
-- The paper scores a module from ΔW's entries (|ΔW ⊙ ∂L/∂ΔW| averaged), which needs each module's full
-  out × in gradient every step; splice scores the factors P, Λ, Q exactly as AdaLoRA does (no out × in tensor).
+- The authors' reserve components start at P, Q ~ N(0, 0.02²); here a reserve's B starts at 0, so that the
+  adapted model equals the base exactly at the start.
+- The authors' code scores a module from its product ΔW (Σ|ΔW ⊙ ∂L/∂ΔW| / √(out·in), smoothed the same way), which
+  needs each module's out × in gradient every step; splice scores the factors P, Λ, Q exactly as AdaLoRA does.
+- `max_r` is splice's: the authors append new tensors as modules grow, which a fixed optimizer cannot see.
 - Not done: the paper's "restart warm-up" of the learning rate after each growth (the one training loop owns the
   schedule; a hook does not).
 
