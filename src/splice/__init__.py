@@ -19,7 +19,7 @@ _EXPORTS = {
                         "unmerge_adapter", "AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config",
                         "LNTuningConfig", "LoHaConfig", "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig",
                         "ShiraConfig", "VeraConfig", "HoulsbyConfig", "PfeifferConfig", "CompacterConfig",
-                        "SSFConfig"),
+                        "SSFConfig", "DyLoraConfig", "IncreLoraConfig", "set_dylora_rank", "truncate_dylora"),
     "splice.adapters.prompts": ("PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig"),
     "splice.delta": ("Delta", "DeltaSet", "Dense", "Kron", "LowRank", "Scale", "Sparse"),
     "splice.errors": ("SpliceError",),

@@ -159,6 +159,16 @@ ROWS = [
     Row("ssf-gpt2-conv1d-ln", "gpt2", "ssf", dict(target_modules=["c_attn", "c_fc", "ln_1"])),
     Row("ssf-llama-where-bias", "llama", "ssf", dict(shift="where_bias")),  # no biases: γ only, and it merges
     Row("ssf-cnn-conv2d", "cnn", "ssf", dict(target_modules=["conv1", "conv2", "head"])),
+    Row("dylora-bert-all-linear", "bert", "dylora", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    Row("dylora-gpt2-conv1d-eval-rank-frozen-dropout", "gpt2", "dylora",
+        dict(r=4, r_min=2, eval_rank=3, frozen=True, lora_dropout=0.1, target_modules=["c_attn", "c_proj"],
+             modules_to_save=["ln_f"])),
+    Row("dylora-llama", "llama", "dylora", dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"])),
+    Row("increlora-bert-all-linear", "bert", "increlora", dict(r=4, init_r=2, target_modules="all-linear")),
+    Row("increlora-gpt2-conv1d-dropout-no-advance", "gpt2", "increlora",
+        dict(r=2, init_r=1, max_r=4, rank_step=1, lora_dropout=0.1, advance_learning=False,
+             target_modules=["c_attn", "c_fc"], modules_to_save=["ln_f"])),
+    Row("increlora-llama", "llama", "increlora", dict(r=4, target_modules=["q_proj", "o_proj", "up_proj"])),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 

@@ -24,6 +24,8 @@ from splice.adapters.houlsby import HoulsbyConfig
 from splice.adapters.pfeiffer import PfeifferConfig
 from splice.adapters.compacter import CompacterConfig
 from splice.adapters.ssf import SSFConfig
+from splice.adapters.dylora import DyLoraConfig, set_dylora_rank, truncate_dylora
+from splice.adapters.increlora import IncreLoraConfig
 
 __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_adapters", "adapt", "delete_adapter",
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
@@ -33,3 +35,4 @@ __all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "LN
             "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig", "ShiraConfig", "VeraConfig"]
 __all__ += ["PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig"]
 __all__ += ["HoulsbyConfig", "PfeifferConfig", "CompacterConfig", "SSFConfig"]
+__all__ += ["DyLoraConfig", "IncreLoraConfig", "set_dylora_rank", "truncate_dylora"]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
+from splice.adapters.importance import Sensitivity, orthogonality
 from splice.adapters.lora import lora_update, module_dims
 from splice.adapters.registry import register
 from splice.delta.forms import Delta
@@ -181,8 +182,7 @@ class RankAllocator:
             raise SpliceError(f"adapter {adapter_name!r} has no AdaLoRA module")
         self.init_budget = sum(a.lora_E.shape[0] for a in self.adapters.values())
         self.target_budget = config.target_r * len(self.adapters)
-        self.ipt: dict[int, Tensor] = {}  # id(param) → EMA sensitivity
-        self.unc: dict[int, Tensor] = {}  # id(param) → EMA uncertainty
+        self.importance = Sensitivity(config.beta1, config.beta2)
 
     def budget(self, step: int) -> tuple[int, bool]:
         """(total rank allowed at `step`, whether to re-mask now): the cubic schedule."""
@@ -197,36 +197,16 @@ class RankAllocator:
 
     def loss(self) -> Tensor:
         """orth_reg_weight · mean over P and Q of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F."""
-        terms = []
-        for a in self.adapters.values():
-            for cov in (a.lora_A @ a.lora_A.t(), a.lora_B.t() @ a.lora_B):
-                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype,
-                                                                      device=cov.device)))
-        return self.config.orth_reg_weight * torch.stack(terms).mean()
+        return self.config.orth_reg_weight * orthogonality((a.lora_A, a.lora_B) for a in self.adapters.values())
 
-    @torch.no_grad()
     def _update_importance(self) -> None:
-        b1, b2 = self.config.beta1, self.config.beta2
-        for a in self.adapters.values():
-            for p in (a.lora_A, a.lora_B, a.lora_E):
-                if p.grad is None:
-                    continue
-                sensitivity = (p * p.grad).abs()
-                ipt = self.ipt.setdefault(id(p), torch.zeros_like(p))
-                unc = self.unc.setdefault(id(p), torch.zeros_like(p))
-                ipt.mul_(b1).add_(sensitivity, alpha=1 - b1)
-                unc.mul_(b2).add_((sensitivity - ipt).abs(), alpha=1 - b2)
-
-    def _score(self, p: Tensor) -> Tensor:
-        return self.ipt[id(p)] * self.unc[id(p)]
+        self.importance.update(p for a in self.adapters.values() for p in (a.lora_A, a.lora_B, a.lora_E))
 
     @torch.no_grad()
     def _mask_to(self, budget: int) -> None:
-        scores = {}
-        for path, a in self.adapters.items():
-            # A triplet's importance: its λ's score + the mean score of its row of Q and of its column of P.
-            scores[path] = (self._score(a.lora_E).view(-1) + self._score(a.lora_A).mean(1)
-                            + self._score(a.lora_B).mean(0))
+        # A triplet's importance: its λ's score + the mean score of its row of Q and of its column of P.
+        scores = {path: self.importance.triplet_scores(a.lora_A, a.lora_E, a.lora_B)
+                  for path, a in self.adapters.items()}
         threshold = torch.kthvalue(torch.cat(list(scores.values())), k=self.init_budget - budget)[0].item()
         for path, a in self.adapters.items():
             a.rank_mask.copy_(scores[path] > threshold)
@@ -252,6 +232,6 @@ class RankAllocator:
         elif step == final:
             self._update_importance()
             self._mask_to(self.budget(step)[0])
-            self.ipt, self.unc = {}, {}
+            self.importance.reset()
         else:
             self._apply_mask()  # the final allocation stays: λs the optimizer moved are zeroed again

@@ -79,3 +79,5 @@ def _load_builtin_methods() -> None:
     import splice.adapters.pfeiffer  # noqa: F401
     import splice.adapters.compacter  # noqa: F401
     import splice.adapters.ssf  # noqa: F401
+    import splice.adapters.dylora  # noqa: F401
+    import splice.adapters.increlora  # noqa: F401

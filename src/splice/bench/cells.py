@@ -21,6 +21,7 @@ from splice.bench.memory import PeakRss
 from splice.bench.tasks import Task
 from splice.train.data import ClassificationCollator, TextDataset, batches
 from splice.train.loop import TrainConfig, train_loop
+from splice.train.run import method_hooks
 from splice.train.tasks import EncoderClassifier, accuracy, embed, fit_probe
 
 
@@ -115,9 +116,11 @@ def train_cell(arm: Arm, base: nn.Module, tokenizer: Any, task: Task, head_file:
 
     steps = (len(items) + train.batch_size - 1) // train.batch_size
     trainable = sum(p.numel() for p in params if p.requires_grad)  # before a strategy reshapes anything (ReLoRA)
+    # What the method adds to the loop (AdaLoRA's rank allocation, DyLoRA's rank sampling, ...), as `splice train`.
+    hooks = method_hooks(module, arm.adapter_config(), train, steps) if arm.impl == "splice" else []
     with PeakRss() as rss:
         result = train_loop(params, lambda e: batches(items, train.batch_size, True, train.seed + e), loss_fn, train,
-                            steps, modules=[module], progress=progress)
+                            steps, modules=[module], hooks=hooks, progress=progress)
     model.eval()
     out = {"accuracy": accuracy(model, task.test, collate, progress, desc=f"{task.name} test"),
            "val_accuracy": accuracy(model, task.val, collate, progress, desc=f"{task.name} val"),

@@ -116,7 +116,7 @@ def train_classifier(model_name: str, train: TextDataset, evaluation: TextDatase
 
     steps = (len(items) + config.batch_size - 1) // config.batch_size
     report.train = train_loop(params, lambda e: batches(items, config.batch_size, True, config.seed + e), loss_fn,
-                              config, steps, modules=[encoder], hooks=_hooks(encoder, adapter, config, steps),
+                              config, steps, modules=[encoder], hooks=method_hooks(encoder, adapter, config, steps),
                               progress=progress)
     report.metrics["accuracy"] = accuracy(model, evaluation, collate, progress)
     _say(log, f"{name} accuracy: {report.metrics['accuracy']:.4f}  "
@@ -132,7 +132,8 @@ def _name(adapter: AdapterConfig | None, config: TrainConfig) -> str:
     return (adapter.method if adapter is not None else FULL) + (f" + {config.strategy}" if config.strategy else "")
 
 
-def _hooks(model: torch.nn.Module, adapter: AdapterConfig | None, config: TrainConfig, steps_per_epoch: int) -> list:
+def method_hooks(model: torch.nn.Module, adapter: AdapterConfig | None, config: TrainConfig,
+                 steps_per_epoch: int) -> list:
     """What the adapter's method adds to the loop (AdaLoRA's rank allocation), for a run of the loop's length."""
     make = getattr(adapter, "training_hook", None)
     if make is None:
@@ -180,7 +181,7 @@ def train_causal_lm(model_name: str, train: list, evaluation: list, adapter: Ada
     steps = (len(train) + config.batch_size - 1) // config.batch_size
     report.train = train_loop(params, lambda e: batches(train, config.batch_size, True, config.seed + e),
                               lambda b: lm_loss(model, collate(b)), config, steps, modules=[model],
-                              hooks=_hooks(model, adapter, config, steps), progress=progress)
+                              hooks=method_hooks(model, adapter, config, steps), progress=progress)
     report.metrics["perplexity"] = perplexity(model, evaluation, collate, progress=progress)
     _say(log, f"{name} perplexity: {report.metrics['perplexity']:.3f}")
     report.out = _save(model, tokenizer, adapter, out, force)
