@@ -20,6 +20,11 @@ from splice.adapters.oft import OFTConfig
 from splice.adapters.randlora import RandLoraConfig
 from splice.adapters.shira import ShiraConfig
 from splice.adapters.vera import VeraConfig
+from splice.adapters.sara import SaraConfig
+from splice.adapters.spiel import SpielConfig
+from splice.adapters.s2ft import S2FTConfig
+from splice.adapters.paca import PacaConfig
+from splice.adapters.nola import NolaConfig
 
 __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_adapters", "adapt", "delete_adapter",
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
@@ -28,3 +33,4 @@ __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_
 __all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig",
             "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig", "ShiraConfig", "VeraConfig"]
 __all__ += ["PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig"]
+__all__ += ["SaraConfig", "SpielConfig", "S2FTConfig", "PacaConfig", "NolaConfig"]

@@ -63,14 +63,26 @@ class AdapterConfig:
     @classmethod
     def fields_from_peft(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         """Config fields from PEFT's adapter_config.json (values are validated by the dataclass afterwards)."""
-        return {"target_modules": _targets(cfg.get("target_modules")), "exclude_modules": cfg.get("exclude_modules"),
-                "modules_to_save": cfg.get("modules_to_save")}
+        out = {"target_modules": _targets(cfg.get("target_modules")), "exclude_modules": cfg.get("exclude_modules"),
+               "modules_to_save": cfg.get("modules_to_save")}
+        if cls.peft_type is None:  # splice's own method: every field the folder carries, validated by the dataclass
+            out.update({name: cfg[name] for name in cls._own_field_names() if name in cfg})
+        return out
+
+    @classmethod
+    def _own_field_names(cls) -> list[str]:
+        shared = {f.name for f in dataclasses.fields(AdapterConfig)}
+        return [f.name for f in dataclasses.fields(cls) if f.name not in shared]
+
+    def _own_fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._own_field_names()}
 
     def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
         """PEFT's adapter_config.json for this config; `kinds`/`adapters` are those of the wrapped modules."""
         target = self.target_modules
-        # A method PEFT does not have keeps the folder's shape, names itself, and PEFT refuses it (peft_type null).
-        own = {} if self.peft_type else {"splice_method": self.method}
+        # A method PEFT does not have keeps the folder's shape, names itself, and PEFT refuses it (peft_type null);
+        # its own fields are written as they are and read back by `fields_from_peft`.
+        own = {} if self.peft_type else {"splice_method": self.method, **self._own_fields()}
         return {"peft_type": self.peft_type, **own, "task_type": None, "base_model_name_or_path": base,
                 "revision": None,
                 "target_modules": target if isinstance(target, str) else list(target),

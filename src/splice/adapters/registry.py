@@ -75,3 +75,8 @@ def _load_builtin_methods() -> None:
     import splice.adapters.vera  # noqa: F401
     import splice.adapters.lora  # noqa: F401
     import splice.adapters.prompts  # noqa: F401
+    import splice.adapters.sara  # noqa: F401
+    import splice.adapters.spiel  # noqa: F401
+    import splice.adapters.s2ft  # noqa: F401
+    import splice.adapters.paca  # noqa: F401
+    import splice.adapters.nola  # noqa: F401
