@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.registry import register
@@ -175,7 +176,7 @@ class OptimizerOf:
                 watcher._optimizer = weakref.ref(optimizer)
                 handle.remove()
 
-        handle = torch.optim.optimizer.register_optimizer_step_post_hook(seen)
+        handle = register_optimizer_step_post_hook(seen)
         weakref.finalize(self, handle.remove)
 
     @property
