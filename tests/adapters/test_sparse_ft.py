@@ -258,6 +258,20 @@ def test_spiel_update_resets_optimizer_state_of_moved_slots(tiny):
     assert gone.numel() == slots.numel() and (delta[gone] == 0).all()
 
 
+def test_spiel_module_no_backward_reached_keeps_its_entries(tiny):
+    model = tiny["bert"].build()
+    config = splice.SpielConfig(density=0.1, reselection_steps=2, selection_accumulation_steps=1,
+                                target_modules=["query", "pooler.dense"])
+    splice.adapt(model, config)
+    spiel = config.training_hook(model, "default", total_steps=4)
+    batch = tiny["bert"].batch()
+    model(**batch).last_hidden_state.pow(2).mean().backward()  # the pooler takes no part in this loss
+    pooler = next(a for p, _, a in layers(model) if p == "pooler.dense")
+    before = pooler.index.clone()
+    assert spiel.update(1) > 0  # the first update: every used module re-chooses its whole set
+    assert torch.equal(pooler.index, before)
+
+
 def test_spiel_regrowth_reads_the_dense_weight_gradient(tiny):
     """The accumulated gradient is the gradient of the loss with respect to the full weight matrix."""
     fam = tiny["gpt2"]

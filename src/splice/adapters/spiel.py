@@ -126,10 +126,13 @@ class SpielAdapter(SparseEntries):
     @torch.no_grad()
     def move_entries(self, n: int, optimizer: torch.optim.Optimizer | None = None) -> Tensor:
         """Drop the n entries of smallest |Δ| and grow the n best by accumulated gradient; returns the slots whose
-        position changed (their value is now 0)."""
-        if self.grad_sum is None or not self.grad_count:
-            raise SpliceError("spiel: no accumulated gradient to regrow entries from; call accumulate(True) and "
-                              "run backward first")
+        position changed (their value is now 0). A module no backward reached since accumulation started (one the
+        loss does not use) keeps its entries."""
+        if self.grad_sum is None:
+            raise SpliceError("spiel: no gradient is being accumulated to regrow entries from; call "
+                              "accumulate(True) and run backward first")
+        if not self.grad_count:
+            return self.index.new_empty(0)
         values, index = self.values, self.index
         drop = torch.topk(self.current_values().abs(), n, largest=False).indices  # slots
         outgoing = index[drop]
