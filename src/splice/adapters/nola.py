@@ -34,7 +34,7 @@ from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.lora import linear_weight, lora_update, module_dims
 from splice.adapters.ops import lora_linear
 from splice.adapters.registry import register
-from splice.adapters.sparse import KINDS, check_kind, check_positive_int, value_dtype
+from splice.adapters.sparse import KINDS, check_int, check_kind, check_positive_int, value_dtype
 from splice.adapters.vera import Projections
 from splice.delta.forms import Delta
 from splice.errors import SpliceError
@@ -56,8 +56,7 @@ class NolaConfig(AdapterConfig):
         super().__post_init__()
         for name in ("r", "num_basis_A", "num_basis_B"):
             check_positive_int(name, getattr(self, name))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise SpliceError(f"seed: must be an integer, got {self.seed!r}")
+        check_int("seed", self.seed)
 
     @property
     def scaling(self) -> float:

@@ -28,7 +28,8 @@ from torch import nn
 from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.lora import module_dims
 from splice.adapters.registry import register
-from splice.adapters.sparse import SeedPerModule, SliceUpdate, check_kind, check_positive_int, random_units, seed_of
+from splice.adapters.sparse import (SeedPerModule, SliceUpdate, check_int, check_kind, check_positive_int, random_units,
+                                    seed_of)
 from splice.errors import SpliceError
 
 
@@ -45,8 +46,7 @@ class PacaConfig(SeedPerModule, AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("r", self.r)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise SpliceError(f"seed: must be an integer, got {self.seed!r}")
+        check_int("seed", self.seed)
 
     @property
     def scaling(self) -> float:

@@ -18,9 +18,11 @@ Defaults, from the released code's training script (`finetune.sh`: `--u_ratio 0.
 drawn uniformly at random (the paper's default strategy; seeded here, each module its own draw from `seed` and its
 name), ratio 0.013 (1.3% of the channels). That script trains the FFN only (up/gate rows and down columns); the
 default targets here are the projections that read the chosen heads and channels — the attention output and FFN
-down projections, trained by columns — and `row_modules` names the projections trained by rows when targeted. Heads are whole blocks of `head_dim` columns/rows in `head_modules` when head_dim is given
-(the model's head size: 32 for MiniLM, 64 for BERT-base); left unset, single channels are chosen everywhere. Each
-module draws its own channels (the paper couples up and gate through one choice per block).
+down projections, trained by columns — and `row_modules` names the projections trained by rows when targeted.
+Heads are whole blocks of `head_dim` columns/rows in `head_modules` when head_dim is given (the model's head size:
+32 for MiniLM, 64 for BERT-base); left unset, single channels are chosen everywhere (a module cannot see the
+model's head count). Each module draws its own channels (the paper couples up and gate through one choice per
+block).
 
 Wraps nn.Linear and HF Conv1D (rows and columns of the (out, in) matrix the layer computes with). Saved as
 `s2ft_weight` and `s2ft_indices`; PEFT has no S2FT (`peft_type: null`, `splice_method: s2ft`).
@@ -36,8 +38,8 @@ from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.inject import _matches
 from splice.adapters.lora import module_dims
 from splice.adapters.registry import register
-from splice.adapters.sparse import (SeedPerModule, SliceUpdate, check_fraction, check_kind, count_of, random_units,
-                                    seed_of)
+from splice.adapters.sparse import (SeedPerModule, SliceUpdate, check_fraction, check_int, check_kind, count_of,
+                                    random_units, seed_of)
 from splice.errors import SpliceError
 
 ROW_MODULES = ["query", "key", "value", "intermediate.dense", "q_proj", "k_proj", "v_proj", "up_proj", "gate_proj",
@@ -77,8 +79,7 @@ class S2FTConfig(SeedPerModule, AdapterConfig):
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise SpliceError(f"{name}: must be a list of module name suffixes, got {value!r}")
             setattr(self, name, list(value))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise SpliceError(f"seed: must be an integer, got {self.seed!r}")
+        check_int("seed", self.seed)
 
     def for_target(self, name: str) -> "S2FTConfig":
         config = super().for_target(name)

@@ -2,9 +2,9 @@
 
 The smallest weights of a pre-trained model barely contribute to its outputs; SaRA re-trains exactly those:
 
-    Ω  = the k = ⌈fraction · out · in⌉ entries of W₀ with the smallest |w|     (chosen once, from the base weight)
-    ΔW = S          S non-zero only on Ω, trained (starts at 0 → ΔW = 0)       y = (W₀ + S) x + b
-    L  = L_task + λ · ‖S‖_*                                                    (nuclear norm: a low-rank sparse update)
+    Ω  = the k = ⌈fraction · out · in⌉ entries of W₀ with the smallest |w|    (chosen once, from the base weight)
+    ΔW = S        S non-zero only on Ω, trained (starts at 0 → ΔW = 0)        y = (W₀ + S) x + b
+    L  = L_task + λ · ‖S‖_*                                   (the nuclear norm keeps the sparse update low-rank)
 
 Trained numbers per module: k. `delta()` is the exact `Sparse` form (positions + values).
 
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.registry import register
-from splice.adapters.sparse import (SparseEntries, adapters_of, check_fraction, check_kind, count_of,
+from splice.adapters.sparse import (SparseEntries, adapters_of, check_fraction, check_int, check_kind, count_of,
                                    entries_matrix)
 from splice.errors import SpliceError
 
@@ -67,8 +67,7 @@ class SaraConfig(AdapterConfig):
             at = self.progressive_at
             if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0.0 < at < 1.0:
                 raise SpliceError(f"progressive_at: must be a fraction of the run in (0, 1) or null, got {at!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise SpliceError(f"seed: must be an integer, got {self.seed!r}")
+        check_int("seed", self.seed)
 
     def training_hook(self, model: nn.Module, adapter_name: str, total_steps: int) -> "SaraTrainer":
         """What the training loop runs for SaRA: the nuclear-norm penalty and the progressive adjustment."""
@@ -115,7 +114,6 @@ class SaraAdapter(SparseEntries):
         if self.frozen_values is not None:
             effective |= ~torch.isnan(self.frozen_values)
         self.frozen_values = torch.where(effective, values, torch.full_like(values, float("nan")))
-        self.values.copy_(values)
         return int((~effective).sum())
 
     def update_matrix(self, base: nn.Module) -> Tensor:

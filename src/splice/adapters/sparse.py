@@ -56,6 +56,11 @@ def check_positive_int(name: str, value: Any) -> None:
         raise SpliceError(f"{name}: must be a positive integer, got {value!r}")
 
 
+def check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpliceError(f"{name}: must be an integer, got {value!r}")
+
+
 def module_seed(seed: int, name: str) -> int:
     """A module's own seed: `seed` mixed with its name, so that same-shaped modules draw independently and the same
     model draws the same again (zlib.crc32, not `hash`, which changes between processes)."""

@@ -18,9 +18,10 @@ so the optimizer's parameter set never changes; the slots that move get fresh op
 
 Choices where the paper leaves a detail to its code (https://github.com/AlanAnsell/peft, `SftConfig` defaults):
 density 0.01, reselection every 20 steps, 5 accumulation steps, initial reselection rate 0.2, the first update
-replacing the whole (random) initial set, growth by |accumulated gradient|. The paper's density is of the whole
-model, spread over the targeted matrices in proportion to their size: the same k per module as here, over every
-linear layer by default. The dense gradient comes for free: the forward builds W₀ + S for one matmul, whose
+replacing the whole (random) initial set, growth by |accumulated gradient|. The reference's density is a fraction
+of all the model's parameters, spread over the targeted matrices in proportion to their size; here it is a
+fraction of each targeted matrix — the same allocation, with the budget counted on the targets (every linear layer
+by default). The dense gradient comes for free: the forward builds W₀ + S for one matmul, whose
 gradient autograd forms before gathering it at η; a tensor hook adds it into two dense accumulators during the
 accumulation window only (the reference keeps a candidate subset instead; this keeps whole matrices for those
 steps). The paper's other growth criterion (SM3 momenta) is not implemented.
@@ -44,7 +45,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.registry import register
-from splice.adapters.sparse import (SeedPerModule, SparseEntries, adapters_of, check_fraction, check_kind,
+from splice.adapters.sparse import (SeedPerModule, SparseEntries, adapters_of, check_fraction, check_int, check_kind,
                                     check_positive_int, count_of, random_flat_positions, seed_of)
 from splice.errors import SpliceError
 
@@ -58,8 +59,8 @@ class SpielConfig(SeedPerModule, AdapterConfig):
         default="all-linear")
     density: float = doc("Fraction of each weight trained: k = ⌈density·out·in⌉ entries per module.", default=0.01)
     reselection_steps: int = doc("Steps between two updates of the index set.", default=20)
-    selection_accumulation_steps: int = doc("Steps over which the dense gradient is accumulated before each update.",
-                                            default=5)
+    selection_accumulation_steps: int = doc("Steps over which the dense gradient is accumulated before each "
+                                            "update.", default=5)
     initial_reselection_rate: float = doc("Fraction of the entries moved at the second update (decaying linearly "
                                           "to 0 over the run; the first update re-chooses all of them).",
                                           default=0.2)
@@ -76,8 +77,7 @@ class SpielConfig(SeedPerModule, AdapterConfig):
             raise SpliceError(f"selection_accumulation_steps: {self.selection_accumulation_steps} is more than "
                               f"reselection_steps {self.reselection_steps}")
         check_fraction("initial_reselection_rate", self.initial_reselection_rate)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise SpliceError(f"seed: must be an integer, got {self.seed!r}")
+        check_int("seed", self.seed)
 
     def training_hook(self, model: nn.Module, adapter_name: str, total_steps: int) -> "SpielTrainer":
         """What the training loop runs for SpIEL: the updates of the index set."""
@@ -188,7 +188,9 @@ class OptimizerOf:
 
 
 class SpielTrainer:
-    """SpIEL's index-set updates over one adapter of a model, step for step as the reference code's `SftSelector`."""
+    """SpIEL's index-set updates over one adapter of a model, on the schedule of the reference code's
+    `SftSelector`: windows of `selection_accumulation_steps` steps starting every `reselection_steps` steps (the
+    first at step 1), each followed by an update."""
 
     def __init__(self, model: nn.Module, adapter_name: str, config: SpielConfig, total_steps: int):
         self.modules = adapters_of(model, adapter_name, SpielAdapter, "SpIEL")
