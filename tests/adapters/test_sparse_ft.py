@@ -419,6 +419,31 @@ def test_a_splice_only_config_round_trips_through_the_folder(tiny, tmp_path):
     assert [a.index.tolist() for _, _, a in layers(fresh)] == [a.index.tolist() for _, _, a in layers(model)]
 
 
+@pytest.mark.parametrize("method, fields, key, bad", [
+    ("sara", dict(target_modules=["query"]), "sara_indices", "outside"),
+    ("spiel", dict(density=0.1, target_modules=["query"]), "spiel_indices", "repeat"),
+    ("paca", dict(r=2, target_modules=["query"]), "paca_indices", "outside"),
+    ("s2ft", dict(ratio=0.1, row_modules=["query"], target_modules=["query"]), "s2ft_indices", "outside"),
+    ("shira", dict(r=1, target_modules=["query"]), "shira_indices", "outside"),
+])
+def test_a_folder_with_bad_positions_is_refused(tiny, tmp_path, method, fields, key, bad):
+    from safetensors.torch import save_file
+
+    path = splice.save_adapter(splice.adapt(tiny["bert"].build(), make_config(method, **fields)), tmp_path / "a")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    name = next(k for k in tensors if k.endswith(key))
+    index = tensors[name].clone()
+    index[0] = 10_000 if bad == "outside" else index[1]
+    save_file({**tensors, name: index}, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model = tiny["bert"].build()
+    types = {n: type(m) for n, m in model.named_modules()}
+    msg = error(splice.load_adapter, model, path)
+    assert key in msg and bad in msg
+    # refused before anything was wrapped or frozen
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert all(p.requires_grad for p in model.parameters())
+
+
 # -- invalid configs ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method, fields, field", [
     ("sara", dict(fraction=0.0), "fraction"), ("sara", dict(fraction=1.5), "fraction"),

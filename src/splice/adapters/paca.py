@@ -62,6 +62,10 @@ class PacaAdapter(SliceUpdate):
     peft_keys: ClassVar[tuple[str, ...]] = (weight_key, index_key)
 
     @classmethod
+    def axis_of(cls, base: nn.Module, kind: str, config: PacaConfig) -> str:
+        return "in"
+
+    @classmethod
     def peft_shapes(cls, base: nn.Module, kind: str, config: PacaConfig) -> dict[str, tuple[int, ...]]:
         return {cls.weight_key: cls.block_shape(base, kind, "in", config.r), cls.index_key: (config.r,)}
 

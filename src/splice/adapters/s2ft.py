@@ -108,6 +108,10 @@ class S2FTAdapter(SliceUpdate):
     peft_keys: ClassVar[tuple[str, ...]] = (weight_key, index_key)
 
     @classmethod
+    def axis_of(cls, base: nn.Module, kind: str, config: S2FTConfig) -> str:
+        return selection(base, kind, config)[0]
+
+    @classmethod
     def peft_shapes(cls, base: nn.Module, kind: str, config: S2FTConfig) -> dict[str, tuple[int, ...]]:
         axis, width, count = selection(base, kind, config)
         return {cls.weight_key: cls.block_shape(base, kind, axis, count * width), cls.index_key: (count * width,)}

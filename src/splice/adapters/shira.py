@@ -120,11 +120,16 @@ class ShiraAdapter(nn.Module):
     def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
         return {"shira_weight": self.shira_weight.detach(), "shira_indices": self.shira_indices.to(torch.int32)}
 
-    @torch.no_grad()
-    def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
-        indices = state["shira_indices"].long()
+    @classmethod
+    def peft_problem(cls, tensors: dict[str, Tensor], base: nn.Module, kind: str, config: ShiraConfig) -> str | None:
+        """Positions outside the weight, found before the loader touches the model."""
+        indices = tensors["shira_indices"].long()
         if indices.numel() and (int(indices.min()) < 0 or int(indices[0].max()) >= base.out_features
                                 or int(indices[1].max()) >= base.in_features):
-            raise SpliceError(f"shira_indices: positions outside the {tuple(base.weight.shape)} weight")
-        self.shira_indices = indices.to(self.shira_indices.device)
+            return f"shira_indices: positions outside the {tuple(base.weight.shape)} weight"
+        return None
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
+        self.shira_indices = state["shira_indices"].long().to(self.shira_indices.device)
         self.shira_weight.copy_(state["shira_weight"])

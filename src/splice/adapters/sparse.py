@@ -95,14 +95,14 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2 ** 31 else torch.int64
 
 
-def checked_positions(index: Tensor, size: int, key: str) -> Tensor:
-    """`index` as int64, or a SpliceError if a position is outside [0, size) or repeats."""
+def position_problem(index: Tensor, size: int, key: str) -> str | None:
+    """What is wrong with saved positions `index` among `size` (outside [0, size), repeated), or None."""
     index = index.long().flatten()
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
-        raise SpliceError(f"{key}: positions outside the weight's {size} entries")
+        return f"{key}: positions outside the {size} the weight has"
     if torch.unique(index).numel() != index.numel():
-        raise SpliceError(f"{key}: positions repeat")
-    return index
+        return f"{key}: positions repeat"
+    return None
 
 
 def with_entries(weight: Tensor, index: Tensor, values: Tensor) -> Tensor:
@@ -149,6 +149,10 @@ class SparseEntries(nn.Module):
         keys = {cls.values_key, cls.index_key}
         return None if keys <= tensors.keys() else f"expected {cls.values_key} and {cls.index_key}"
 
+    @classmethod
+    def peft_problem(cls, tensors: dict[str, Tensor], base: nn.Module, kind: str, config: Any) -> str | None:
+        return position_problem(tensors[cls.index_key], base.weight.numel(), cls.index_key)
+
     def __init__(self, base: nn.Module, kind: str, index: Tensor):
         super().__init__()
         self.kind = kind
@@ -185,7 +189,8 @@ class SparseEntries(nn.Module):
 
     @torch.no_grad()
     def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
-        self.index.copy_(checked_positions(state[self.index_key], base.weight.numel(), self.index_key))
+        """Copy a folder's tensors in (checked by `peft_problem` before the model was touched)."""
+        self.index.copy_(state[self.index_key])
         self.values.copy_(state[self.values_key])
 
 
@@ -219,6 +224,17 @@ class SliceUpdate(nn.Module):
     def peft_missing(cls, tensors: dict[str, Tensor]) -> str | None:
         keys = {cls.weight_key, cls.index_key}
         return None if keys <= tensors.keys() else f"expected {cls.weight_key} and {cls.index_key}"
+
+    @classmethod
+    def axis_of(cls, base: nn.Module, kind: str, config: Any) -> str:
+        """Which side of the weight this module trains: "in" (columns) or "out" (rows)."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_problem(cls, tensors: dict[str, Tensor], base: nn.Module, kind: str, config: Any) -> str | None:
+        in_f, out_f = module_dims(base, kind)
+        size = in_f if cls.axis_of(base, kind, config) == "in" else out_f
+        return position_problem(tensors[cls.index_key], size, cls.index_key)
 
     @staticmethod
     def block_shape(base: nn.Module, kind: str, axis: str, n: int) -> tuple[int, int]:
@@ -260,9 +276,8 @@ class SliceUpdate(nn.Module):
 
     @torch.no_grad()
     def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
-        in_f, out_f = module_dims(base, self.kind)
-        size = in_f if self.axis == "in" else out_f
-        self.index.copy_(checked_positions(state[self.index_key], size, self.index_key))
+        """Copy a folder's tensors in (checked by `peft_problem` before the model was touched)."""
+        self.index.copy_(state[self.index_key])
         self.block.copy_(state[self.weight_key])
 
 
