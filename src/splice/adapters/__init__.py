@@ -26,6 +26,11 @@ from splice.adapters.compacter import CompacterConfig
 from splice.adapters.ssf import SSFConfig
 from splice.adapters.dylora import DyLoraConfig, set_dylora_rank, truncate_dylora
 from splice.adapters.increlora import IncreLoraConfig
+from splice.adapters.sara import SaraConfig
+from splice.adapters.spiel import SpielConfig
+from splice.adapters.s2ft import S2FTConfig
+from splice.adapters.paca import PacaConfig
+from splice.adapters.nola import NolaConfig
 
 __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_adapters", "adapt", "delete_adapter",
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
@@ -36,3 +41,4 @@ __all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "LN
 __all__ += ["PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig"]
 __all__ += ["HoulsbyConfig", "PfeifferConfig", "CompacterConfig", "SSFConfig"]
 __all__ += ["DyLoraConfig", "IncreLoraConfig", "set_dylora_rank", "truncate_dylora"]
+__all__ += ["SaraConfig", "SpielConfig", "S2FTConfig", "PacaConfig", "NolaConfig"]

@@ -139,6 +139,10 @@ def check_module_tensors(method: Method, base: nn.Module, kind: str, config: Ada
         if key not in tensors:
             raise SpliceError(f"{path / WEIGHTS_FILE}: module {name!r} lacks tensor {key!r}")
         check_shape(tensors[key], shape, key, name, path)
+    # A method may check values too (positions inside the weight), so that a refused load touches nothing.
+    problem = getattr(method.adapter, "peft_problem", lambda *a: None)(tensors, base, kind, config)
+    if problem:
+        raise SpliceError(f"{path / WEIGHTS_FILE}: module {name!r}: {problem}")
 
 
 def _check_fingerprint(expected: str | None, base: nn.Module, name: str, path: Path) -> None:

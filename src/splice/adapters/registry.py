@@ -81,3 +81,8 @@ def _load_builtin_methods() -> None:
     import splice.adapters.ssf  # noqa: F401
     import splice.adapters.dylora  # noqa: F401
     import splice.adapters.increlora  # noqa: F401
+    import splice.adapters.sara  # noqa: F401
+    import splice.adapters.spiel  # noqa: F401
+    import splice.adapters.s2ft  # noqa: F401
+    import splice.adapters.paca  # noqa: F401
+    import splice.adapters.nola  # noqa: F401

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.registry import register
+from splice.adapters.sparse import entries_matrix, layer_forward, random_flat_positions, with_entries
 from splice.delta.forms import Delta, Sparse
 from splice.errors import SpliceError
 
@@ -65,10 +65,7 @@ class ShiraConfig(AdapterConfig):
 
 def random_positions(out_f: int, in_f: int, count: int, seed: int | None) -> Tensor:
     """(2, count) rows and columns of `count` random positions of an out×in matrix, in row-major order."""
-    generator = torch.Generator()
-    if seed is not None:
-        generator.manual_seed(seed)
-    flat = torch.randperm(out_f * in_f, generator=generator)[:count].sort().values
+    flat = random_flat_positions(out_f * in_f, count, seed)
     return torch.stack([flat // in_f, flat % in_f])
 
 
@@ -101,33 +98,38 @@ class ShiraAdapter(nn.Module):
         self.shira_weight = nn.Parameter(init(n, device=dev, dtype=dt))
         self.register_buffer("shira_indices", random_positions(out_f, in_f, n, config.random_seed).to(dev))
 
+    def flat_index(self, base: nn.Module) -> Tensor:
+        rows, cols = self.shira_indices.long()
+        return rows * base.in_features + cols
+
     def update(self, base: nn.Module) -> Tensor:
         """ΔW as a dense (out, in) matrix (differentiable in the values)."""
-        dense = torch.zeros_like(base.weight, dtype=self.shira_weight.dtype)
-        return dense.index_put((self.shira_indices[0], self.shira_indices[1]), self.shira_weight)
+        return entries_matrix(base.weight.shape, self.flat_index(base), self.shira_weight)
 
     def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor:
         # One matmul with W₀ + ΔW: the sparse values are scattered into a copy of W₀, as PEFT does.
-        weight = base.weight.index_put((self.shira_indices[0], self.shira_indices[1]), self.shira_weight,
-                                       accumulate=True)
-        return F.linear(x.to(weight.dtype), weight, base.bias)
+        weight = with_entries(base.weight, self.flat_index(base), self.shira_weight)
+        return layer_forward("linear", x, weight, base.bias)
 
     def contribution(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
-        return F.linear(x.to(self.shira_weight.dtype), self.update(base)).to(base_out.dtype)
+        return layer_forward("linear", x, self.update(base), None).to(base_out.dtype)
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
-        rows, cols = self.shira_indices.long()
-        index = rows * base.in_features + cols
-        return {"weight": Sparse(index, self.shira_weight.detach().clone(), base.weight.shape)}
+        return {"weight": Sparse(self.flat_index(base), self.shira_weight.detach().clone(), base.weight.shape)}
 
     def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
         return {"shira_weight": self.shira_weight.detach(), "shira_indices": self.shira_indices.to(torch.int32)}
 
-    @torch.no_grad()
-    def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
-        indices = state["shira_indices"].long()
+    @classmethod
+    def peft_problem(cls, tensors: dict[str, Tensor], base: nn.Module, kind: str, config: ShiraConfig) -> str | None:
+        """Positions outside the weight, found before the loader touches the model."""
+        indices = tensors["shira_indices"].long()
         if indices.numel() and (int(indices.min()) < 0 or int(indices[0].max()) >= base.out_features
                                 or int(indices[1].max()) >= base.in_features):
-            raise SpliceError(f"shira_indices: positions outside the {tuple(base.weight.shape)} weight")
-        self.shira_indices = indices.to(self.shira_indices.device)
+            return f"shira_indices: positions outside the {tuple(base.weight.shape)} weight"
+        return None
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
+        self.shira_indices = state["shira_indices"].long().to(self.shira_indices.device)
         self.shira_weight.copy_(state["shira_weight"])
