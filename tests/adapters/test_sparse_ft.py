@@ -203,7 +203,7 @@ def test_spiel_keeps_exactly_k_entries_through_index_updates_and_resets_moved_on
         stats = {p: (a.grad_sum.clone(), a.grad_sq.clone(), a.grad_count) for p, _, a in layers(model)}
         before = {p: a.index.clone() for p, _, a in layers(model)}
         n = original_update(step)
-        moved[step] = {"stats": stats, "before": before, "n": n, "optimizer": spiel.watch.optimizer}
+        moved[step] = {"stats": stats, "before": before, "n": n, "optimizer": spiel.optimizer}
         return n
 
     spiel.update = update

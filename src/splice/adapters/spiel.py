@@ -26,22 +26,20 @@ gradient autograd forms before gathering it at η; a tensor hook adds it into tw
 accumulation window only (the reference keeps a candidate subset instead; this keeps whole matrices for those
 steps). The paper's other growth criterion (SM3 momenta) is not implemented.
 
-The training loop does not hand its optimizer to hooks: the trainer finds the optimizer that steps the adapter's
-values with a one-off `torch.optim` post-step hook, to reset the moved slots' state. Without an optimizer (a loop
-of one's own that is not `torch.optim`), the index set still moves and only the state reset is skipped.
+The training loop hands its optimizer to the trainer (`bind_optimizer`), which resets the moved slots' state in
+it. In a loop of one's own, call `hook.bind_optimizer(optimizer)` once; without it the index set still moves and
+only the state reset is skipped.
 
 Wraps nn.Linear and HF Conv1D (positions in the weight as stored). Saved as `spiel_values` and `spiel_indices`;
 PEFT has no SpIEL (`peft_type: null`, `splice_method: spiel`).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.registry import register
@@ -163,30 +161,6 @@ def reset_slots(optimizer: torch.optim.Optimizer, param: Tensor, slots: Tensor, 
             state[slots] = init[name].to(state.dtype) if name in init else 0
 
 
-class OptimizerOf:
-    """The `torch.optim` optimizer that steps `param`, found by a post-step hook on every optimizer that removes
-    itself once it has seen that one (training loops do not hand their optimizer to method hooks)."""
-
-    def __init__(self, param: Tensor):
-        self._optimizer: Any = None
-        me, target = weakref.ref(self), weakref.ref(param)
-
-        def seen(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            watcher, p = me(), target()
-            if watcher is None or p is None:
-                handle.remove()
-            elif any(q is p for group in optimizer.param_groups for q in group["params"]):
-                watcher._optimizer = weakref.ref(optimizer)
-                handle.remove()
-
-        handle = register_optimizer_step_post_hook(seen)
-        weakref.finalize(self, handle.remove)
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        return None if self._optimizer is None else self._optimizer()
-
-
 class SpielTrainer:
     """SpIEL's index-set updates over one adapter of a model, on the schedule of the reference code's
     `SftSelector`: windows of `selection_accumulation_steps` steps starting every `reselection_steps` steps (the
@@ -195,8 +169,12 @@ class SpielTrainer:
     def __init__(self, model: nn.Module, adapter_name: str, config: SpielConfig, total_steps: int):
         self.modules = adapters_of(model, adapter_name, SpielAdapter, "SpIEL")
         self.config, self.total = config, total_steps
-        self.watch = OptimizerOf(self.modules[0][1].values)
+        self.optimizer: torch.optim.Optimizer | None = None
         self._accumulate(self._in_window(1))
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer that steps the adapter's values (the training loop calls this once it has built it)."""
+        self.optimizer = optimizer
 
     def _in_window(self, step: int) -> bool:
         c = self.config
@@ -226,5 +204,5 @@ class SpielTrainer:
         for _, adapter in self.modules:
             n = int(adapter.values.numel() * p)
             if n:
-                moved += adapter.move_entries(n, self.watch.optimizer).numel()
+                moved += adapter.move_entries(n, self.optimizer).numel()
         return moved

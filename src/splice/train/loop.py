@@ -96,7 +96,8 @@ def train_loop(
         steps_per_epoch: batches per epoch, for the schedule and the progress bar.
         modules: modules put in train mode during the loop and back in eval mode after it.
         hooks: what a method adds to training (AdaLoRA's rank allocator): each may have `loss()`, a term added to
-            the loss, and `after_step(step)`, run after the optimizer step (1-based) while the gradients are there.
+            the loss, `after_step(step)`, run after the optimizer step (1-based) while the gradients are there, and
+            `bind_optimizer(optimizer)`, called once with the optimizer before the first step.
 
     `config.strategy` (GaLore, LISA, HFT, ReLoRA) is built here over `params` and `modules` and called at its hooks:
     see `splice.train.optim.registry.TrainStrategy`.
@@ -109,6 +110,9 @@ def train_loop(
     strategy = _strategy(config, params, modules, total)
     opt = strategy.optimizer(params, config.lr, config.weight_decay) if strategy else None
     opt = opt or torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    for hook in hooks:  # a method that moves optimizer state (SpIEL's index updates) needs the optimizer
+        if hasattr(hook, "bind_optimizer"):
+            hook.bind_optimizer(opt)
     factor = strategy.lr_factor if strategy else (lambda s: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: factor(s) * ((s + 1) / (warmup + 1) if s < warmup
