@@ -562,21 +562,21 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
         k = lambda impl, kind: Spec(impl, kind, d).key  # noqa: E731
         r = common.ratio_stats(timing[k("splice", "lora_all")], floor)
         rp = common.ratio_stats(timing[k("peft", "lora_all")], floor)
-        trows.append([f"splice LoRA all-linear step ≤ 1.10× floor", f"{d:g}",
+        trows.append(["splice LoRA all-linear step ≤ 1.10× floor", f"{d:g}",
                       f"{common.fmt_ratio(r)} (PEFT: {rp[0]:.2f}×)", verdict(r[0] <= 1.10)])
         s_inc, p_inc = mem_inc(k("splice", "lora_all")), mem_inc(k("peft", "lora_all"))
         s_abs, p_abs = memory[k("splice", "lora_all")]["peak"], memory[k("peft", "lora_all")]["peak"]
         saving = 1 - s_inc / p_inc
-        trows.append([f"splice LoRA all-linear peak memory ≥ 15% below PEFT's", f"{d:g}",
+        trows.append(["splice LoRA all-linear peak memory ≥ 15% below PEFT's", f"{d:g}",
                       f"{saving * 100:.1f}% below on the increment ({common.mib(s_inc)} vs {common.mib(p_inc)} MiB); "
                       f"{(1 - s_abs / p_abs) * 100:.1f}% on absolute peak ({common.mib(s_abs)} vs {common.mib(p_abs)})",
                       verdict(saving >= 0.15)])
         r = common.ratio_stats(timing[k("splice", "dora_all")], timing[k("peft", "dora_all")])
-        trows.append([f"splice DoRA all-linear step ≤ 0.85× PEFT DoRA's", f"{d:g}", common.fmt_ratio(r),
+        trows.append(["splice DoRA all-linear step ≤ 0.85× PEFT DoRA's", f"{d:g}", common.fmt_ratio(r),
                       verdict(r[0] <= 0.85)])
         s_inc, p_inc = mem_inc(k("splice", "dora_all")), mem_inc(k("peft", "lora_all"))
         s_abs, p_abs = memory[k("splice", "dora_all")]["peak"], memory[k("peft", "lora_all")]["peak"]
-        trows.append([f"splice DoRA all-linear peak memory ≤ PEFT LoRA all-linear's", f"{d:g}",
+        trows.append(["splice DoRA all-linear peak memory ≤ PEFT LoRA all-linear's", f"{d:g}",
                       f"increment {common.mib(s_inc)} vs {common.mib(p_inc)} MiB; "
                       f"absolute {common.mib(s_abs)} vs {common.mib(p_abs)} MiB", verdict(s_inc <= p_inc)])
     r = common.ratio_stats(inf_timing["splice LoRA all-linear, merged"], base_t)

@@ -19,7 +19,7 @@ from torch import nn
 import splice
 from splice.adapters import make_config
 from splice.adapters.dylora import DyLoraAdapter, DyLoraConfig, set_dylora_rank, truncate_dylora
-from splice.adapters.increlora import RESERVE_LAMBDA, IncreLoraAdapter, IncreLoraConfig
+from splice.adapters.increlora import IncreLoraAdapter, IncreLoraConfig
 from splice.adapters.inject import adapter_layers
 from splice.adapters.lora import LoraAdapter, LoraConfig, module_dims
 from splice.adapters.model import configs

@@ -13,7 +13,7 @@ import splice
 from splice.adapters.model import configs
 from splice.errors import SpliceError
 from splice.train.loop import TrainConfig, train_loop
-from splice.train.optim import (GaLoreAdamW, GaloreConfig, HftConfig, LisaConfig, ReloraConfig, build_strategy,
+from splice.train.optim import (GaLoreAdamW, HftConfig, LisaConfig, ReloraConfig, build_strategy,
                                 strategy_names)
 from splice.train.optim.galore import state_floats
 from splice.train.optim.relora import magnitude_prune_

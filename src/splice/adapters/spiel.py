@@ -36,7 +36,7 @@ PEFT has no SpIEL (`peft_type: null`, `splice_method: spiel`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn

@@ -6,7 +6,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from splice.bench.arms import PROBE, arms
+from splice.bench.arms import PROBE
 from splice.bench.merge_table import method_order
 from splice.bench.quality import MERGE_INPUTS, Profile, ordered_arms
 
@@ -79,7 +79,7 @@ def _merge_table(r: dict[str, Any], kind: str) -> list[str]:
         if any(a is None for a in accs + indiv):
             return None
         return sum(a / i for a, i in zip(accs, indiv)) / len(accs)
-    lines.append(f"| base encoder + task heads (probe) | – | – | " + " | ".join(_pct(v) for v in base) +
+    lines.append("| base encoder + task heads (probe) | – | – | " + " | ".join(_pct(v) for v in base) +
                  f" | {_pct(_mean(base))} | {_pct(norm(base))} |")
     lines.append(f"| individual fine-tunes ({arm['label']}) | – | – | " + " | ".join(_pct(v) for v in indiv) +
                  f" | {_pct(_mean(indiv))} | {_pct(norm(indiv))} |")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from splice.errors import SpliceError
 from splice.merge.methods._common import model_weights
 from splice.merge.methods.registry import Param, TensorContext, merge_method
 
