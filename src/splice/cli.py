@@ -431,12 +431,20 @@ def bench_quality(
                                                                         "same deltas where it has the method."),
     report_only: bool = typer.Option(False, "--report-only", help="Compute nothing: write the report from the "
                                                                   "cells finished so far."),
+    shard: str = typer.Option("0/1", help="I/N: train every N-th adapter cell from the I-th, so N processes (one "
+                                            "per core, e.g. --threads 1) fill one cache side by side."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Adapters and merges on all-MiniLM-L6-v2 and real tasks: accuracy tables, plots, the reproduce command."""
     from splice.bench.quality import get_profile
 
     get_profile(profile)  # a typo fails before the heavy imports
+    try:
+        shard_i, shard_n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise SpliceError(f"--shard: expected I/N such as 0/2, got {shard!r}") from None
+    if not 0 <= shard_i < shard_n:
+        raise SpliceError(f"--shard: expected I/N with 0 <= I < N, got {shard!r}")
     import torch
 
     from splice.bench.quality import run as run_quality
@@ -447,7 +455,8 @@ def bench_quality(
                        ([f"--threads {threads}"] if threads is not None else []) +
                        ([] if mergekit else ["--no-mergekit"]))
     run_quality(profile, cache=cache, out=out, max_minutes=max_minutes, progress=progress, mergekit=mergekit,
-                command=command, report_only=report_only, log=lambda line: typer.echo(line, err=True))
+                command=command, report_only=report_only, log=lambda line: typer.echo(line, err=True),
+                shard=(shard_i, shard_n))
 
 
 def run(argv: list[str] | None = None) -> int:

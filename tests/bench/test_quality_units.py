@@ -138,3 +138,32 @@ def test_every_registered_training_strategy_gets_a_row_on_what_it_pairs_with():
     keys = [a.key for a in arms()]
     assert {"full_galore", "full_lisa", "full_hft", "splice_lora_qv_relora"} <= set(keys)
     assert keys[-1] == "full" and next(a for a in arms() if a.key == "full_lisa").label == "full fine-tune + lisa"
+
+
+def test_shards_split_the_adapter_cells_between_them_exactly_once():
+    from splice.bench.quality import Context
+
+    def picks(i: int, n: int) -> list[int]:
+        ctx = Context(*([None] * 11), shard=(i, n))
+        return [c for c in range(20) if ctx.mine()]
+
+    for n in (1, 2, 3):
+        taken = [c for i in range(n) for c in picks(i, n)]
+        assert sorted(taken) == list(range(20))
+
+
+def test_wall_time_counts_overlapping_shards_once():
+    from splice.bench.report import wall_seconds
+
+    runs = [{"start": "2026-12-05 10:00:00 UTC", "seconds": 600},   # two shards side by side
+            {"start": "2026-12-05 10:01:00 UTC", "seconds": 600},
+            {"start": "2026-12-05 12:00:00 UTC", "seconds": 60}]    # a later chunk
+    assert wall_seconds(runs) == 660 + 60
+
+
+def test_cli_rejects_a_bad_shard_in_one_line(capsys):
+    from splice.cli import run as cli
+
+    for bad in ("2", "2/2", "a/b"):
+        assert cli(["bench", "quality", "--profile", "full", "--shard", bad]) == 2
+        assert "--shard: expected I/N" in capsys.readouterr().err

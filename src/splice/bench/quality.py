@@ -89,6 +89,15 @@ class Context:
     log: Callable[[str], None]
     mergekit: bool = True
     done: int = 0
+    shard: tuple[int, int] = (0, 1)  # (i, n): this invocation trains every n-th adapter cell, from the i-th
+    adapter_cells: int = 0  # adapter cells seen so far, cached or not (the shard counter)
+
+    def mine(self) -> bool:
+        """Whether the next adapter cell belongs to this shard (counted whether it is cached or not, so every
+        shard of one profile numbers the cells alike)."""
+        i, n = self.shard
+        self.adapter_cells += 1
+        return (self.adapter_cells - 1) % n == i
 
     def head(self, task: str) -> Path:
         return self.root / "heads" / f"{task}.safetensors"
@@ -148,7 +157,10 @@ def run_adapters(ctx: Context, todo: list[Arm], tasks: list[Task]) -> None:
             save = ctx.root / "finetunes" / kind / task.name if kind else None
             if save is not None and not (save / "config.json").is_file():
                 ctx.store.root.joinpath("cells", "adapt", task.name, f"{arm.key}.json").unlink(missing_ok=True)
-            ctx.cell(f"adapt/{task.name}/{arm.key}", lambda: cells.train_cell(
+            key = f"adapt/{task.name}/{arm.key}"
+            if not ctx.mine() and ctx.store.get(key) is None:
+                continue  # another shard's cell
+            ctx.cell(key, lambda: cells.train_cell(
                 arm, ctx.base, ctx.tokenizer, task, ctx.head(task.name), train, ctx.progress, save))
 
 
@@ -164,14 +176,16 @@ def run_all(ctx: Context) -> None:
     others = [a for a in trained if a.key not in MERGE_INPUTS.values()]
     run_adapters(ctx, inputs, ctx.tasks)
     run_adapters(ctx, others, ctx.tasks[:1])
-    run_merges(ctx)
+    if ctx.shard[0] == 0:  # merges wait for every shard's fine-tunes; the first shard runs them
+        run_merges(ctx)
     run_adapters(ctx, others, ctx.tasks[1:])
 
 
 def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Path | None = None,
         out: Path | None = None,
         max_minutes: float | None = None, progress: bool = True, mergekit: bool = True,
-        command: str = "", report_only: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+        command: str = "", report_only: bool = False, log: Callable[[str], None] = print,
+        shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Run (or resume) one profile and write its report; returns the collected results.
 
     Args:
@@ -184,6 +198,8 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
         mergekit: also score mergekit's merge of the same deltas where mergekit has the method.
         command: the command line that reproduces this run, printed in the report.
         report_only: compute nothing; write the report from the cells finished so far.
+        shard: (i, n): train only every n-th adapter cell starting at the i-th, so n processes (one per core) can
+            fill one profile's cache side by side; merges run in shard 0 once every fine-tune they need exists.
 
     Raises:
         SpliceError: a missing data source, model or package, as one line naming what to install.
@@ -205,7 +221,10 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
         from splice.bench.cells import save_model
 
         save_model(base, base_dir)
-    ctx = Context(p, store, root, tasks, base, tokenizer, base_dir, progress, deadline, log, mergekit)
+    i, n = shard
+    if not 0 <= i < n:
+        raise SpliceError(f"shard: expected I/N with 0 <= I < N, got {i}/{n}")
+    ctx = Context(p, store, root, tasks, base, tokenizer, base_dir, progress, deadline, log, mergekit, shard=shard)
     finished = True
     if report_only:
         runs = store.runs()
@@ -217,7 +236,7 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
             log(f"time budget of {max_minutes} min spent; finished cells are cached, run again to continue")
         runs = store.log_run({"start": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
                               "seconds": round(time.monotonic() - t0, 1), "cells": ctx.done, "finished": finished,
-                              "command": command})
+                              "command": command, "shard": f"{i}/{n}"})
     results = collect(ctx, runs)
     out = out or Path("bench/results")
     report = write_report(results, out, p, command)

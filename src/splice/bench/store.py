@@ -29,11 +29,17 @@ class Store:
 
     def log_run(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
         """Append one invocation (start, seconds, cells done) to runs.json; returns every invocation so far."""
+        import fcntl
+
         f = self.root / "runs.json"
-        runs = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else []
-        runs.append(entry)
         f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(runs, indent=1), encoding="utf-8")
+        with open(self.root / "runs.lock", "w") as lock:  # shards append side by side
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            runs = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else []
+            runs.append(entry)
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(json.dumps(runs, indent=1), encoding="utf-8")
+            tmp.replace(f)
         return runs
 
     def runs(self) -> list[dict[str, Any]]:
