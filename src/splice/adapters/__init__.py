@@ -20,6 +20,11 @@ from splice.adapters.oft import OFTConfig
 from splice.adapters.randlora import RandLoraConfig
 from splice.adapters.shira import ShiraConfig
 from splice.adapters.vera import VeraConfig
+from splice.adapters.svfit import SVFitConfig
+from splice.adapters.sorsa import SorsaConfig
+from splice.adapters.svft import SVFTConfig
+from splice.adapters.loldu import LoLDUConfig
+from splice.adapters.lora_sb import LoraSBConfig
 
 __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_adapters", "adapt", "delete_adapter",
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
@@ -28,3 +33,4 @@ __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_
 __all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig",
             "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig", "ShiraConfig", "VeraConfig"]
 __all__ += ["PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig"]
+__all__ += ["SVFitConfig", "SorsaConfig", "SVFTConfig", "LoLDUConfig", "LoraSBConfig"]

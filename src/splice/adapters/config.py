@@ -45,6 +45,12 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this config starts its adapters from calibration data (LoRA's eva / lora_ga / corda, LoRA-SB):
+        `splice train` then passes its first training batches to `adapt(..., calibration=...)`."""
+        return False
+
     def prepare(self, targets: list[tuple[str, Any, str]], shared: dict[str, Any] | None) -> "AdapterConfig":
         """The config every module of one adapter is built with, given all its (name, module, kind) targets and
         the tensors a loaded folder shares across modules (VeRA's projections); default: the same."""
@@ -63,14 +69,17 @@ class AdapterConfig:
     @classmethod
     def fields_from_peft(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         """Config fields from PEFT's adapter_config.json (values are validated by the dataclass afterwards)."""
+        own = {} if cls.peft_type else {k: cfg[k] for k in _own_fields(cls) if k in cfg}
         return {"target_modules": _targets(cfg.get("target_modules")), "exclude_modules": cfg.get("exclude_modules"),
-                "modules_to_save": cfg.get("modules_to_save")}
+                "modules_to_save": cfg.get("modules_to_save"), **own}
 
     def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
         """PEFT's adapter_config.json for this config; `kinds`/`adapters` are those of the wrapped modules."""
         target = self.target_modules
-        # A method PEFT does not have keeps the folder's shape, names itself, and PEFT refuses it (peft_type null).
-        own = {} if self.peft_type else {"splice_method": self.method}
+        # A method PEFT does not have keeps the folder's shape, names itself, and PEFT refuses it (peft_type null);
+        # its own fields are written as they are (`fields_from_peft` reads them back).
+        values = dataclasses.asdict(self)
+        own = {} if self.peft_type else {"splice_method": self.method, **{k: values[k] for k in _own_fields(self)}}
         return {"peft_type": self.peft_type, **own, "task_type": None, "base_model_name_or_path": base,
                 "revision": None,
                 "target_modules": target if isinstance(target, str) else list(target),
@@ -80,6 +89,12 @@ class AdapterConfig:
     def for_module(self, module: str, tensors: dict[str, Any], peft_cfg: dict[str, Any]) -> "AdapterConfig":
         """The config of one module of a loaded folder (PEFT's rank_pattern / alpha_pattern); default: the same."""
         return self
+
+
+def _own_fields(cls: Any) -> list[str]:
+    """The fields a config class adds to AdapterConfig's."""
+    common = {f.name for f in dataclasses.fields(AdapterConfig)}
+    return [f.name for f in dataclasses.fields(cls) if f.name not in common]
 
 
 def _targets(value: Any) -> Any:

@@ -75,3 +75,8 @@ def _load_builtin_methods() -> None:
     import splice.adapters.vera  # noqa: F401
     import splice.adapters.lora  # noqa: F401
     import splice.adapters.prompts  # noqa: F401
+    import splice.adapters.svfit  # noqa: F401
+    import splice.adapters.sorsa  # noqa: F401
+    import splice.adapters.svft  # noqa: F401
+    import splice.adapters.loldu  # noqa: F401
+    import splice.adapters.lora_sb  # noqa: F401

@@ -30,15 +30,13 @@ class RunReport:
     out: Path | None = None
 
 
-CALIBRATION_BATCHES = 4  # training batches a data-driven LoRA init (eva, lora_ga, corda) is computed from
+CALIBRATION_BATCHES = 4  # training batches a data-driven init (eva, lora_ga, corda, LoRA-SB) is computed from
 
 
 def _calibration(adapter: AdapterConfig, items: list, collate: Callable, config: TrainConfig,
                  loss: Callable | None = None) -> dict[str, Any]:
     """adapt()'s calibration arguments: the first few (shuffled) training batches, when the init needs data."""
-    from splice.adapters.inits import DATA_INITS
-
-    if getattr(adapter, "init_lora_weights", None) not in DATA_INITS:
+    if not getattr(adapter, "needs_calibration", False):  # prompt configs have no such property
         return {}
     order = batches(items, config.batch_size, True, config.seed)
     first = [collate(b) for _, b in zip(range(CALIBRATION_BATCHES), order)]
