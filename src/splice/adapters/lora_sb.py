@@ -131,7 +131,10 @@ class LoraSBAdapter(Factored):
 
     @torch.no_grad()
     def start(self, update: Tensor) -> None:
-        """B, A, R₀ from the top-r SVD of an (out, in) update: B R₀ A is its best rank-r approximation."""
+        """B, A, R₀ from the top-r SVD of an (out, in) update: B R₀ A is its best rank-r approximation. A zero
+        update (a layer the calibration loss does not reach) keeps the data-free start."""
+        if not bool(update.any()):
+            return
         U, S, Vh = svd(update)
         r, dt = self.r, self.lora_sb_R.dtype
         self.lora_sb_B.copy_(U[:, :r].to(dt))
