@@ -23,7 +23,7 @@ Which start is used (`init_weights`):
   calibration_loss=...)`; `splice train` passes its first training batches);
 - "svd": data-free, LoRA-XS style: B, A the top-r singular vectors of W₀ (float32), R₀ = 0;
 - "auto" (default): "gradient" when calibration batches are given, "svd" otherwise. The adapter records the start
-  it took in its `init` attribute.
+  it took in its `init` attribute; a layer the calibration loss does not reach (zero gradient) keeps "svd".
 
 Trainable parameters per module: r². The frozen B, A, R₀ are persistent buffers saved with the adapter. PEFT has no
 LoRA-SB: the folder says `peft_type: null`, `splice_method: "lora_sb"`. Wraps nn.Linear and HF Conv1D.
