@@ -118,6 +118,12 @@ def positions(config: SVFTConfig, n: int, U: Tensor, Vh: Tensor, layer: str) -> 
     return torch.stack([flat // n, flat % n])
 
 
+def _is_diagonal(index: Tensor, n: int) -> bool:
+    """Whether the pattern is the plain diagonal in order: value i sits at (i, i)."""
+    diag = torch.arange(n, device=index.device)
+    return index.shape[1] == n and bool((index[0] == diag).all() and (index[1] == diag).all())
+
+
 @register("svft", config=SVFTConfig, reference="https://arxiv.org/abs/2405.19597")
 class SVFTAdapter(nn.Module):
     """One SVFT adapter: trained values of M on a fixed pattern, over the frozen singular vectors of the weight."""
@@ -151,6 +157,7 @@ class SVFTAdapter(nn.Module):
         self.register_buffer("svft_Vh", Vh[:n].to(dt).contiguous())  # (n, in)
         self.register_buffer("svft_indices", index.to(U.device))
         self.svft_values = nn.Parameter(torch.zeros(index.shape[1], device=U.device, dtype=dt))
+        self.diagonal = _is_diagonal(index, n)
 
     def matrix(self) -> Tensor:
         """M as a dense (n, n) matrix: the trained values on the pattern, 0 elsewhere (differentiable)."""
@@ -159,6 +166,8 @@ class SVFTAdapter(nn.Module):
 
     def update(self) -> Tensor:
         """ΔW = U M Vᵀ as an (out, in) matrix (differentiable in the values)."""
+        if self.diagonal:  # plain: U diag(m) Vᵀ without the n×n matrix
+            return (self.svft_U * self.svft_values) @ self.svft_Vh
         return self.svft_U @ (self.matrix() @ self.svft_Vh)
 
     def fused_forward(self, x: Tensor, base: nn.Module) -> Tensor:
@@ -194,6 +203,7 @@ class SVFTAdapter(nn.Module):
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
             raise SpliceError(f"svft_indices: positions outside the {self.n}×{self.n} matrix M")
         self.svft_indices = index.to(self.svft_indices.device)
+        self.diagonal = _is_diagonal(index, self.n)
         self.svft_values.copy_(state["svft_values"])
         if "svft_U" in state:
             self.svft_U.copy_(state["svft_U"])
