@@ -9,7 +9,8 @@
 As in the paper's code, the initial low-rank part σ₀ L_r diag(z₀) U_r is taken out of the weight (like PiSSA), so
 the model starts as the base: W_res = W₀ − σ₀ L_r diag(z₀) U_r. splice never rewrites the base weight; the layer
 subtracts the frozen σ₀ z₀ itself, which is the same thing. Only the diagonal z and the scale σ train (the paper's
-"optimizing the diagonal matrix for scaling transformations"); P, L, U are frozen.
+"optimizing the diagonal matrix for scaling transformations"); P, L, U are frozen. The authors' code creates σ as a
+parameter but its training filter (`get_loldu_params`) collects z alone; splice trains both (r + 1 numbers).
 
 σ₀ = lora_alpha / r with lora_alpha = 1 by default, the authors' code's `from_linear` default. The authors' example
 config uses a large rank (768, every LU direction of a RoBERTa-base layer); r here defaults to 8, the rank the other
