@@ -170,13 +170,15 @@ def strategies() -> None:
 
 
 def _own_names(method: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """--alpha and --dropout name LoRA's fields; a method without them gets its own (LoHa's alpha, VeRA's dropout)."""
+    """--alpha, --dropout and --init name LoRA's fields; a method without them gets its own (LoHa's alpha, VeRA's
+    dropout, LoRA-SB's init_weights)."""
     import dataclasses
 
     from splice.adapters.registry import get_method
 
     own = {f.name for f in dataclasses.fields(get_method(method).config)}
-    for lora, other in (("lora_alpha", "alpha"), ("lora_dropout", "vera_dropout")):
+    for lora, other in (("lora_alpha", "alpha"), ("lora_dropout", "vera_dropout"),
+                        ("init_lora_weights", "init_weights")):
         if lora in fields and lora not in own and other in own:
             fields[other] = fields.pop(lora)
     return fields

@@ -187,6 +187,24 @@ ROWS = [
         dict(r=4, num_basis_A=64, num_basis_B=32, target_modules=["query", "value", "intermediate.dense"])),
     Row("nola-gpt2-conv1d", "gpt2", "nola",
         dict(r=4, num_basis_A=32, num_basis_B=64, lora_alpha=8, seed=3, target_modules=["c_attn", "c_fc"])),
+    Row("svfit-bert-all-linear", "bert", "svfit", dict(r=4, target_modules="all-linear")),
+    Row("svfit-gpt2-conv1d", "gpt2", "svfit", dict(r=8, target_modules=["c_attn", "c_proj"])),
+    Row("sorsa-bert", "bert", "sorsa", dict(r=4, target_modules=["query", "value", "intermediate.dense"])),
+    Row("sorsa-gpt2-conv1d-modules-to-save", "gpt2", "sorsa",
+        dict(r=2, gamma=0.1, target_modules=["c_attn", "c_fc"], modules_to_save=["ln_f"])),
+    Row("svft-bert-plain-all-linear", "bert", "svft", dict(target_modules="all-linear")),
+    Row("svft-bert-banded-top-rank", "bert", "svft",
+        dict(pattern="banded", off_diag=2, rank=16, target_modules=["query", "output.dense"])),
+    Row("svft-gpt2-conv1d-random-saved-vectors", "gpt2", "svft",
+        dict(pattern="random", k=64, random_seed=3, save_singular_vectors=True, target_modules=["c_attn", "c_fc"])),
+    Row("svft-llama-top-k", "llama", "svft", dict(pattern="top_k", k=40, target_modules=["q_proj", "o_proj"])),
+    Row("loldu-bert-all-linear", "bert", "loldu", dict(r=4, target_modules="all-linear")),
+    Row("loldu-gpt2-conv1d", "gpt2", "loldu", dict(r=8, lora_alpha=4, target_modules=["c_attn", "c_proj"])),
+    Row("lora-sb-bert-svd-all-linear", "bert", "lora_sb", dict(r=4, init_weights="svd", target_modules="all-linear")),
+    Row("lora-sb-llama-gradient", "llama", "lora_sb",
+        dict(r=4, init_weights="gradient", target_modules=["q_proj", "v_proj", "down_proj"])),
+    Row("lora-sb-gpt2-conv1d-auto-sgd", "gpt2", "lora_sb",
+        dict(r=2, update="sgd", init_lr=0.1, target_modules=["c_attn", "c_fc"])),
 ]
 rows = pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 
@@ -222,10 +240,8 @@ def add_adapter(model: nn.Module, row: Row, name: str = "default", seed: int = 1
 
 
 def calibration(model: nn.Module, row: Row) -> dict[str, Any]:
-    """Two batches of token ids (labels = inputs) for the rows of a data-driven LoRA init (eva, lora_ga, corda)."""
-    from splice.adapters.inits import DATA_INITS
-
-    if row.fields.get("init_lora_weights") not in DATA_INITS:
+    """Two batches of token ids (labels = inputs) for the rows of a data-driven init (eva, lora_ga, corda, LoRA-SB)."""
+    if not row.config().needs_calibration:
         return {}
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(3, model.config.vocab_size, (2, 4, 6), generator=g)

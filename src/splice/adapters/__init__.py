@@ -31,6 +31,11 @@ from splice.adapters.spiel import SpielConfig
 from splice.adapters.s2ft import S2FTConfig
 from splice.adapters.paca import PacaConfig
 from splice.adapters.nola import NolaConfig
+from splice.adapters.svfit import SVFitConfig
+from splice.adapters.sorsa import SorsaConfig
+from splice.adapters.svft import SVFTConfig
+from splice.adapters.loldu import LoLDUConfig
+from splice.adapters.lora_sb import LoraSBConfig
 
 __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_adapters", "adapt", "delete_adapter",
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
@@ -42,3 +47,4 @@ __all__ += ["PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig"]
 __all__ += ["HoulsbyConfig", "PfeifferConfig", "CompacterConfig", "SSFConfig"]
 __all__ += ["DyLoraConfig", "IncreLoraConfig", "set_dylora_rank", "truncate_dylora"]
 __all__ += ["SaraConfig", "SpielConfig", "S2FTConfig", "PacaConfig", "NolaConfig"]
+__all__ += ["SVFitConfig", "SorsaConfig", "SVFTConfig", "LoLDUConfig", "LoraSBConfig"]

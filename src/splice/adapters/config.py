@@ -48,6 +48,12 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this config starts its adapters from calibration data (LoRA's eva / lora_ga / corda, LoRA-SB):
+        `splice train` then passes its first training batches to `adapt(..., calibration=...)`."""
+        return False
+
     def prepare(self, targets: list[tuple[str, Any, str]], shared: dict[str, Any] | None) -> "AdapterConfig":
         """The config every module of one adapter is built with, given all its (name, module, kind) targets and
         the tensors a loaded folder shares across modules (VeRA's projections); default: the same."""

@@ -88,6 +88,10 @@ class LoraConfig(AdapterConfig):
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.init_lora_weights in DATA_INITS
+
     # -- PEFT's adapter_config.json ------------------------------------------------------------------------------
     peft_type: ClassVar[str | None] = "LORA"
 

@@ -49,8 +49,9 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
         config: a method config, e.g. `LoraConfig(r=8, target_modules=["query", "value"])`.
         adapter_name: name of the new adapter; a model can hold many.
         init: False leaves the freshly built weights for a loader to overwrite (skips nothing else).
-        calibration: a few batches of model inputs (dicts for `model(**batch)`) for the data-driven LoRA inits
-            (`init_lora_weights` eva, lora_ga, corda), run once through the base model.
+        calibration: a few batches of model inputs (dicts for `model(**batch)`) for the data-driven starts
+            (LoRA's `init_lora_weights` eva, lora_ga, corda; LoRA-SB), run once through the base model; a config's
+            `needs_calibration` says whether it uses them.
         calibration_loss: batch → loss, to run batches that are not dicts of model inputs.
     Returns:
         The same model, with every base parameter frozen.

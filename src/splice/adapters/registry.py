@@ -86,3 +86,8 @@ def _load_builtin_methods() -> None:
     import splice.adapters.s2ft  # noqa: F401
     import splice.adapters.paca  # noqa: F401
     import splice.adapters.nola  # noqa: F401
+    import splice.adapters.svfit  # noqa: F401
+    import splice.adapters.sorsa  # noqa: F401
+    import splice.adapters.svft  # noqa: F401
+    import splice.adapters.loldu  # noqa: F401
+    import splice.adapters.lora_sb  # noqa: F401

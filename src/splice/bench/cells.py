@@ -21,7 +21,7 @@ from splice.bench.memory import PeakRss
 from splice.bench.tasks import Task
 from splice.train.data import ClassificationCollator, TextDataset, batches
 from splice.train.loop import TrainConfig, train_loop
-from splice.train.run import method_hooks
+from splice.train.run import calibration_arguments, method_hooks
 from splice.train.tasks import EncoderClassifier, accuracy, embed, fit_probe
 
 
@@ -72,8 +72,14 @@ def classifier(encoder: nn.Module, task: Task, head_file: Path) -> EncoderClassi
     return model.eval()
 
 
-def _prepare(arm: Arm, encoder: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
-    """Make `arm`'s trainable parameters on `encoder`: returns (the module to run, its parameters)."""
+def _prepare(arm: Arm, encoder: nn.Module, config: Any = None, calibration: dict[str, Any] | None = None
+             ) -> tuple[nn.Module, list[nn.Parameter]]:
+    """Make `arm`'s trainable parameters on `encoder`: returns (the module to run, its parameters).
+
+    Args:
+        config: a splice arm's adapter config (default: `arm.adapter_config()`).
+        calibration: `adapt`'s calibration arguments, for a config whose start needs data.
+    """
     if arm.method == FULL:
         encoder.requires_grad_(True)
         return encoder, list(encoder.parameters())
@@ -84,7 +90,7 @@ def _prepare(arm: Arm, encoder: nn.Module) -> tuple[nn.Module, list[nn.Parameter
         return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
     from splice.adapters.model import adapt, trainable_parameters
 
-    adapt(encoder, arm.adapter_config())
+    adapt(encoder, config or arm.adapter_config(), **(calibration or {}))
     return encoder, trainable_parameters(encoder)
 
 
@@ -105,19 +111,28 @@ def train_cell(arm: Arm, base: nn.Module, tokenizer: Any, task: Task, head_file:
     assert arm.method != PROBE
     torch.manual_seed(train.seed)
     encoder = copy.deepcopy(base)
-    module, params = _prepare(arm, encoder)
-    model = classifier(module, task, head_file)
+    # The head goes on first: splice adapts the encoder in place, and a data-driven start (LoRA-SB) calibrates
+    # through the task's loss. PEFT wraps the encoder instead, so its classifier is rebuilt around the wrapper.
+    model = classifier(encoder, task, head_file)
     collate = ClassificationCollator(tokenizer, train.max_length)
     items = list(task.train)
 
-    def loss_fn(batch: list) -> torch.Tensor:
-        b = collate(batch)
+    def classify(b: dict) -> torch.Tensor:
         return F.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"])
 
+    def loss_fn(batch: list) -> torch.Tensor:
+        return classify(collate(batch))
+
+    config = arm.adapter_config() if arm.impl == "splice" else None
+    module, params = _prepare(arm, encoder, config,
+                              calibration_arguments(config, items, collate, train, classify) if config is not None else {})
+    if module is not encoder:
+        model = classifier(module, task, head_file)
     steps = (len(items) + train.batch_size - 1) // train.batch_size
     trainable = sum(p.numel() for p in params if p.requires_grad)  # before a strategy reshapes anything (ReLoRA)
-    # What the method adds to the loop (AdaLoRA's rank allocation, DyLoRA's rank sampling, ...), as `splice train`.
-    hooks = method_hooks(module, arm.adapter_config(), train, steps) if arm.impl == "splice" else []
+    # What the method adds to the loop (AdaLoRA's rank allocation, DyLoRA's rank sampling, SORSA's regulariser,
+    # ...), as `splice train` runs it.
+    hooks = method_hooks(module, config, train, steps) if config is not None else []
     with PeakRss() as rss:
         result = train_loop(params, lambda e: batches(items, train.batch_size, True, train.seed + e), loss_fn, train,
                             steps, modules=[module], hooks=hooks, progress=progress)

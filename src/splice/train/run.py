@@ -35,15 +35,13 @@ class RunReport:
     out: Path | None = None
 
 
-CALIBRATION_BATCHES = 4  # training batches a data-driven LoRA init (eva, lora_ga, corda) is computed from
+CALIBRATION_BATCHES = 4  # training batches a data-driven init (eva, lora_ga, corda, LoRA-SB) is computed from
 
 
-def _calibration(adapter: AdapterConfig, items: list, collate: Callable, config: TrainConfig,
+def calibration_arguments(adapter: AdapterConfig, items: list, collate: Callable, config: TrainConfig,
                  loss: Callable | None = None) -> dict[str, Any]:
     """adapt()'s calibration arguments: the first few (shuffled) training batches, when the init needs data."""
-    from splice.adapters.inits import DATA_INITS
-
-    if getattr(adapter, "init_lora_weights", None) not in DATA_INITS:
+    if not getattr(adapter, "needs_calibration", False):  # prompt configs have no such property
         return {}
     order = batches(items, config.batch_size, True, config.seed)
     first = [collate(b) for _, b in zip(range(CALIBRATION_BATCHES), order)]
@@ -103,7 +101,7 @@ def train_classifier(model_name: str, train: TextDataset, evaluation: TextDatase
     def classify_loss(b: dict) -> torch.Tensor:
         return F.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"])
 
-    calibration = _calibration(adapter, list(train), collate, config, classify_loss) if adapter else {}
+    calibration = calibration_arguments(adapter, list(train), collate, config, classify_loss) if adapter else {}
     params = _prepare(encoder, adapter, calibration)
     report.trainable_params = sum(p.numel() for p in params)
     name = _name(adapter, config)
@@ -175,7 +173,7 @@ def train_causal_lm(model_name: str, train: list, evaluation: list, adapter: Ada
     report = RunReport()
     report.metrics["base_perplexity"] = perplexity(model, evaluation, collate, progress=progress)
     _say(log, f"base perplexity: {report.metrics['base_perplexity']:.3f}")
-    params = _prepare(model, adapter, _calibration(adapter, train, collate, config) if adapter else {})
+    params = _prepare(model, adapter, calibration_arguments(adapter, train, collate, config) if adapter else {})
     report.trainable_params = sum(p.numel() for p in params)
     name = _name(adapter, config)
     steps = (len(train) + config.batch_size - 1) // config.batch_size

@@ -36,7 +36,8 @@ Built = list[tuple[str, nn.Module, str, nn.Module]]  # (module name, module, kin
 def data_init(model: nn.Module, config: Any, built: Built, calibration: Iterable[Any] | None,
               calibration_loss: Callable[[Any], Tensor] | None, make: Callable[[nn.Module, str, Any], nn.Module]
               ) -> Built:
-    """Initialise freshly built adapters from calibration data when `config.init_lora_weights` asks for it.
+    """Initialise freshly built adapters from calibration data when `config.init_lora_weights` asks for it, or
+    hand the batches to the config's own `calibrate(model, built, calibration, calibration_loss)` (LoRA-SB).
 
     Args:
         built: the adapters `adapt` built with `config` (nothing is wrapped yet: the model is the plain base).
@@ -47,11 +48,15 @@ def data_init(model: nn.Module, config: Any, built: Built, calibration: Iterable
     Returns:
         The adapters to install (eva may drop layers and change ranks).
     """
+    own = getattr(config, "calibrate", None)  # a method's own data-driven start (LoRA-SB); it checks the batches
+    if own is not None:
+        return own(model, built, calibration, calibration_loss)
     init = getattr(config, "init_lora_weights", None)
     if init not in DATA_INITS:
         if calibration is not None:
-            raise SpliceError(f"calibration data given, but init_lora_weights={init!r} does not use it; "
-                              f"the data-driven inits are {', '.join(DATA_INITS)}")
+            unused = (f"init_lora_weights={init!r} does not use it; the data-driven inits are {', '.join(DATA_INITS)}"
+                      if hasattr(config, "init_lora_weights") else f"method {config.method!r} does not use it")
+            raise SpliceError(f"calibration data given, but {unused}")
         return built
     if calibration is None:
         raise SpliceError(f"init_lora_weights: {init} is data-driven; pass calibration batches "
@@ -63,11 +68,9 @@ def data_init(model: nn.Module, config: Any, built: Built, calibration: Iterable
     bases = {name: (_plain(module), kind) for name, module, kind, _ in built}
     targets = {name: (base, _linear_weight(base, kind)) for name, (base, kind) in bases.items()}
     if init == "lora_ga":
-        loss = calibration_loss or (lambda b: _loss(forward(b)))
-        grads = mean_gradients(model, {n: b.weight for n, (b, _) in bases.items()}, calibration, loss)
+        grads = weight_gradients(model, built, calibration, calibration_loss, "lora_ga")
         for name, _, kind, adapter in built:
-            grad = grads[name].t() if kind == "conv1d" else grads[name]
-            A, B = lora_ga_start(grad, targets[name][1], adapter.r, adapter.scale, config.lora_ga_config)
+            A, B = lora_ga_start(grads[name], targets[name][1], adapter.r, adapter.scale, config.lora_ga_config)
             adapter.start(A.to(adapter.lora_A.dtype), B.to(adapter.lora_B.dtype))
         return built
     if init == "corda":
@@ -90,10 +93,26 @@ def data_init(model: nn.Module, config: Any, built: Built, calibration: Iterable
     return out
 
 
-def _loss(out: Any) -> Tensor:
+def weight_gradients(model: nn.Module, built: Built, calibration: Iterable[Any],
+                     calibration_loss: Callable[[Any], Tensor] | None, who: str) -> dict[str, Tensor]:
+    """Module name → mean over the calibration batches of ∂loss/∂W as an (out, in) float32 matrix (the first full
+    fine-tuning gradient of each wrapped weight; Conv1D's is transposed to that shape).
+
+    Args:
+        calibration_loss: batch → scalar loss; default: the model's own `loss` on `model(**batch)`.
+        who: the init's name, for messages.
+    """
+    forward = default_forward(model)
+    loss = calibration_loss or (lambda b: _loss(forward(b), who))
+    bases = {name: (_plain(module), kind) for name, module, kind, _ in built}
+    grads = mean_gradients(model, {n: b.weight for n, (b, _) in bases.items()}, calibration, loss, who)
+    return {n: grads[n].t() if kind == "conv1d" else grads[n] for n, (_, kind) in bases.items()}
+
+
+def _loss(out: Any, who: str) -> Tensor:
     loss = getattr(out, "loss", None)
     if loss is None:
-        raise SpliceError("lora_ga: the model returned no loss for a calibration batch; include labels in the "
+        raise SpliceError(f"{who}: the model returned no loss for a calibration batch; include labels in the "
                           "batches, or pass calibration_loss")
     return loss
 
@@ -127,4 +146,5 @@ def saved_patterns(model: nn.Module, adapter_name: str, config: Any) -> dict[str
     return {"rank_pattern": ranks, "alpha_pattern": alphas, "target_modules": sorted(names)}
 
 
-__all__ = ["DATA_INITS", "WEIGHT_STARTS", "CordaConfig", "EvaConfig", "LoraGAConfig", "data_init", "saved_patterns"]
+__all__ = ["DATA_INITS", "WEIGHT_STARTS", "CordaConfig", "EvaConfig", "LoraGAConfig", "data_init", "saved_patterns",
+           "weight_gradients"]

@@ -48,8 +48,9 @@ class LoraGAConfig:
 
 
 def mean_gradients(model: nn.Module, weights: dict[str, Tensor], batches: Iterable[Any],
-                   loss_fn: Callable[[Any], Tensor]) -> dict[str, Tensor]:
-    """Name → mean over `batches` of ∂loss/∂weight (float32), in train mode; other parameters get no gradient."""
+                   loss_fn: Callable[[Any], Tensor], who: str = "lora_ga") -> dict[str, Tensor]:
+    """Name → mean over `batches` of ∂loss/∂weight (float32), in train mode; other parameters get no gradient.
+    `who` names the init in messages."""
     params = dict(weights)
     flags = {n: p.requires_grad for n, p in params.items()}
     was_training = model.training
@@ -63,7 +64,7 @@ def mean_gradients(model: nn.Module, weights: dict[str, Tensor], batches: Iterab
             for batch in batches:
                 loss = loss_fn(batch)
                 if not isinstance(loss, Tensor) or loss.dim() != 0:
-                    raise SpliceError("lora_ga: each calibration batch must give a scalar loss (include labels, "
+                    raise SpliceError(f"{who}: each calibration batch must give a scalar loss (include labels, "
                                       "or pass calibration_loss)")
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
                 for (n, p), g in zip(params.items(), grads):
@@ -75,7 +76,7 @@ def mean_gradients(model: nn.Module, weights: dict[str, Tensor], batches: Iterab
             p.requires_grad_(flags[n])
         model.train(was_training)
     if not count:
-        raise SpliceError("calibration: no batches (lora_ga needs a few batches to estimate the gradient)")
+        raise SpliceError(f"calibration: no batches ({who} needs a few batches to estimate the gradient)")
     return {n: s / count for n, s in sums.items()}
 
 
