@@ -7,7 +7,8 @@ rounding of per-tensor sums, never a mask). `elementwise(fn)` makes the blocked 
 by calling the whole-tensor function on each block.
 
 Blocks are read from the memory-mapped inputs on demand, so a pass costs a read of the mapped pages (from the page
-cache after the first) and a conversion to float32, and nothing of the tensor stays in memory between passes.
+cache after the first) and a conversion to float32, and no float copy of the tensor stays in memory between passes;
+random sparsifiers (DARE, DELLA) keep their drawn masks, one byte an entry per model, for the emitting pass.
 """
 from __future__ import annotations
 

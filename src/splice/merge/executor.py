@@ -140,6 +140,15 @@ def _merge_blocks(plan: MergePlan, task: TensorTask, raw: dict[Source, Tensor], 
     return out
 
 
+def compute_order(plan: MergePlan) -> list[TensorTask]:
+    """The order tensors are computed and written in: the largest (the embeddings and the output head, each several
+    times a layer's matrices) first, then the rest in the plan's order. Last in line, a large tensor would run alone
+    on one core while the other workers had nothing left to do; first, the smaller ones fill in beside it. Names,
+    not positions, identify tensors in safetensors files and their index, so the order changes no loader."""
+    large = [t for t in plan.tasks if t.shape.numel() >= blocks.MIN_ELEMENTS]
+    return large + [t for t in plan.tasks if t.shape.numel() < blocks.MIN_ELEMENTS]
+
+
 def _workers() -> int:
     """Tensors merged at once: one per torch thread (most of a merge's kernels, the histograms and masked selects of
     sparsification among them, run on one core each; whole tensors side by side keep every core busy)."""
@@ -173,7 +182,7 @@ def _stream(plan: MergePlan, seed: int, progress: bool,
     def compute(task: TensorTask, found: Any) -> Tensor:
         return merge_tensor(plan, task, seed=seed, extras=found)
 
-    tasks = iter(plan.tasks)
+    tasks = iter(compute_order(plan))
     queued: collections.deque[tuple[TensorTask, Any, Future[Tensor] | None]] = collections.deque()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="splice-merge") if workers > 1 else None
 
@@ -258,7 +267,7 @@ def execute(plan: MergePlan, out: str | Path, yaml_text: str, *, force: bool = F
     out = Path(out)
     with atomic_output_dir(out, force=force) as tmp:
         write_support_files(plan, tmp, yaml_text, out.name)
-        layout = [(task.name, task.shape, task.dtype) for task in plan.tasks]
+        layout = [(task.name, task.shape, task.dtype) for task in compute_order(plan)]
         write_planned_shards(layout, _stream(plan, seed, progress, extras, workers), tmp, max_shard_bytes=max_shard_bytes)
     return out
 

@@ -149,15 +149,20 @@ def check_epsilon(density: float, epsilon: float) -> None:
 def rank_probabilities(rows: Tensor, density: float, epsilon: float, dtype: torch.dtype) -> Tensor:
     """MAGPRUNE's keep probability of each entry of `rows` (R, C, ...), by its magnitude rank within its row."""
     order = torch.argsort(rows.abs(), dim=1)
-    # The inverse permutation by scatter: the rank of each entry in its row (1 = smallest), without a 2nd sort.
-    positions = torch.arange(1, rows.shape[1] + 1, dtype=dtype).view(1, -1, *[1] * (rows.dim() - 2))
-    ranks = torch.empty(order.shape, dtype=dtype).scatter_(1, order, positions.expand_as(order).contiguous())
-    del order
-    lo = ranks.min(dim=1, keepdim=True).values
-    span = ranks.max(dim=1, keepdim=True).values - lo
+    # The ranks along a row are a permutation of 1..C, so (rank − min) / (max − min) is (j − 1) / (C − 1) for the
+    # j-th smallest: each position's probability is computed once (same float operations, same bits as computing
+    # it from the ranks) and scattered to the entry holding that rank (the inverse permutation, without a 2nd sort).
+    return torch.empty(order.shape, dtype=dtype).scatter_(1, order, rank_ladder(rows.shape, density, epsilon, dtype)
+                                                          .expand_as(order).contiguous())
+
+
+def rank_ladder(shape: torch.Size, density: float, epsilon: float, dtype: torch.dtype) -> Tensor:
+    """The keep probability of the j-th smallest entry of a row of shape[1] entries, shaped to broadcast over rows."""
+    c = shape[1]
+    j = torch.arange(c, dtype=dtype)
     # A row of one entry has no rank spread (mergekit divides 0/0 there and fails); give it the middle probability.
-    rank01 = torch.where(span > 0, (ranks - lo) / span, 0.5).clamp(0, 1)
-    return (density - epsilon) + rank01 * 2 * epsilon
+    rank01 = (j / (c - 1)).clamp(0, 1) if c > 1 else torch.full((1,), 0.5, dtype=dtype)
+    return ((density - epsilon) + rank01 * 2 * epsilon).view(1, -1, *[1] * (len(shape) - 2))
 
 
 def rank_magnitude_sampling(tensor: Tensor, density: float, epsilon: float, rescale: bool = False,

@@ -7,9 +7,9 @@ per-tensor numbers, gathered in statistics passes over the blocks before any blo
 - ``magnitude`` / ``magnitude_outliers``: the k-th largest magnitude, by the same two-level radix select as
   `sparsify._kth_largest_float32` (the histograms add up over blocks), and how many entries tied at the cut are kept
   (the first ones in index order, as in `sparsify.largest_mask`);
-- ``random`` / ``rank_magnitude_sampling``: the generator's state where this model's draws start, so the emitting
-  pass redraws the very masks of the whole-tensor version (torch.bernoulli consumes the generator element by element,
-  in order), and the two L1 norms of ``rescale``.
+- ``random`` / ``rank_magnitude_sampling``: the masks themselves, drawn block by block in row order, which gives the
+  very masks of the whole-tensor version (torch.bernoulli consumes the generator element by element, in order), kept
+  as one byte an entry until the emitting pass; and the two L1 norms of ``rescale``.
 
 Masks are identical to the whole-tensor functions'. The one numerical difference is the L1 rescale factor, summed
 block by block in float64 rather than in one float32 reduction: a relative difference of order 1e-7.
@@ -96,7 +96,7 @@ class BlockSparsifier:
         self.gamma, self.epsilon, self.rescale = gamma, epsilon, rescale
         self.cuts: list[_Cut] = []
         self.factor: Tensor | None = None  # the L1 rescale factor (float32), when rescaling applies
-        self.generator: torch.Generator | None = None
+        self.masks: list[Tensor] = []  # random methods: each block's drawn keep-mask, in row order
         if method == "rank_magnitude_sampling" and 0 < density < 1:
             check_epsilon(density, epsilon)
 
@@ -123,15 +123,21 @@ class BlockSparsifier:
             if self.rescale:
                 self._rescale_factor(blocks, self._mask)
             return
-        # Random methods: remember where this model's draws start, then draw them once (the L1 norms need them,
-        # and the shared generator must end up where the whole version leaves it for the next model).
+        # Random methods: draw this model's masks now, in the whole version's order (the shared generator must end
+        # where the whole version leaves it for the next model), and keep them, one byte an entry, for the
+        # emitting pass: drawing them again would cost DELLA a second sort of every row.
         assert generator is not None, "random sparsification needs the merge's generator"
-        self.generator = torch.Generator().set_state(generator.get_state())
+
+        def draw(block: Tensor) -> Tensor:
+            mask = self._draw(block, generator).to(torch.bool)
+            self.masks.append(mask)
+            return mask
+
         if self.rescale:
-            self._rescale_factor(blocks, lambda block: self._draw(block, generator))
+            self._rescale_factor(blocks, draw)
         else:
             for block in blocks():
-                self._draw(block, generator)
+                draw(block)
 
     def _rescale_factor(self, blocks: Blocks, mask: Callable[[Tensor], Tensor]) -> None:
         before = after = 0.0
@@ -171,7 +177,6 @@ class BlockSparsifier:
         if self.cuts:
             mask = self._mask(block)
         else:
-            assert self.generator is not None
-            mask = self._draw(block, self.generator)
+            mask = self.masks.pop(0)
         masked = block * mask
         return masked * self.factor if self.factor is not None else masked
