@@ -15,6 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from collections.abc import Iterator
+from typing import Any
+
+from splice.merge.blocks import BlockSource, elementwise
 from splice.merge.methods import _common as c
 from splice.merge.methods.registry import Param, TensorContext, merge_method
 
@@ -33,8 +37,6 @@ def interpolation_ratio(offsets: list[Tensor], count: int) -> Tensor:
                        count * cos / torch.where(singular, torch.ones_like(denominator), denominator))
 
 
-@merge_method("model_stock", space="weights", needs_base=True, reference="https://arxiv.org/abs/2403.19522",
-              params={"filter_wise": Param(bool, False, help="one ratio per row instead of per tensor")})
 def model_stock(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContext | None = None,
                 filter_wise: bool = False) -> Tensor:
     """Model Stock (https://arxiv.org/abs/2403.19522): base-to-average interpolation set by the offsets' angle."""
@@ -51,3 +53,37 @@ def model_stock(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContex
     t = interpolation_ratio([w - w0 for w in ws], len(ws))
     average = sum(ws) / len(ws)
     return (t * average + (1 - t) * w0).reshape(base.shape)
+
+
+def model_stock_blocks(source: BlockSource, *, ctx: TensorContext | None = None, filter_wise: bool = False,
+                       **_: Any) -> Iterator[tuple[slice, Tensor]]:
+    """`model_stock` on a large float32 tensor read in row blocks: with ``filter_wise`` each row is its own case
+    (the whole function on each block, same bits); otherwise one pass sums the offsets' pairwise dot products and
+    squared norms (float64, additive over blocks), then t is formed as the whole function forms it and a second
+    pass interpolates block by block. The sums differ from one float32 reduction by float rounding only."""
+    if filter_wise:
+        yield from elementwise(model_stock)(source, ctx=ctx, filter_wise=True)
+        return
+    k = source.count
+    c.count("model_stock", [None] * k, 2, ctx=ctx, what="models besides the base")
+    dots = torch.zeros(k, k, dtype=torch.float64)
+    for rows, thetas in source.blocks():
+        w0 = source.base_block(rows)
+        offsets = torch.stack([(w - w0).reshape(-1) for w in thetas])  # (k, block)
+        dots += (offsets.double() @ offsets.double().t())
+    norms = dots.diagonal().sqrt()
+    cosines = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            cosines.append((dots[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean().to(torch.float32).reshape(1)
+    denominator = 1 + (k - 1) * cos
+    t = torch.zeros_like(cos) if denominator.abs() < 1e-6 else k * cos / denominator
+    for rows, thetas in source.blocks():
+        w0 = source.base_block(rows)
+        yield rows, t * (sum(thetas) / k) + (1 - t) * w0
+
+
+merge_method("model_stock", space="weights", needs_base=True, reference="https://arxiv.org/abs/2403.19522",
+             params={"filter_wise": Param(bool, False, help="one ratio per row instead of per tensor")},
+             blocks=model_stock_blocks)(model_stock)
