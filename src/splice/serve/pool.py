@@ -66,13 +66,16 @@ def check_name(name: str) -> str:
 
 
 def adapter_nbytes(model: nn.Module, name: str) -> int:
-    """Bytes of adapter `name`'s tensors (parameters and buffers) across the model."""
-    total = 0
+    """Bytes of adapter `name`'s tensors (parameters and buffers) across the model; a tensor shared by several
+    modules (VeRA's projections, Compacter's PHM matrices) counts once."""
+    seen: dict[int, int] = {}
     for _, layer in adapter_layers(model):
         if name in layer.adapters:
             module = layer.adapters[name]
-            total += sum(t.nbytes for t in module.parameters()) + sum(t.nbytes for t in module.buffers())
-    return total
+            for t in [*module.parameters(), *module.buffers()]:
+                seen[t.untyped_storage().data_ptr()] = max(seen.get(t.untyped_storage().data_ptr(), 0),
+                                                           t.untyped_storage().nbytes())
+    return sum(seen.values())
 
 
 class AdapterPool:
