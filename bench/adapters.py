@@ -754,10 +754,14 @@ def reason(kind: str) -> str:
     return REASONS.get(kind) or (REASONS.get(entry[1]) if isinstance(entry[1], str) else None) or "not analysed"
 
 
+def md_cell(text: str) -> str:
+    """Text that survives a markdown table cell: | escaped (a formula's |w|, a regex's alternatives)."""
+    return text.replace("|", "\\|")
+
+
 def md_code(value) -> str:
-    """A target_modules value as inline code that survives a markdown table (| escaped)."""
-    text = value if isinstance(value, str) else ", ".join(value)
-    return "`" + text.replace("|", "\\|") + "`"
+    """A target_modules value as inline code in a markdown table cell."""
+    return md_cell("`" + (value if isinstance(value, str) else ", ".join(value)) + "`")
 
 
 def splice_only_table(specs: list[Spec], timing: dict, memory: dict) -> str:
@@ -795,10 +799,10 @@ def splice_only_table(specs: list[Spec], timing: dict, memory: dict) -> str:
             extra = " (peak at setup)" if m.get("peak_setup", 0) >= m["peak"] else ""
             hooks = m.get("hooks") or []
             name = f"**{method}**" + (f" ({', '.join(hooks)})" if hooks else "")
-            rows.append([name, md_code(SPLICE_ONLY[spec.kind][0]), m.get("module_shapes", ""), formula,
+            rows.append([name, md_code(SPLICE_ONLY[spec.kind][0]), m.get("module_shapes", ""), md_cell(formula),
                          *cells(spec), common.fmt_ratio(r),
                          f"{common.mib(inc(spec.key))} ({(inc(spec.key) - a_inc) / 2**20:+,.0f}){extra}",
-                         verdict(ok), "" if ok else reason(spec.kind)])
+                         verdict(ok), "" if ok else md_cell(reason(spec.kind))])
     head = ("\n### Methods PEFT does not have (splice only), beside splice LoRA r8 on the same targets\n\n"
             "Each method with its config's defaults as the quality benchmark builds it (`splice.bench.arms.Arm."
             "adapter_config`: r=8, lora_alpha=16, lora_dropout 0 where the config has those fields), found through "
@@ -812,7 +816,7 @@ def splice_only_table(specs: list[Spec], timing: dict, memory: dict) -> str:
             "to the anchor's; 'peak at setup' where it came before the first step (a data-driven start's "
             "calibration). "
             f"Verdict: step ≤ {SPLICE_ONLY_LIMIT}× the anchor's (median); a FAIL row states its reason (REASONS in "
-            "bench/adapters.py) or says it was not analysed.\n")
+            "bench/adapters.py) or says it was not analysed.\n\n")
     return head + common.md_table(["method (hooks)", "targets", "modules (in→out)", "params formula",
                                    "trainable params measured", "step s (median)", "fwd / bwd / opt s",
                                    "× LoRA on the same targets (median, range)",
@@ -863,7 +867,7 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
         if peer in timing:
             r = common.ratio_stats(s, timing[peer])
             speed, mem = common.fmt_ratio(r), f"{mem_inc(spec.key) / mem_inc(peer):.2f}×"
-            why = reason(spec.kind) if r[0] > 1.0 else ""
+            why = md_cell(reason(spec.kind)) if r[0] > 1.0 else ""
         rows.append([
             spec.label, "—" if spec.impl == "-" or isinstance(KINDS[spec.kind][1], str) else f"{spec.dropout:g}",
             m["adapted_modules"] or "—",
@@ -884,8 +888,7 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
                                 "peak RSS MiB", "+ over loaded MiB", "splice ÷ PEFT memory",
                                 "reason (splice slower)"], rows))
 
-    out.append(strategy_table(specs, timing, memory))
-    out.append(splice_only_table(specs, timing, memory))
+    out += [t for t in (strategy_table(specs, timing, memory), splice_only_table(specs, timing, memory)) if t]
 
     # inference table
     if inf_timing:
@@ -961,7 +964,9 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run (< 3 min): main dropout only, no query/value rows, 2 rounds, 2 memory steps")
+                    help="smoke run: main dropout only, no query/value rows, of the methods PEFT does not have "
+                    "only a sample (the first needing calibration, the first with a training hook, the first with "
+                    "neither), 2 rounds, 2 memory steps")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown file to update (default bench/RESULTS.md)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--rounds", type=int, help="most timed training rounds (default 12; quick 2)")
