@@ -953,8 +953,9 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
     if digests != {args.digest}:
         out.append(f"\n**Warning:** the splice sources changed during the run (digests {sorted(map(str, digests))} "
                    f"in the memory subprocesses vs {args.digest} for the timings); rerun on a quiet tree.")
-    out.append("\nMemory targets are judged on the increment over the loaded model (the part adapters, gradients, "
-               "optimizer state and activations add); the absolute peak is shown beside it.")
+    if any("memory" in row[0] for row in trows):
+        out.append("\nMemory targets are judged on the increment over the loaded model (the part adapters, "
+                   "gradients, optimizer state and activations add); the absolute peak is shown beside it.")
     if args.quick:
         out.append("\n_Smoke run (`--quick`): few rounds, numbers are indicative only._")
     return "\n".join(out)
