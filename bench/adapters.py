@@ -21,6 +21,10 @@ What is measured (batch 32, sequence 128: every row filled with random token ids
   the table gives splice ÷ PEFT for the step time and for the memory increment, and the reason (REASONS below, or
   "not analysed") where splice is the slower. A method with a training hook runs it in both (AdaLoRA: splice's
   rank allocator; PEFT's `update_and_allocate` and its orthogonal regulariser).
+  The configurations are interleaved round-robin (shuffled order in every round) so machine noise hits all of
+  them alike; speed is reported as the median over rounds of the ratio to the floor measured in the same round.
+  A step during which other processes took more than 10% of the CPUs (read from /proc/stat) is retried once the
+  machine is quiet, so a burst from a neighbour does not land on one configuration only.
 - every registered module-adapter method that PEFT does NOT have (BitFit, Houlsby, Compacter, SSF, DyLoRA, IncreLoRA,
   SaRA, SpIEL, S2FT, PaCA, NOLA, the SVD family, ...: found through the registry, prompt methods excluded), splice
   only, its config built as the quality benchmark builds it (`splice.bench.arms.Arm.adapter_config`: defaults, plus
@@ -35,10 +39,6 @@ What is measured (batch 32, sequence 128: every row filled with random token ids
   training loop calls it: `loss()` added to the loss, `after_step(step)` after the optimizer step, `bind_optimizer`
   once; a data-driven start (`config.needs_calibration`: LoRA-SB) gets `splice.train.run.calibration_arguments`
   from random batches like the timed one (other seeds, random labels, the classification loss).
-  The configurations are interleaved round-robin (shuffled order in every round) so machine noise hits all of
-  them alike; speed is reported as the median over rounds of the ratio to the floor measured in the same round.
-  A step during which other processes took more than 10% of the CPUs (read from /proc/stat) is retried once the
-  machine is quiet, so a burst from a neighbour does not land on one configuration only.
 - memory-efficient training (splice.train.optim: GaLore, LISA, HFT, ReLoRA; one row per registered strategy, with
   its defaults, on what it pairs with: full fine-tuning, or splice LoRA r8 query/value), driven through the
   strategy's own hooks (its optimizer, before/after each step), timed and measured like the rows above; the report
