@@ -34,6 +34,7 @@ class BitFitConfig(AdapterConfig):
         "any module with a bias can be named (LayerNorm, Conv2d, ...).", default="all-linear")
 
     wraps_any_module: ClassVar[bool] = True
+    params_formula: ClassVar[str] = "out (the module's bias)"
 
 
 @register("bitfit", config=BitFitConfig, reference="https://arxiv.org/abs/2106.10199")
