@@ -33,7 +33,6 @@ Wraps nn.Linear and HF Conv1D. Defaults: r 8, r_min 1 (the paper trains ranks 1â
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -51,7 +50,6 @@ from splice.errors import SpliceError
 
 KINDS = ("linear", "conv1d")
 KEY_A, KEY_B = "dylora_A", "dylora_B"
-_BASE_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
 
 
 @dataclass
@@ -90,16 +88,6 @@ class DyLoraConfig(AdapterConfig):
             raise SpliceError(f"frozen: must be true or false, got {self.frozen!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise SpliceError(f"seed: must be an integer, got {self.seed!r}")
-
-    # -- the folder (PEFT's shape, peft_type null) ---------------------------------------------------------------
-    def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
-        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _BASE_FIELDS}
-        return {**super().to_peft(base=base, kinds=kinds, adapters=adapters), **own}
-
-    @classmethod
-    def fields_from_peft(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        own = {f.name for f in dataclasses.fields(cls)} - _BASE_FIELDS
-        return {**super().fields_from_peft(cfg), **{k: cfg[k] for k in own if k in cfg}}
 
     def training_hook(self, model: nn.Module, adapter_name: str, total_steps: int) -> "RankSampler":
         """What the training loop runs for this method: one rank draw per step for the whole adapter."""

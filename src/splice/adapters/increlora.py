@@ -49,7 +49,6 @@ PEFT has no IncreLoRA: `save_adapter` writes PEFT's folder shape with `peft_type
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -70,7 +69,6 @@ KINDS = ("linear", "conv1d")
 KEY_A, KEY_E, KEY_B = "increlora_A", "increlora_E", "increlora_B"
 RESERVE_LAMBDA = 1e-5  # λ of a reserve component (the authors' value), kept as the start of its trained λ
 GROWTH_END = 0.4  # with tinit/deltaT unset, growth ends this far into training
-_BASE_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
 
 
 def _positive(value: Any, allow_zero: bool = False) -> bool:
@@ -142,16 +140,6 @@ class IncreLoraConfig(AdapterConfig):
     def capacity(self, in_f: int, out_f: int) -> int:
         """Components allocated for a module of this size."""
         return self.max_r or min(2 * self.r, in_f, out_f)
-
-    # -- the folder (PEFT's shape, peft_type null) ---------------------------------------------------------------
-    def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
-        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _BASE_FIELDS}
-        return {**super().to_peft(base=base, kinds=kinds, adapters=adapters), **own}
-
-    @classmethod
-    def fields_from_peft(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        own = {f.name for f in dataclasses.fields(cls)} - _BASE_FIELDS
-        return {**super().fields_from_peft(cfg), **{k: cfg[k] for k in own if k in cfg}}
 
     def for_module(self, module: str, tensors: dict[str, Any], peft_cfg: dict[str, Any]) -> "IncreLoraConfig":
         config = copy.copy(self)

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import shutil
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -93,9 +94,7 @@ def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
     method = plan.method
     ctx = TensorContext(name=task.name, layer=task.layer, num_layers=task.num_layers,
                         generator=tensor_generator(seed, task.name), extras=dict(extras or {}))
-    if (method.blocks is not None and work == torch.float32 and first.dim() >= 2
-            and first.numel() >= (blocks.MIN_ELEMENTS if min_block is None else min_block)
-            and not ctx.extras and all(isinstance(s.input, ModelFolder) for s in task.sources)):
+    if work == torch.float32 and runs_in_blocks(plan, task, bool(ctx.extras), min_block):
         return _merge_blocks(plan, task, raw, ctx, rounding)
     base = prepared(task.base) if task.base is not None else None
     if method.space == "delta":
@@ -140,13 +139,28 @@ def _merge_blocks(plan: MergePlan, task: TensorTask, raw: dict[Source, Tensor], 
     return out
 
 
+def runs_in_blocks(plan: MergePlan, task: TensorTask, extras: bool = False, min_block: int | None = None) -> bool:
+    """Whether `task` is merged in row blocks (memory O(block)): a large ≥2-D float tensor (float64 inputs are
+    merged whole), every input a memory-mapped model folder, a method with a blocked form and no extra inputs."""
+    return (plan.method.blocks is not None and not extras and len(task.shape) >= 2
+            and task.shape.numel() >= (blocks.MIN_ELEMENTS if min_block is None else min_block)
+            and all(isinstance(s.input, ModelFolder) for s in task.sources))
+
+
+def _large_and_whole(plan: MergePlan, task: TensorTask) -> bool:
+    return task.shape.numel() >= blocks.MIN_ELEMENTS and not runs_in_blocks(plan, task)
+
+
 def compute_order(plan: MergePlan) -> list[TensorTask]:
-    """The order tensors are computed and written in: the largest (the embeddings and the output head, each several
-    times a layer's matrices) first, then the rest in the plan's order. Last in line, a large tensor would run alone
-    on one core while the other workers had nothing left to do; first, the smaller ones fill in beside it. Names,
-    not positions, identify tensors in safetensors files and their index, so the order changes no loader."""
-    large = [t for t in plan.tasks if t.shape.numel() >= blocks.MIN_ELEMENTS]
-    return large + [t for t in plan.tasks if t.shape.numel() < blocks.MIN_ELEMENTS]
+    """The order tensors are computed and written in: the large ones merged in row blocks (the embeddings and the
+    output head, each several times a layer's matrices) first, then the rest in the plan's order. Last in line, a
+    large tensor would run alone on one core while the other workers had nothing left to do; first, the smaller ones
+    fill in beside it. A large tensor merged whole keeps its place: it takes several copies of itself in memory, and
+    two of them side by side would double that (`_stream` runs one at a time). Names, not positions, identify
+    tensors in safetensors files and their index, so the order changes no loader."""
+    early = [t for t in plan.tasks if t.shape.numel() >= blocks.MIN_ELEMENTS and runs_in_blocks(plan, t)]
+    chosen = {id(t) for t in early}
+    return early + [t for t in plan.tasks if id(t) not in chosen]
 
 
 def _workers() -> int:
@@ -179,7 +193,12 @@ def _stream(plan: MergePlan, seed: int, progress: bool,
         bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
                    file=sys.stderr, dynamic_ncols=True)
 
+    whole = threading.Semaphore(1)  # large tensors merged whole: one at a time (memory: several copies each)
+
     def compute(task: TensorTask, found: Any) -> Tensor:
+        if _large_and_whole(plan, task):
+            with whole:
+                return merge_tensor(plan, task, seed=seed, extras=found)
         return merge_tensor(plan, task, seed=seed, extras=found)
 
     tasks = iter(compute_order(plan))

@@ -8,7 +8,7 @@ per-tensor numbers, gathered in statistics passes over the blocks before any blo
   `sparsify._kth_largest_float32` (the histograms add up over blocks), and how many entries tied at the cut are kept
   (the first ones in index order, as in `sparsify.largest_mask`);
 - ``random`` / ``rank_magnitude_sampling``: the masks themselves, drawn block by block in row order, which gives the
-  very masks of the whole-tensor version (torch.bernoulli consumes the generator element by element, in order), kept
+  very masks of the whole-tensor version (the draw consumes the generator element by element, in order), kept
   as one byte an entry until the emitting pass; and the two L1 norms of ``rescale``.
 
 Masks are identical to the whole-tensor functions'. The one numerical difference is the L1 rescale factor, summed
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from splice.merge.methods.sparsify import _draw_dtype, check_epsilon, rank_probabilities
+from splice.merge.methods.sparsify import _draw_dtype, check_epsilon, draw_mask, rank_probabilities
 
 Blocks = Callable[[], Iterator[Tensor]]  # a fresh pass over one model's float32 task-vector blocks, in row order
 
@@ -160,8 +160,9 @@ class BlockSparsifier:
     def _draw(self, block: Tensor, generator: torch.Generator) -> Tensor:
         dtype = _draw_dtype(block)
         if self.method == "random":
-            return torch.bernoulli(torch.full_like(block, self.density, dtype=dtype), generator=generator)
-        return torch.bernoulli(rank_probabilities(block, self.density, self.epsilon, dtype), generator=generator)
+            return draw_mask(float(self.density), torch.empty(block.shape, dtype=dtype), generator)
+        probs = rank_probabilities(block, self.density, self.epsilon, dtype)
+        return draw_mask(probs, probs, generator)
 
     def begin(self) -> None:
         """Start the emitting pass (after `prepare`)."""
