@@ -59,7 +59,7 @@ def model_stock_blocks(source: BlockSource, *, ctx: TensorContext | None = None,
                        **_: Any) -> Iterator[tuple[slice, Tensor]]:
     """`model_stock` on a large float32 tensor read in row blocks: with ``filter_wise`` each row is its own case
     (the whole function on each block, same bits); otherwise one pass sums the offsets' pairwise dot products and
-    squared norms (float64, additive over blocks), then t is formed as the whole function forms it and a second
+    squared norms (one GEMM per block, summed over blocks in float64), then t is formed as the whole function forms it and a second
     pass interpolates block by block. The sums differ from one float32 reduction by float rounding only."""
     if filter_wise:
         yield from elementwise(model_stock)(source, ctx=ctx, filter_wise=True)
@@ -68,9 +68,11 @@ def model_stock_blocks(source: BlockSource, *, ctx: TensorContext | None = None,
     c.count("model_stock", [None] * k, 2, ctx=ctx, what="models besides the base")
     dots = torch.zeros(k, k, dtype=torch.float64)
     for rows, thetas in source.blocks():
-        w0 = source.base_block(rows)
-        offsets = torch.stack([(w - w0).reshape(-1) for w in thetas])  # (k, block)
-        dots += (offsets.double() @ offsets.double().t())
+        w0 = source.base_block(rows).reshape(-1)
+        offsets = torch.empty(k, w0.numel(), dtype=w0.dtype)
+        for i, w in enumerate(thetas):
+            torch.sub(w.reshape(-1), w0, out=offsets[i])
+        dots += offsets @ offsets.t()  # one GEMM per block (float32 within it, float64 across blocks)
     norms = dots.diagonal().sqrt()
     cosines = []
     for i in range(k):
