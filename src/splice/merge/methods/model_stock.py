@@ -59,8 +59,9 @@ def model_stock_blocks(source: BlockSource, *, ctx: TensorContext | None = None,
                        **_: Any) -> Iterator[tuple[slice, Tensor]]:
     """`model_stock` on a large float32 tensor read in row blocks: with ``filter_wise`` each row is its own case
     (the whole function on each block, same bits); otherwise one pass sums the offsets' pairwise dot products and
-    squared norms (one GEMM per block, summed over blocks in float64), then t is formed as the whole function forms it and a second
-    pass interpolates block by block. The sums differ from one float32 reduction by float rounding only."""
+    squared norms (one GEMM per block, summed over blocks in float64), then t is formed as the whole function forms
+    it and a second pass interpolates block by block. The sums differ from one float32 reduction by float rounding
+    only."""
     if filter_wise:
         yield from elementwise(model_stock)(source, ctx=ctx, filter_wise=True)
         return
