@@ -139,7 +139,7 @@ def _combine(deltas: list[Tensor], weight: list[float], w: Tensor, consensus: st
             deltas[i] = None  # type: ignore[call-overload]
         divisor[divisor == 0] = 1
     else:
-        merged = deltas[0].clone()
+        merged = deltas[0]  # already a new tensor (the weighted copy), so it can take the sum in place
         for i in range(1, n):
             merged.add_(deltas[i])
         divisor = w.sum()
