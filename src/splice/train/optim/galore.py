@@ -66,10 +66,6 @@ def project(grad: Tensor, proj: Tensor) -> Tensor:
     return grad @ proj if grad.shape[0] >= grad.shape[1] else proj.t() @ grad  # (m, r) or (r, n)
 
 
-def project_back(low: Tensor, proj: Tensor, shape: torch.Size) -> Tensor:
-    return low @ proj.t() if shape[0] >= shape[1] else proj @ low  # (m, n)
-
-
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW whose param groups with a `rank` key keep their moments in GaLore's projected space.
 
@@ -87,12 +83,32 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 raise SpliceError("GaLore projects 2-D weight matrices only; put other parameters in a group "
                                   "without 'rank'")
 
+    def _allocate_state(self) -> None:
+        # Every state tensor is allocated before any step temporary: allocated lazily between the SVD and
+        # projection temporaries, the small moments pin freed heap regions and the peak RSS grows by more than
+        # the state saves.
+        for group in self.param_groups:
+            rank = group.get("rank")
+            for p in group["params"]:
+                state = self.state[p]
+                if p.grad is None or state:
+                    continue
+                shape = p.shape
+                if rank:
+                    m, n = shape
+                    state["projector"] = p.new_zeros((n, rank) if m >= n else (m, rank))
+                    shape = (m, rank) if m >= n else (rank, n)
+                state["step"] = 0
+                state["exp_avg"] = p.new_zeros(shape)
+                state["exp_avg_sq"] = p.new_zeros(shape)
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._allocate_state()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, rank = group["lr"], group.get("rank")
@@ -100,16 +116,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
                 grad = p.grad
                 if rank:
                     if state["step"] % group["update_proj_gap"] == 0:
-                        state["projector"] = projector(grad, rank)
+                        state["projector"].copy_(projector(grad, rank))
                     grad = project(grad, state["projector"])
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
                 state["step"] += 1
                 t = state["step"]
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -117,11 +128,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 if group["weight_decay"]:
                     p.mul_(1 - lr * group["weight_decay"])
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** t)).add_(group["eps"])  # one temporary
                 step_size = lr / (1 - beta1 ** t)
                 if rank:
-                    norm = project_back(exp_avg / denom, state["projector"], p.shape)
-                    p.add_(norm, alpha=-step_size * group["scale"])
+                    low, proj = denom.reciprocal_().mul_(exp_avg), state["projector"]
+                    # W += -η α · (projected back), by one GEMM into W: no (m, n) temporary
+                    if p.shape[0] >= p.shape[1]:
+                        p.addmm_(low, proj.t(), alpha=-step_size * group["scale"])
+                    else:
+                        p.addmm_(proj, low, alpha=-step_size * group["scale"])
                 else:
                     p.addcdiv_(exp_avg, denom, value=-step_size)
         return loss
