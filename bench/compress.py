@@ -277,6 +277,7 @@ def tasks_run(kind: str, only: list[str] | None) -> None:
                          f"--profile full` until its merge inputs are trained")
     tasks = [load_task(t, default_cache(), max_train=p.max_train, max_test=p.max_test, val=p.val, seed=p.seed)
              for t in p.tasks]
+    WORK.mkdir(parents=True, exist_ok=True)
     out_json = WORK / f"tasks-{kind}.json"
     rows = json.loads(out_json.read_text()) if out_json.exists() else {}
     variants = [("fp32 delta (uncompressed)", None, {}), ("no delta (frozen probe)", "none", {})] + VARIANTS[kind]
@@ -296,7 +297,8 @@ def tasks_run(kind: str, only: list[str] | None) -> None:
             else:
                 row["bytes"] += deltas.nbytes
                 row["bytes_before"] += deltas.nbytes
-            encoder, tokenizer = load_model(str(work / "finetunes" / "base"), "encoder")
+            # the default model is the base the quality benchmark saved (with no tokenizer) as finetunes/base
+            encoder, tokenizer = load_model("default", "encoder")
             if methods != "none":
                 state = encoder.state_dict()
                 deltas.apply_to_state_dict(state)

@@ -125,6 +125,17 @@ def test_load_errors(tmp_path, encoder_dir):
     assert "does not exist" in one_line_error(sm.load_model, str(tmp_path / "gone"), "encoder")
 
 
+def test_load_refuses_a_folder_without_tokenizer_files(tmp_path, encoder_dir):
+    # transformers would build a BertTokenizer with no vocabulary (every word [UNK]) and the model would score
+    # like chance, silently
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((encoder_dir / f).read_bytes())
+    msg = one_line_error(sm.load_model, str(bare), "encoder")
+    assert str(bare) in msg and "no tokenizer files" in msg
+
+
 # ----------------------------------------------------------------------------------------------- copy_model_files
 def test_copy_model_files(encoder_dir, tmp_path):
     out = tmp_path / "out"

@@ -141,6 +141,10 @@ def load_model(
     where = resolve_model(name_or_path)
     if Path(where).is_dir() and not (Path(where) / "config.json").is_file():
         raise SpliceError(f"model folder {where} has no config.json (is it a transformers model folder?)")
+    if Path(where).is_dir() and not any((Path(where) / f).is_file() for f in TOKENIZER_FILES):
+        # transformers builds a vocabulary-less tokenizer here (every word [UNK]) instead of failing
+        raise SpliceError(f"model folder {where} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...): "
+                          "copy them from the model it was fine-tuned from")
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
