@@ -431,11 +431,13 @@ def report() -> None:
     parts += ["Machine: " + "; ".join(f"{k}: {v}" for k, v in machine.items()) + " (of the extract step). The "
               "machine is shared (the load average above counts the other jobs), so times can be contended: only "
               "the interleaved ratios mean something.", ""]
-    parts += ["Model: all-MiniLM-L6-v2 (embedded default, 22.7M parameters) + mean pooling + linear head; task: "
-              f"rt_sentiment ({MAX_TRAIN} train / {MAX_TEST} test, the quickstart's split). One fine-tune of each "
-              "kind and one seed: with 1,000 test examples the standard error of an accuracy near 0.8 is about "
-              "1.3 points, so differences below ~2.5 points are within noise; the 8-task tables further down "
-              "(the quality benchmark's fine-tunes) average that noise over 7,339 test examples.", ""]
+    single = any((DATA / f"accuracy-{k}.json").exists() for k in ("lora", "full"))
+    if single:
+        parts += ["Model: all-MiniLM-L6-v2 (embedded default, 22.7M parameters) + mean pooling + linear head; "
+                  f"task: rt_sentiment ({MAX_TRAIN} train / {MAX_TEST} test, the quickstart's split). One "
+                  "fine-tune of each kind and one seed: with 1,000 test examples the standard error of an accuracy near 0.8 is about "
+                  "1.3 points, so differences below ~2.5 points are within noise; the 8-task tables further down "
+                  "(the quality benchmark's fine-tunes) average that noise over 7,339 test examples.", ""]
     for kind, label in (("lora", "LoRA delta (r 8, alpha 16, query/value; 2 epochs)"),
                         ("full", "Full fine-tune delta (every encoder weight; 1 epoch, lr 3e-5)")):
         p = DATA / f"accuracy-{kind}.json"
@@ -474,7 +476,9 @@ def report() -> None:
                   "Same base (all-MiniLM-L6-v2) and the same full fine-tune; fresh processes, 1 torch thread each, "
                   "interleaved in shuffled order; wall time includes process start and imports (end to end, as a "
                   "user runs it). Error = ‖ΔW − BA‖_F / ‖ΔW‖_F over every 2-D weight, both outputs' LoRA factors read by "
-                  "the same function. mergekit run with `--embed-lora` so embeddings are low-rank in both.", ""]
+                  "the same function. mergekit run with `--embed-lora` so embeddings are low-rank in both. The "
+                  "fine-tune is `prepare full`'s: all-MiniLM-L6-v2 + mean pooling + a frozen linear head, every "
+                  f"encoder weight trained 1 epoch at lr 3e-5 on rt_sentiment ({MAX_TRAIN} train examples).", ""]
         table = []
         for rank, r in ex.items():
             if rank == "machine":
