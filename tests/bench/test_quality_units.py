@@ -167,3 +167,20 @@ def test_cli_rejects_a_bad_shard_in_one_line(capsys):
     for bad in ("2", "2/2", "a/b"):
         assert cli(["bench", "quality", "--profile", "full", "--shard", bad]) == 2
         assert "--shard: expected I/N" in capsys.readouterr().err
+
+
+def test_a_method_run_on_the_first_task_only_is_judged_against_the_probe_there():
+    from splice.bench.arms import PROBE
+    from splice.bench.report import _verdicts
+
+    def row(label, *accs):
+        return {"label": label, "impl": "splice",
+                "cells": {t: None if a is None else {"accuracy": a} for t, a in zip(("a", "b"), accs)}}
+
+    r = {"tasks": ["a", "b"], "baselines": {"majority": {"a": 0.5, "b": 0.5}},
+         "adapt": {PROBE: row("probe", 0.7, 0.8), "x": row("x", 0.75, None), "y": row("y", 0.65, None),
+                   "z": row("z", 0.9, 0.9)}}
+    text = "\n".join(_verdicts(r))
+    assert "z (splice): mean 90.0 beats the frozen probe (75.0)" in text
+    assert "x (splice): 75.0 on a beats the frozen probe there (70.0); 1 other task(s) not run yet" in text
+    assert "y (splice): 65.0 on a does NOT beat the frozen probe there (70.0)" in text

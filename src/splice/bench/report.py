@@ -119,10 +119,15 @@ def _verdicts(r: dict[str, Any]) -> list[str]:
     tasks = r["tasks"]
     probe = _mean(arm_accuracies(r["adapt"][PROBE], tasks))
     majority = r["baselines"]["majority"]
-    out = []
+    first, first_probe = tasks[0], arm_accuracies(r["adapt"][PROBE], tasks)[0]
+    out, partial = [], []
     for key, row in r["adapt"].items():
         accs = arm_accuracies(row, tasks)
         mean = _mean(accs)
+        if key != PROBE and mean is None and accs[0] is not None and first_probe is not None:
+            word = "beats" if accs[0] > first_probe else "does NOT beat"
+            partial.append(f"- {row['label']} ({row['impl']}): {_pct(accs[0])} on {first} {word} the frozen probe "
+                           f"there ({_pct(first_probe)}); {sum(a is None for a in accs)} other task(s) not run yet.")
         if key == PROBE or mean is None or probe is None:
             continue
         word = "beats" if mean > probe else "does NOT beat"
@@ -130,6 +135,9 @@ def _verdicts(r: dict[str, Any]) -> list[str]:
         under = [t for t, a in zip(tasks, accs) if a is not None and majority[t] is not None and a <= majority[t]]
         if under:
             out.append(f"  - at or below the majority baseline on: {', '.join(under)}")
+    if partial:
+        out += [f"- Methods trained on the first task only so far ({first}, the quickstart's task), against the "
+                "frozen probe on that task:", *("  " + line for line in partial)]
     return out
 
 
