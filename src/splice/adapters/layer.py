@@ -98,6 +98,9 @@ class AdapterLayer(nn.Module):
                 continue
             adapter = self.adapters[name]
             if isinstance(rows, slice):
+                add_into = getattr(adapter, "add_into", None)
+                if add_into is not None and out is base_out and add_into(x[rows], out[rows]):
+                    continue
                 out[rows] += adapter.contribution(x[rows], base_out[rows], self.base).to(out.dtype)
             else:
                 change = adapter.contribution(x.index_select(0, rows), base_out.index_select(0, rows), self.base)

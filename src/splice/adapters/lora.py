@@ -252,6 +252,23 @@ class LoraAdapter(nn.Module):
         p = self.dropout if self.training else 0.0
         return lora_linear(x, linear_weight(base, self.kind), bias, self.lora_A, self.lora_B, self.scale, p)
 
+    def add_into(self, x: Tensor, out: Tensor) -> bool:
+        """out += this adapter's update of x, in place: one GEMM for x·Aᵀ, one addmm (scale folded in) into `out`.
+
+        The mixed-batch path: a group there is often one decoding row, where the cost is per operation, not per
+        FLOP; this makes two operations of the update's five. Returns False (nothing done) where the general
+        `contribution` is needed: autograd on, dropout active, PiSSA, a LoRA bias, a non-linear kind, mixed dtypes.
+        """
+        A, B = self.lora_A, self.lora_B
+        if (type(self).contribution is not LoraAdapter.contribution  # a subclass with other math (DoRA)
+                or self.kind not in ("linear", "conv1d") or self.pissa or self.lora_bias is not None
+                or (self.dropout and self.training) or torch.is_grad_enabled() or not out.is_contiguous()
+                or not x.dtype == out.dtype == A.dtype):
+            return False
+        h = x.reshape(-1, A.shape[1]) @ A.t()
+        out.view(-1, B.shape[0]).addmm_(h, B.t(), alpha=self.scale)
+        return True
+
     def contribution(self, x: Tensor, base_out: Tensor, base: nn.Module) -> Tensor:
         A, B = self.lora_A, self.lora_B
         if self.kind == "embedding":
