@@ -10,6 +10,7 @@ from splice.adapters.prompts import PrefixTuningConfig, PromptTuningConfig, PTun
 from splice.adapters.registry import get_method, make_config, method_names, register
 from splice.adapters.adalora import AdaLoraConfig
 from splice.adapters.bitfit import BitFitConfig
+from splice.adapters.boft import BOFTConfig
 from splice.adapters.fourierft import FourierFTConfig
 from splice.adapters.ia3 import IA3Config
 from splice.adapters.ln_tuning import LNTuningConfig
@@ -41,7 +42,7 @@ __all__ = ["AdapterConfig", "AdaptedModel", "DoraConfig", "LoraConfig", "active_
            "disable_adapters", "get_delta", "get_method", "load_adapter", "make_config", "merge_adapter",
            "merge_and_unload", "method_names", "mixed_batch", "register", "save_adapter", "set_adapter",
            "trainable_parameters", "unmerge_adapter"]
-__all__ += ["AdaLoraConfig", "BitFitConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig",
+__all__ += ["AdaLoraConfig", "BitFitConfig", "BOFTConfig", "FourierFTConfig", "IA3Config", "LNTuningConfig", "LoHaConfig",
             "LoKrConfig", "MissConfig", "OFTConfig", "RandLoraConfig", "ShiraConfig", "VeraConfig"]
 __all__ += ["PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig"]
 __all__ += ["HoulsbyConfig", "PfeifferConfig", "CompacterConfig", "SSFConfig"]

@@ -62,6 +62,7 @@ def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register decorators.
     import splice.adapters.adalora  # noqa: F401
     import splice.adapters.bitfit  # noqa: F401
+    import splice.adapters.boft  # noqa: F401
     import splice.adapters.dora  # noqa: F401
     import splice.adapters.fourierft  # noqa: F401
     import splice.adapters.ia3  # noqa: F401
