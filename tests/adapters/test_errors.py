@@ -100,6 +100,10 @@ def test_rank_larger_than_the_layer(bert):
     ("adalora", dict(init_r=4, target_r=8), "target_r"), ("adalora", dict(beta1=1.0), "beta1"),
     ("adalora", dict(tinit=5, tfinal=5, total_step=10), "tinit"),
     ("oft", dict(r=4, oft_block_size=8), "r / oft_block_size"), ("oft", dict(module_dropout=1.0), "module_dropout"),
+    ("boft", dict(boft_block_size=4, boft_block_num=8), "boft_block_size / boft_block_num"),
+    ("boft", dict(boft_block_size=0), "boft_block_size / boft_block_num"),
+    ("boft", dict(boft_block_size=-4), "boft_block_size"), ("boft", dict(boft_dropout=1.0), "boft_dropout"),
+    ("boft", dict(boft_n_butterfly_factor=0), "boft_n_butterfly_factor"),
 ])
 def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     msg = error(make_config, method, **fields)
@@ -128,6 +132,15 @@ def test_invalid_values_of_other_methods_name_the_field(method, fields, field):
     ("oft", "bert", dict(oft_block_size=5, target_modules=["query"]), ["oft_block_size", "5", "32"]),
     ("oft", "bert", dict(r=3, oft_block_size=0, target_modules=["query"]), ["r", "3", "32", "does not divide"]),
     ("oft", "bert", dict(target_modules=["word_embeddings"]), ["oft", "Embedding"]),
+    ("boft", "bert", dict(boft_block_size=5, target_modules=["query"]),
+     ["boft_block_size", "5", "32", "does not divide"]),
+    ("boft", "bert", dict(boft_block_size=0, boft_block_num=3, target_modules=["query"]),
+     ["boft_block_num", "3", "32", "does not divide"]),
+    ("boft", "bert", dict(boft_block_size=8, boft_n_butterfly_factor=4, target_modules=["query"]),
+     ["boft_n_butterfly_factor", "multiple of 8 blocks", "4 blocks of 8", "32"]),
+    ("boft", "bert", dict(boft_block_size=0, boft_block_num=32, boft_n_butterfly_factor=2, target_modules=["query"]),
+     ["boft_n_butterfly_factor", "even block size", "32 blocks of 1"]),
+    ("boft", "gpt2", dict(target_modules=["c_attn"]), ["boft", "Conv1D"]),
 ])
 def test_a_method_refuses_what_it_cannot_wrap_before_touching_the_model(tiny, method, model_name, fields, words):
     model = tiny[model_name].build()

@@ -32,7 +32,27 @@ PEFT_CONFIGS = {"lora": peft.LoraConfig, "dora": peft.LoraConfig, "ia3": peft.IA
                 "lokr": peft.LoKrConfig, "vera": peft.VeraConfig, "ln_tuning": peft.LNTuningConfig,
                 "shira": peft.ShiraConfig, "fourierft": peft.FourierFTConfig,
                 "miss": peft.MissConfig, "adalora": peft.AdaLoraConfig,
-                "randlora": peft.RandLoraConfig, "oft": peft.OFTConfig}
+                "randlora": peft.RandLoraConfig, "oft": peft.OFTConfig, "boft": peft.BOFTConfig}
+
+
+@pytest.fixture(autouse=True)
+def peft_boft_block_diag(monkeypatch):
+    """PEFT's BOFT builds its block-diagonal matrices with a CUDA extension and, where that cannot be compiled (a
+    CPU-only torch), quietly uses one butterfly factor whatever the config says. A plain-torch stand-in for the
+    extension (the same (N, D, b, b) → (N, D·b, D·b) block-diagonal, and its backward) makes PEFT run the butterfly
+    its config asks for, so that the rows with several factors compare against PEFT's own construction."""
+    import peft.tuners.boft.layer as boft_layer
+
+    def forward(blocks):
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+    def backward(grad, blocks):
+        n, d, b, _ = blocks.shape
+        idx = torch.arange(d)
+        return [grad.view(n, d, b, d, b)[:, idx, :, idx, :].transpose(0, 1)]
+
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", type("FastBlockDiag", (), {"forward": staticmethod(forward),
+                                                                            "backward": staticmethod(backward)}))
 
 
 @dataclass(frozen=True)
@@ -156,6 +176,15 @@ ROWS = [
         dict(oft_block_size=16, use_cayley_neumann=False, target_modules=["q_proj", "up_proj"]), "oft"),
     Row("oft-bert-neumann-3", "bert", dict(oft_block_size=4, num_cayley_neumann_terms=3, target_modules=["key"]),
         "oft"),
+    Row("boft-bert", "bert", dict(boft_block_size=4, target_modules=["query", "value", "output.dense"]), "boft"),
+    Row("boft-bert-butterfly-2", "bert",
+        dict(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["key", "intermediate.dense"]), "boft"),
+    Row("boft-llama-block-num-butterfly-3", "llama",
+        dict(boft_block_size=0, boft_block_num=8, boft_n_butterfly_factor=3, target_modules=["q_proj", "down_proj"]),
+        "boft"),
+    Row("boft-llama-dropout-modules-to-save", "llama",
+        dict(boft_block_size=8, boft_dropout=0.1, target_modules=["k_proj", "up_proj"], modules_to_save=["lm_head"]),
+        "boft"),
     Row("ln-tuning-bert", "bert", dict(target_modules=["LayerNorm"]), "ln_tuning"),
     Row("ln-tuning-llama-rmsnorm", "llama", dict(target_modules=["post_attention_layernorm", "norm"]), "ln_tuning"),
     # (no modules_to_save: PEFT's LN-tuning merge_and_unload leaves its modules_to_save wrappers in place)
