@@ -136,8 +136,12 @@ def _verdicts(r: dict[str, Any]) -> list[str]:
         if under:
             out.append(f"  - at or below the majority baseline on: {', '.join(under)}")
     if partial:
+        n = r["data"][first]["test"] if first in r.get("data", {}) else None
+        noise = (f" With {n:,} test examples the standard error of an accuracy near 75% is "
+                 f"{100 * (0.75 * 0.25 / n) ** 0.5:.1f} points, so a difference of under about twice that is "
+                 "within noise." if n else "")
         out += [f"- Methods trained on the first task only so far ({first}, the quickstart's task), against the "
-                "frozen probe on that task:", *("  " + line for line in partial)]
+                f"frozen probe on that task.{noise}", *("  " + line for line in partial)]
     return out
 
 
