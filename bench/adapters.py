@@ -754,6 +754,15 @@ def reason(kind: str) -> str:
     return REASONS.get(kind) or (REASONS.get(entry[1]) if isinstance(entry[1], str) else None) or "not analysed"
 
 
+def slower_reason(kind: str, r: tuple) -> str:
+    """A slow row's reason: the stated one, else, when some round had splice at least as fast (the per-round range
+    reaches 1.00), that the run cannot tell the two apart; else "not analysed"."""
+    stated = reason(kind)
+    if stated == "not analysed" and r[1] <= 1.0:
+        return f"not distinguishable in this run: the per-round ratio ranges {r[1]:.2f}–{r[2]:.2f}, across 1.00"
+    return md_cell(stated)
+
+
 def md_cell(text: str) -> str:
     """Text that survives a markdown table cell: | escaped (a formula's |w|, a regex's alternatives)."""
     return text.replace("|", "\\|")
@@ -867,7 +876,7 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
         if peer in timing:
             r = common.ratio_stats(s, timing[peer])
             speed, mem = common.fmt_ratio(r), f"{mem_inc(spec.key) / mem_inc(peer):.2f}×"
-            why = md_cell(reason(spec.kind)) if r[0] > 1.0 else ""
+            why = slower_reason(spec.kind, r) if r[0] > 1.0 else ""
         rows.append([
             spec.label, "—" if spec.impl == "-" or isinstance(KINDS[spec.kind][1], str) else f"{spec.dropout:g}",
             m["adapted_modules"] or "—",
@@ -880,7 +889,8 @@ def report(args, info, specs, timing, memory, inf_timing, checks, elapsed) -> st
     out.append("\n### Training step\n")
     out.append("splice ÷ PEFT: the step-time ratio (median over rounds of the per-round ratio, range in brackets) "
                "and the ratio of the '+ over loaded' memory; a row where splice is slower than PEFT (median > 1.00) "
-               "states its reason (REASONS in bench/adapters.py) or says it was not analysed. AdaLoRA runs its rank "
+               "states its reason (REASONS in bench/adapters.py), or that the run cannot tell the two apart (its "
+               "per-round range crosses 1.00), or says it was not analysed. AdaLoRA runs its rank "
                f"allocation in both (splice's training hook; PEFT's `update_and_allocate` and orthogonal "
                f"regulariser) for a run of {RUN_STEPS} steps.\n")
     out.append(common.md_table(["configuration", "lora_dropout", "modules adapted", "trainable params",
