@@ -594,7 +594,6 @@ def plot_accuracy() -> Path | None:
     if not rows_of_panels:
         return None
     fig, axes = plt.subplots(len(rows_of_panels), 2, figsize=(12, 4.5 * len(rows_of_panels)), squeeze=False)
-    drawn = False
     panels = [(axes[i][j], *panel) for i, row in enumerate(rows_of_panels) for j, panel in enumerate(row)]
     for ax, step, kind, title in panels:
         p = DATA / f"{step}-{kind}.json"
@@ -602,40 +601,26 @@ def plot_accuracy() -> Path | None:
             ax.set_axis_off()
             continue
         rows = json.loads(p.read_text())
-        if step == "tasks":
-            ref = rows["fp32 delta (uncompressed)"]["mean"]
-            for name, r in rows.items():
-                if r["ratio"] is None:
-                    ax.axhline(100 * r["mean"], color="red", ls=":", lw=0.8, label="frozen probe (no delta)")
-                    continue
-                ax.scatter(r["ratio"], 100 * r["mean"], s=18)
-                ax.annotate(name, (r["ratio"], 100 * r["mean"]), fontsize=6, xytext=(3, 2),
-                            textcoords="offset points")
-            ax.axhline(100 * ref - 1, color="grey", ls="--", lw=0.8, label="uncompressed − 1 point")
-            ax.set_xscale("log")
-            ax.set_xlabel("compression ratio vs fp32 delta (log)")
-            ax.set_ylabel("mean test accuracy over 8 tasks (%)")
-            ax.set_title(f"all-MiniLM-L6-v2, {title}")
-            ax.legend(fontsize=7)
-            drawn = True
-            continue
-        ref = rows["fp32 delta (uncompressed)"]["accuracy"]
+        if step == "tasks":  # 8-task means; the frozen probe is the row without a ratio
+            value, ylabel = "mean", "mean test accuracy over 8 tasks (%)"
+            probe = next((r["mean"] for r in rows.values() if r["ratio"] is None), None)
+        else:
+            value, ylabel = "accuracy", "rt_sentiment test accuracy (%)"
+            meta = DATA / f"prepare-{kind}.json"
+            probe = json.loads(meta.read_text())["probe"] if meta.exists() else None
         for name, r in rows.items():
-            ax.scatter(r["ratio"], 100 * r["accuracy"], s=18)
-            ax.annotate(name, (r["ratio"], 100 * r["accuracy"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.axhline(100 * ref - 1, color="grey", ls="--", lw=0.8, label="uncompressed − 1 point")
-        meta = DATA / f"prepare-{kind}.json"
-        if meta.exists():
-            ax.axhline(100 * json.loads(meta.read_text())["probe"], color="red", ls=":", lw=0.8,
-                       label="frozen probe (no delta)")
+            if r["ratio"] is not None:
+                ax.scatter(r["ratio"], 100 * r[value], s=18)
+                ax.annotate(name, (r["ratio"], 100 * r[value]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.axhline(100 * rows["fp32 delta (uncompressed)"][value] - 1, color="grey", ls="--", lw=0.8,
+                   label="uncompressed − 1 point")
+        if probe is not None:
+            ax.axhline(100 * probe, color="red", ls=":", lw=0.8, label="frozen probe (no delta)")
         ax.set_xscale("log")
         ax.set_xlabel("compression ratio vs fp32 delta (log)")
-        ax.set_ylabel("rt_sentiment test accuracy (%)")
+        ax.set_ylabel(ylabel)
         ax.set_title(f"all-MiniLM-L6-v2, {title}")
         ax.legend(fontsize=7)
-        drawn = True
-    if not drawn:
-        return None
     fig.tight_layout()
     path = RESULTS / "compression.png"
     fig.savefig(path, dpi=130)
