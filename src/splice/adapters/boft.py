@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
+from splice.adapters.extras import RememberedMerge
 from splice.adapters.oft import cayley
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Dense
@@ -109,7 +110,7 @@ def butterfly_permutation(n: int, block_size: int, level: int) -> Tensor:
 
 
 @register("boft", config=BOFTConfig, reference="https://arxiv.org/abs/2311.06243")
-class BOFTAdapter(nn.Module):
+class BOFTAdapter(RememberedMerge, nn.Module):
     """One BOFT adapter (a product of permuted block-diagonal rotations of the inputs, and an output scale) on one
     nn.Linear."""
 
@@ -207,16 +208,6 @@ class BOFTAdapter(nn.Module):
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         with torch.no_grad():
             return {"weight": Dense((self.rotated_weight(base) - base.weight).to(base.weight.dtype))}
-
-    @torch.no_grad()
-    def merge(self, base: nn.Module) -> Tensor:
-        update = self.delta(base)["weight"].tensor
-        base.weight.add_(update)
-        return update
-
-    @torch.no_grad()
-    def unmerge(self, base: nn.Module, update: Tensor) -> None:
-        base.weight.sub_(update)
 
     def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
         return {"boft_R": self.boft_R.detach(), "boft_s": self.boft_s.detach()}

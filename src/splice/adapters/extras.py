@@ -1,5 +1,6 @@
 """Two adapters every method can ask for: a trained copy of a whole module (`modules_to_save`, e.g. a
-classifier head) and a trained bias (the `bias` option). Both satisfy the same `Adapter` protocol as LoRA."""
+classifier head) and a trained bias (the `bias` option). Both satisfy the same `Adapter` protocol as LoRA. And the
+merge of a method whose update depends on the base weight (`RememberedMerge`)."""
 from __future__ import annotations
 
 import copy
@@ -68,3 +69,19 @@ class BiasShift(nn.Module):
     @torch.no_grad()
     def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
         self.shift.copy_(state["bias"] - base.bias)
+
+
+class RememberedMerge:
+    """merge / unmerge for an adapter whose weight update depends on the base weight (OFT's and BOFT's rotations of
+    W₀, Bone's bat): merge adds `delta(base)["weight"]` and returns it, unmerge subtracts that same tensor, since
+    recomputing the update from the merged weight would give another one."""
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> Tensor:
+        update = self.delta(base)["weight"].materialize().to(base.weight.dtype)
+        base.weight.add_(update)
+        return update
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module, update: Tensor) -> None:
+        base.weight.sub_(update)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
+from splice.adapters.extras import RememberedMerge
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Dense, LowRank
 from splice.errors import SpliceError
@@ -67,7 +68,7 @@ class MissConfig(AdapterConfig):
 
 
 @register("miss", config=MissConfig, reference="https://arxiv.org/abs/2409.15371")
-class MissAdapter(nn.Module):
+class MissAdapter(RememberedMerge, nn.Module):
     """One MiSS shard on one nn.Linear."""
 
     peft_keys: ClassVar[tuple[str, ...]] = ("miss_block",)
@@ -136,16 +137,6 @@ class MissAdapter(nn.Module):
             if self.variant == "bat":
                 return {"weight": Dense(self.bat_update(base.weight))}
             return {"weight": LowRank(self.shard().t().contiguous(), self.tiling(), 1.0, base.weight.shape)}
-
-    @torch.no_grad()
-    def merge(self, base: nn.Module) -> Tensor:
-        update = self.delta(base)["weight"].materialize().to(base.weight.dtype)
-        base.weight.add_(update)
-        return update  # bat's update depends on the weight: undo exactly what was added
-
-    @torch.no_grad()
-    def unmerge(self, base: nn.Module, update: Tensor) -> None:
-        base.weight.sub_(update)
 
     def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
         return {"miss_block": self.miss_block.detach()}

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
+from splice.adapters.extras import RememberedMerge
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Dense
 from splice.errors import SpliceError
@@ -107,7 +108,7 @@ def cayley(Q: Tensor, neumann_terms: int | None) -> Tensor:
 
 
 @register("oft", config=OFTConfig, reference="https://arxiv.org/abs/2306.07280")
-class OFTAdapter(nn.Module):
+class OFTAdapter(RememberedMerge, nn.Module):
     """One OFT adapter (block-diagonal rotation of the inputs) on one nn.Linear."""
 
     peft_keys: ClassVar[tuple[str, ...]] = ("oft_R.weight",)
@@ -178,16 +179,6 @@ class OFTAdapter(nn.Module):
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         with torch.no_grad():
             return {"weight": Dense((self.rotated_weight(base) - base.weight).to(base.weight.dtype))}
-
-    @torch.no_grad()
-    def merge(self, base: nn.Module) -> Tensor:
-        update = self.delta(base)["weight"].tensor
-        base.weight.add_(update)
-        return update
-
-    @torch.no_grad()
-    def unmerge(self, base: nn.Module, update: Tensor) -> None:
-        base.weight.sub_(update)
 
     def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
         return {"oft_R.weight": self.weight.detach()}
