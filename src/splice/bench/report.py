@@ -117,9 +117,10 @@ def _missing(r: dict[str, Any]) -> list[str]:
 
 def _verdicts(r: dict[str, Any]) -> list[str]:
     tasks = r["tasks"]
-    probe = _mean(arm_accuracies(r["adapt"][PROBE], tasks))
+    probe_accs = arm_accuracies(r["adapt"][PROBE], tasks)
+    probe = _mean(probe_accs)
     majority = r["baselines"]["majority"]
-    first, first_probe = tasks[0], arm_accuracies(r["adapt"][PROBE], tasks)[0]
+    first, first_probe = tasks[0], probe_accs[0]
     out, partial = [], []
     for key, row in r["adapt"].items():
         accs = arm_accuracies(row, tasks)

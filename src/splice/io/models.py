@@ -139,9 +139,10 @@ def load_model(
     if kind not in KINDS:
         raise SpliceError(f"model kind {kind!r} is not one of {', '.join(KINDS)}{closest(str(kind), KINDS)}")
     where = resolve_model(name_or_path)
-    if Path(where).is_dir() and not (Path(where) / "config.json").is_file():
+    folder = Path(where)
+    if folder.is_dir() and not (folder / "config.json").is_file():
         raise SpliceError(f"model folder {where} has no config.json (is it a transformers model folder?)")
-    if Path(where).is_dir() and not any((Path(where) / f).is_file() for f in TOKENIZER_FILES):
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         # transformers builds a vocabulary-less tokenizer here (every word [UNK]) instead of failing
         raise SpliceError(f"model folder {where} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...): "
                           "copy them from the model it was fine-tuned from")
