@@ -335,3 +335,12 @@ def test_save_unknown_adapter_name(bert, tmp_path):
     msg = error(splice.save_adapter, bert, tmp_path / "x", "yours")
     assert "'yours'" in msg and "mine" in msg
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_mixed_batch_rows_must_match_the_batch(bert, rows):
+    """Too few names would give the extra rows the base alone (silently); too many would fail deep in torch."""
+    splice.adapt(bert, splice.LoraConfig(target_modules=["query"]), "a")
+    ids = torch.randint(0, 100, (2, 5))
+    with splice.mixed_batch(bert, ["a"] * rows):
+        assert "for %d rows, but the batch has 2" % rows in error(lambda: bert(input_ids=ids))

@@ -58,6 +58,7 @@ class AdapterLayer(nn.Module):
         self.disabled = False
         # Set only inside `mixed_batch(...)`: (adapter name, row indices) per group of rows.
         self.row_groups: list[tuple[str, Tensor | slice]] | None = None
+        self.row_count = 0  # how many rows `mixed_batch` named: a batch of any other size is refused
         self._merge_cache: dict[str, object] = {}
 
     def __getattr__(self, name: str):
@@ -91,6 +92,8 @@ class AdapterLayer(nn.Module):
         # Groups are disjoint, so each group reads its own base rows; updates are in place. A contiguous group (a
         # slice) costs no copy at all. Under autograd an adapter may save the base rows it read (a bottleneck
         # adapter's input is the base output, IA3 multiplies it), so the updates then go into a copy.
+        if x.shape[0] != self.row_count:  # extra rows would silently get the base alone, missing ones an IndexError
+            raise SpliceError(f"mixed_batch named adapters for {self.row_count} rows, but the batch has {x.shape[0]}")
         base_out = self.base(x, *args, **kwargs)
         out = base_out.clone() if torch.is_grad_enabled() else base_out
         for name, rows in self.row_groups or []:

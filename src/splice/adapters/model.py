@@ -165,7 +165,7 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterato
     index = [(n, slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1
               else torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items()]
     for layer in layers:
-        layer.row_groups = index
+        layer.row_groups, layer.row_count = index, len(row_adapters)
     try:
         yield
     finally:
