@@ -6,6 +6,8 @@ Tolerance (fp32): 1e-5 absolute on R Rᵀ − I; exact zeros outside the blocks 
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -45,3 +47,24 @@ def test_rotation_is_orthogonal_and_as_wide_as_its_butterfly(fields):
         assert (R - eye).abs().max() > 1e-2
     else:  # each further factor doubles the span: nothing narrower holds R
         assert outside_blocks(R, span // 2).abs().max() > 1e-2
+
+
+
+@pytest.mark.parametrize("method,fields", [("oft", dict(oft_block_size=4, use_cayley_neumann=False)),
+                                           ("boft", dict(boft_block_size=4, boft_n_butterfly_factor=2))])
+def test_exact_cayley_runs_on_half_precision_weights(method, fields):
+    """torch has no half-precision LU on CPU: the exact Cayley solve runs in float32 and returns the weights' dtype
+    (bf16 tolerance: 3e-2 on O(1) outputs)."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    half_base = copy.deepcopy(base).to(torch.bfloat16)
+    config = make_config(method, target_modules=["x"], init_weights=False, **fields)
+    full = get_method(method).adapter(base, "linear", config)
+    half = get_method(method).adapter(half_base, "linear", config).to(torch.bfloat16)
+    half.load_state_dict({k: v.to(torch.bfloat16) for k, v in full.state_dict().items()})
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = full.contribution(x, base(x), base)
+        got = half.contribution(x.to(torch.bfloat16), half_base(x.to(torch.bfloat16)), half_base)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=0)

@@ -166,9 +166,7 @@ class BOFTAdapter(RememberedMerge, nn.Module):
     def blocks(self) -> Tensor:
         """The orthogonal blocks R_{i,j} of every factor, (m, D, b, b)."""
         A = self.boft_R.reshape(self.m * self.n, self.b, self.b)
-        if A.dtype not in (torch.float32, torch.float64):  # the solve needs float32 at least (no half LU on CPU)
-            A = A.float()
-        R = cayley(0.5 * (A - A.transpose(-2, -1)), None).to(self.boft_R.dtype).view(self.m, self.n, self.b, self.b)
+        R = cayley(0.5 * (A - A.transpose(-2, -1)), None).view(self.m, self.n, self.b, self.b)
         if self.training and self.dropout:  # PEFT's multiplicative dropout: blocks of one random factor become I
             drop = torch.zeros(self.m, self.n, 1, 1, device=R.device, dtype=torch.bool)
             drop[torch.randint(self.m, ()), torch.randperm(self.n)[: int(self.dropout * self.n)]] = True

@@ -91,9 +91,12 @@ class OFTConfig(AdapterConfig):
 
 def cayley(Q: Tensor, neumann_terms: int | None) -> Tensor:
     """R = (I − Q)(I + Q)⁻¹ for a batch of skew-symmetric Q (k, b, b); with `neumann_terms`, PEFT's series."""
-    eye = torch.eye(Q.shape[-1], device=Q.device, dtype=Q.dtype).expand_as(Q)
     if neumann_terms is None:
-        return torch.linalg.solve(eye + Q, eye - Q, left=False)
+        # The solve needs float32 at least: torch has no half-precision LU on CPU.
+        exact = Q if Q.dtype in (torch.float32, torch.float64) else Q.float()
+        eye = torch.eye(Q.shape[-1], device=Q.device, dtype=exact.dtype).expand_as(exact)
+        return torch.linalg.solve(eye + exact, eye - exact, left=False).to(Q.dtype)
+    eye = torch.eye(Q.shape[-1], device=Q.device, dtype=Q.dtype).expand_as(Q)
     R = eye.clone()
     if neumann_terms > 1:
         R = R + 2 * Q
