@@ -161,6 +161,15 @@ def test_wall_time_counts_overlapping_shards_once():
     assert wall_seconds(runs) == 660 + 60
 
 
+def test_machine_line_names_the_computing_runs_threads_not_the_report_writers():
+    from splice.bench.report import machine
+
+    runs = [{"command": "splice bench quality --profile full --threads 1"},  # a log written before "threads" was
+            {"command": "splice bench quality --profile full", "threads": 1}]
+    assert "with 1 thread(s) per invocation" in machine(runs)
+    assert "with 1 or 2 thread(s)" in machine(runs + [{"command": "", "threads": 2}])
+
+
 def test_cli_rejects_a_bad_shard_in_one_line(capsys):
     from splice.cli import run as cli
 
@@ -184,3 +193,16 @@ def test_a_method_run_on_the_first_task_only_is_judged_against_the_probe_there()
     assert "z (splice): mean 90.0 beats the frozen probe (75.0)" in text
     assert "x (splice): 75.0 on a beats the frozen probe there (70.0); 1 other task(s) not run yet" in text
     assert "y (splice): 65.0 on a does NOT beat the frozen probe there (70.0)" in text
+
+
+def test_compute_left_costs_each_missing_cell_at_its_rows_median():
+    from splice.bench.report import _remaining_seconds
+
+    cell = lambda s: {"accuracy": 0.5, "cell_seconds": s}  # noqa: E731
+    r = {"adapt": {"probe": {"cells": {"a": cell(1), "b": None}},             # the probe is not estimated
+                   "lora": {"cells": {"a": cell(100), "b": cell(300), "c": None}},
+                   "new": {"cells": {"a": None, "b": None, "c": None}}},       # no finished cell: all rows' median
+         "merges": {"lora": {"ties": {"splice": {"cell_seconds": 50, "grid": [{"cell_seconds": 10}] * 2},
+                                      "mergekit": {"cell_seconds": 30}},
+                             "slerp": {"splice": None, "mergekit": None}}}}
+    assert _remaining_seconds(r) == 300 + 3 * 300 + (50 + 20 + 30)

@@ -204,6 +204,8 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
     Raises:
         SpliceError: a missing data source, model or package, as one line naming what to install.
     """
+    import torch
+
     from splice.bench.report import collect, write_report
     from splice.io.models import load_model
 
@@ -236,7 +238,7 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
             log(f"time budget of {max_minutes} min spent; finished cells are cached, run again to continue")
         runs = store.log_run({"start": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
                               "seconds": round(time.monotonic() - t0, 1), "cells": ctx.done, "finished": finished,
-                              "command": command, "shard": f"{i}/{n}"})
+                              "command": command, "shard": f"{i}/{n}", "threads": torch.get_num_threads()})
     results = collect(ctx, runs)
     out = out or Path("bench/results")
     report = write_report(results, out, p, command)

@@ -112,7 +112,35 @@ def _missing(r: dict[str, Any]) -> list[str]:
         absent = [m for m, c in methods.items() if c["splice"] is None]
         if absent:
             out.append(f"- merge table ({kind}): {len(absent)} of {len(methods)} methods not run: {', '.join(absent)}")
+    left = _remaining_seconds(r)
+    if out and left:
+        out.append(f"- Estimated compute left: {left / 3600:.1f} h of single-process cell time (each missing cell "
+                   "costed at the median time of its row's finished cells, or of all rows'), which N shards divide.")
     return out
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
+def _merge_seconds(cells: dict[str, Any]) -> float:
+    """One merge method's cost: its validation grid, the chosen setting on test, and mergekit's merge."""
+    test = cells["splice"] or {}
+    return (test.get("cell_seconds", 0.0) + sum(g.get("cell_seconds", 0.0) for g in test.get("grid", []))
+            + (cells["mergekit"] or {}).get("cell_seconds", 0.0))
+
+
+def _remaining_seconds(r: dict[str, Any]) -> float:
+    """Seconds the missing cells would take at the finished cells' median times (0 where nothing is known)."""
+    rows = {k: [c["cell_seconds"] for c in row["cells"].values() if c and "cell_seconds" in c]
+            for k, row in r["adapt"].items() if k != PROBE}
+    overall = _median([t for times in rows.values() for t in times])
+    left = sum((_median(rows[k]) or overall or 0.0) * sum(c is None for c in row["cells"].values())
+               for k, row in r["adapt"].items() if k != PROBE)
+    merged = [_merge_seconds(c) for methods in r["merges"].values() for c in methods.values() if c["splice"]]
+    missing = sum(c["splice"] is None for methods in r["merges"].values() for c in methods.values())
+    return left + missing * (_median(merged) or 0.0)
 
 
 def _verdicts(r: dict[str, Any]) -> list[str]:
@@ -146,13 +174,23 @@ def _verdicts(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def machine() -> str:
+def run_threads(run: dict[str, Any]) -> int | None:
+    """The torch thread count an invocation ran with (older run logs hold only its command line)."""
+    if "threads" in run:
+        return run["threads"]
+    words = run.get("command", "").split()
+    return int(words[words.index("--threads") + 1]) if "--threads" in words[:-1] else None
+
+
+def machine(runs: list[dict[str, Any]]) -> str:
+    """The CPU, and the torch threads the computing invocations used (not the report writer's own)."""
     import torch
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} "
-            f"thread(s), python {platform.python_version()}")
+    counts = sorted({run_threads(x) or torch.get_num_threads() for x in runs} or {torch.get_num_threads()})
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
+            f"{' or '.join(map(str, counts))} thread(s) per invocation, python {platform.python_version()}")
 
 
 def wall_seconds(runs: list[dict[str, Any]]) -> float:
@@ -187,7 +225,7 @@ def write_report(r: dict[str, Any], out: Path, profile: Profile, command: str) -
              "(the probe row) and frozen, so merged encoders are scored with each task's own head.", "",
              f"Reproduce: `{command or f'splice bench quality --profile {profile.name}'}` "
              "(re-running resumes from the cache; `--max-minutes` bounds one chunk).", "",
-             f"Machine: {machine()}. Shared with other developers' jobs while it ran, so times are contended.",
+             f"Machine: {machine(runs)}. Shared with other developers' jobs while it ran, so times are contended.",
              f"Wall time: {wall / 60:.1f} min; {total / 60:.1f} min of invocations ({len(runs)}, "
              f"{sum(x['cells'] for x in runs)} cells computed; shards run side by side on separate cores).", "",
              f"Profile: {profile.max_train} train (of which {profile.val} validation) / {profile.max_test} test per "
