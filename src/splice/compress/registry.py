@@ -8,14 +8,13 @@ low-rank + quantize) takes them all.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from splice.errors import SpliceError, closest
+from splice.registry import Registry, import_modules
 
 STAGES = ("lowrank", "sparsify", "quantize")
 
@@ -37,35 +36,24 @@ class Compressor:
     stages: tuple[str, ...]
 
 
-_REGISTRY: dict[str, Compressor] = {}
+# One file per method in splice.compress.methods: importing it registers the method.
+_REGISTRY: Registry[Compressor] = Registry("compression method", lambda: import_modules("splice.compress.methods"))
 
 
 def register(name: str, *, config: type, reference: str, stages: tuple[str, ...]) -> Callable:
     """Decorator: register `fn(delta, config, ctx) -> Packed` as compression method `name`."""
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY[name] = Compressor(name, config, fn, reference, stages)
+        _REGISTRY.add(name, Compressor(name, config, fn, reference, stages))
         return fn
     return wrap
 
 
-def _load_all() -> None:
-    from splice.compress import methods
-
-    for mod in pkgutil.iter_modules(methods.__path__):
-        importlib.import_module(f"{methods.__name__}.{mod.name}")
-
-
 def compressor_names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_compressor(name: str) -> Compressor:
-    _load_all()
-    if name not in _REGISTRY:
-        raise SpliceError(f"unknown compression method {name!r}{closest(name, _REGISTRY)}; known: "
-                          f"{', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return _REGISTRY.lookup(name)
 
 
 def make_config(method: Compressor, params: dict[str, Any]) -> Any:

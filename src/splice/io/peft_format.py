@@ -117,9 +117,9 @@ def _prefixes(name: str) -> list[str]:
 def _config_from_peft(cfg: dict[str, Any], where: Path):
     """The registered method whose config claims this `peft_type`, built from the file's fields."""
     from splice.adapters.config import config_from_dict
-    from splice.adapters.registry import METHODS, _load_builtin_methods
+    from splice.adapters.registry import METHODS
 
-    _load_builtin_methods()
+    METHODS.load()
     peft_type = cfg.get("peft_type", "LORA")
     known = sorted({m.config.peft_type for m in METHODS.values() if m.config.peft_type})
     candidates = [m for m in METHODS.values() if m.config.peft_type == peft_type]

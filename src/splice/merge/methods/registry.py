@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from splice.errors import SpliceError, closest
+from splice.registry import Registry, import_modules
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,9 @@ class MergeMethod:
     blocks: Callable[..., Iterator[tuple[slice, Tensor]]] | None = None
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
+# One file per method in splice.merge.methods: importing it registers the method.
+MERGE_METHODS: Registry[MergeMethod] = Registry(
+    "merge_method", lambda: import_modules("splice.merge.methods", skip=("registry",)))
 
 
 def merge_method(name: str, *, space: Literal["delta", "weights"], reference: str = "",
@@ -72,34 +74,17 @@ def merge_method(name: str, *, space: Literal["delta", "weights"], reference: st
     """
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if name in MERGE_METHODS:
-            raise ValueError(f"merge method {name!r} is registered twice")
-        MERGE_METHODS[name] = MergeMethod(name, fn, space, reference, dict(params or {}), dict(model_params or {}),
-                                          space == "delta" if needs_base is None else needs_base, frozenset(needs),
-                                          blocks)
+        MERGE_METHODS.add(name, MergeMethod(name, fn, space, reference, dict(params or {}), dict(model_params or {}),
+                                            space == "delta" if needs_base is None else needs_base, frozenset(needs),
+                                            blocks))
         return fn
 
     return wrap
 
 
 def get_merge_method(name: str) -> MergeMethod:
-    _load_builtin()
-    if name not in MERGE_METHODS:
-        raise SpliceError(f"unknown merge_method {name!r}{closest(name, MERGE_METHODS)}; "
-                          f"known: {', '.join(sorted(MERGE_METHODS))}")
-    return MERGE_METHODS[name]
+    return MERGE_METHODS.lookup(name)
 
 
 def merge_method_names() -> list[str]:
-    _load_builtin()
-    return sorted(MERGE_METHODS)
-
-
-def _load_builtin() -> None:
-    import importlib
-    import pkgutil
-
-    pkg = importlib.import_module("splice.merge.methods")  # `splice.merge` the attribute is the merge function
-    for info in pkgutil.iter_modules(pkg.__path__):  # one file per method: importing registers it
-        if info.name != "registry" and not info.name.startswith("_"):
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
+    return MERGE_METHODS.names()

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from splice.errors import SpliceError, closest
+from splice.registry import Registry, import_modules
 
 
 @dataclass
@@ -87,7 +87,9 @@ class Strategy:
     pairs_with: str = "full"
 
 
-STRATEGIES: dict[str, Strategy] = {}
+# One file per strategy in splice.train.optim: importing it registers the strategy.
+STRATEGIES: Registry[Strategy] = Registry(
+    "training strategy", lambda: import_modules("splice.train.optim", skip=("registry", "blocks")))
 
 
 def register_strategy(name: str, *, config: type, reference: str = "",
@@ -97,9 +99,7 @@ def register_strategy(name: str, *, config: type, reference: str = "",
         raise ValueError(f"pairs_with must be 'full' or 'lora', got {pairs_with!r}")
 
     def wrap(cls: type) -> type:
-        if name in STRATEGIES:
-            raise ValueError(f"training strategy {name!r} is registered twice")
-        STRATEGIES[name] = Strategy(name, config, cls, reference, pairs_with)
+        STRATEGIES.add(name, Strategy(name, config, cls, reference, pairs_with))
         config.name = name  # type: ignore[attr-defined]
         return cls
 
@@ -108,16 +108,11 @@ def register_strategy(name: str, *, config: type, reference: str = "",
 
 def get_strategy(name: str) -> Strategy:
     """Look a strategy up by name, with a did-you-mean suggestion on a typo."""
-    _load_builtin_strategies()
-    if name not in STRATEGIES:
-        raise SpliceError(f"unknown training strategy {name!r}{closest(name, STRATEGIES)}; "
-                          f"known: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name]
+    return STRATEGIES.lookup(name)
 
 
 def strategy_names() -> list[str]:
-    _load_builtin_strategies()
-    return sorted(STRATEGIES)
+    return STRATEGIES.names()
 
 
 def make_strategy_config(name: str, **options: Any) -> StrategyConfig:
@@ -131,11 +126,3 @@ def build_strategy(config: StrategyConfig, params: Sequence[nn.Parameter], modul
                    total_steps: int, seed: int = 0) -> TrainStrategy:
     """The mechanism of `config`'s strategy for one run of the loop."""
     return get_strategy(config.name).cls(config, params, modules, total_steps, seed)
-
-
-def _load_builtin_strategies() -> None:
-    # Importing the strategy modules runs their @register_strategy decorators.
-    import splice.train.optim.galore  # noqa: F401
-    import splice.train.optim.hft  # noqa: F401
-    import splice.train.optim.lisa  # noqa: F401
-    import splice.train.optim.relora  # noqa: F401
