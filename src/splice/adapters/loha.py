@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from splice.adapters.config import doc
 from splice.adapters.lora import module_dims
-from splice.adapters.lycoris import (LycorisConfig, apply_update, check_kind, drop_rows, effective_conv,
+from splice.adapters.lycoris import (LycorisConfig, PeftKeysState, apply_update, check_kind, drop_rows, effective_conv,
                                      skip_module)
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Dense, LowRank
@@ -52,7 +52,7 @@ def cp_weight(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
 
 
 @register("loha", config=LoHaConfig, reference="https://arxiv.org/abs/2108.06098")
-class LoHaAdapter(nn.Module):
+class LoHaAdapter(PeftKeysState, nn.Module):
     """One LoHa adapter on one nn.Linear or nn.Conv2d."""
 
     peft_keys: ClassVar[tuple[str, ...]] = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -120,11 +120,3 @@ class LoHaAdapter(nn.Module):
             B = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(out_f, r2)  # Khatri–Rao (rows)
             A = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r2, flat)  # (columns)
             return {"weight": LowRank(B, A, self.scale, base.weight.shape)}
-
-    def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
-        return {k: getattr(self, k).detach() for k in self.peft_keys if hasattr(self, k)}
-
-    @torch.no_grad()
-    def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
-        for key, value in state.items():
-            getattr(self, key).copy_(value)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from splice.adapters.config import doc
 from splice.adapters.loha import cp_weight
 from splice.adapters.lora import module_dims
-from splice.adapters.lycoris import (LycorisConfig, apply_update, check_kind, drop_rows, effective_conv,
+from splice.adapters.lycoris import (LycorisConfig, PeftKeysState, apply_update, check_kind, drop_rows, effective_conv,
                                      skip_module)
 from splice.adapters.registry import register
 from splice.delta.forms import Delta, Kron
@@ -108,7 +108,7 @@ def layout(base: nn.Module, kind: str, config: LoKrConfig) -> dict[str, tuple[in
 
 
 @register("lokr", config=LoKrConfig, reference="https://arxiv.org/abs/2212.10650")
-class LoKrAdapter(nn.Module):
+class LoKrAdapter(PeftKeysState, nn.Module):
     """One LoKr adapter on one nn.Linear or nn.Conv2d."""
 
     peft_keys: ClassVar[tuple[str, ...]] = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
@@ -166,11 +166,3 @@ class LoKrAdapter(nn.Module):
         with torch.no_grad():
             w1, w2 = self.factors()
             return {"weight": Kron(w1.clone(), w2.clone(), self.scale, base.weight.shape)}
-
-    def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
-        return {k: getattr(self, k).detach() for k in self.peft_keys if hasattr(self, k)}
-
-    @torch.no_grad()
-    def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
-        for key, value in state.items():
-            getattr(self, key).copy_(value)

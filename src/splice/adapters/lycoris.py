@@ -101,6 +101,21 @@ def drop_rows(weight: Tensor, p: float, rescale: bool) -> Tensor:
     return weight * keep.to(weight.device).view(-1, *[1] * (weight.dim() - 1))
 
 
+class PeftKeysState:
+    """PEFT's tensors of a LyCORIS adapter are its own attributes, named as `peft_keys` (those it has: a factor
+    may be one tensor or a low-rank pair)."""
+
+    peft_keys: tuple[str, ...]
+
+    def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
+        return {k: getattr(self, k).detach() for k in self.peft_keys if hasattr(self, k)}
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, Tensor], base: nn.Module) -> None:
+        for key, value in state.items():
+            getattr(self, key).copy_(value)
+
+
 def apply_update(x: Tensor, weight: Tensor, base: nn.Module, kind: str) -> Tensor:
     """The layer's map with weight `weight` and no bias: what an additive update ΔW contributes to the output."""
     x = x.to(weight.dtype)
