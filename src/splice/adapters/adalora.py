@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
-from splice.adapters.importance import Sensitivity, orthogonality
+from splice.adapters.importance import Sensitivity, check_importance_fields, orthogonality
 from splice.adapters.lora import lora_update, module_dims
 from splice.adapters.registry import register
 from splice.delta.forms import Delta
@@ -65,13 +65,7 @@ class AdaLoraConfig(AdapterConfig):
                 raise SpliceError(f"{name}: must be a positive integer, got {value!r}")
         if self.target_r > self.init_r:
             raise SpliceError(f"target_r: {self.target_r} is larger than init_r {self.init_r}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 < float(getattr(self, name)) < 1.0:
-                raise SpliceError(f"{name}: must be in (0, 1), got {getattr(self, name)!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise SpliceError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
-        if float(self.orth_reg_weight) < 0:
-            raise SpliceError(f"orth_reg_weight: must be ≥ 0, got {self.orth_reg_weight!r}")
+        check_importance_fields(self)
         if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
             raise SpliceError(f"tinit: {self.tinit} leaves no steps to allocate ranks in (total_step "
                               f"{self.total_step}, tfinal {self.tfinal})")

@@ -12,8 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from splice.errors import SpliceError
+
+
+def check_importance_fields(config: Any) -> None:
+    """One line for the fields both rank-adaptive configs have: the EMA betas, dropout, the regulariser weight."""
+    for name in ("beta1", "beta2"):
+        if not 0.0 < float(getattr(config, name)) < 1.0:
+            raise SpliceError(f"{name}: must be in (0, 1), got {getattr(config, name)!r}")
+    if not 0.0 <= float(config.lora_dropout) < 1.0:
+        raise SpliceError(f"lora_dropout: must be in [0, 1), got {config.lora_dropout!r}")
+    if float(config.orth_reg_weight) < 0:
+        raise SpliceError(f"orth_reg_weight: must be ≥ 0, got {config.orth_reg_weight!r}")
 
 
 class Sensitivity:

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
-from splice.adapters.importance import Sensitivity, orthogonality
+from splice.adapters.importance import Sensitivity, check_importance_fields, orthogonality
 from splice.adapters.lora import linear_weight, lora_update, module_dims
 from splice.adapters.ops import lora_linear
 from splice.adapters.registry import register
@@ -118,13 +118,7 @@ class IncreLoraConfig(AdapterConfig):
             raise SpliceError(f"tinit: must be a non-negative integer or null, got {self.tinit!r}")
         if self.max_r is not None and self.max_r < self.r:
             raise SpliceError(f"max_r: {self.max_r} is smaller than r {self.r}, so the budget could not be spent")
-        for name in ("beta1", "beta2"):
-            if not 0.0 < float(getattr(self, name)) < 1.0:
-                raise SpliceError(f"{name}: must be in (0, 1), got {getattr(self, name)!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise SpliceError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
-        if float(self.orth_reg_weight) < 0:
-            raise SpliceError(f"orth_reg_weight: must be ≥ 0, got {self.orth_reg_weight!r}")
+        check_importance_fields(self)
         if not isinstance(self.advance_learning, bool):
             raise SpliceError(f"advance_learning: must be true or false, got {self.advance_learning!r}")
 
