@@ -264,8 +264,12 @@ def test_fisher_is_elementwise_and_floored():
 def test_fisher_missing_statistics():
     thetas = models3()
     torch.testing.assert_close(run("fisher", thetas, extras={"fisher": [None] * 3}), sum(thetas) / 3)
-    with pytest.raises(SpliceError, match=r"model\(s\) \[1\]"):
+    with pytest.raises(SpliceError, match=r"no Fisher tensor for model\(s\) \[1\]"):
         run("fisher", thetas, extras={"fisher": [torch.ones(4, 5), None, torch.ones(4, 5)]})
+    with pytest.raises(SpliceError, match=r"a Fisher tensor for 2 models, but 3 models to merge"):
+        run("fisher", thetas, extras={"fisher": [torch.ones(4, 5)] * 2})
+    with pytest.raises(SpliceError, match=r"no Gram matrix for model\(s\) \[0\]"):
+        run("regmean", [t[:, :4] for t in thetas], extras={"gram": [None, torch.eye(4), torch.eye(4)]})
 
 
 # ----------------------------------------------------------------------------------------------- RegMean

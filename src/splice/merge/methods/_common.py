@@ -34,6 +34,21 @@ def per_model(method: str, name: str, value: Any, n: int, ctx: TensorContext | N
     return values
 
 
+def calibration_extras(ctx: TensorContext, key: str, what: str, n: int) -> list[Tensor] | None:
+    """Each model's calibration statistic `key` for this tensor (None when no model has one); one line when only
+    some models have it, since a merge weighted by it would silently treat the others as unweighted."""
+    found = ctx.extras.get(key)
+    if found is None or all(f is None for f in found):
+        return None
+    if len(found) != n:
+        raise SpliceError(f"{ctx.name}: a {what} for {len(found)} models, but {n} models to merge")
+    missing = [i for i, f in enumerate(found) if f is None]
+    if missing:
+        raise SpliceError(f"{ctx.name}: no {what} for model(s) {missing} (the others have one); "
+                          f"calibrate every model on the same data")
+    return found
+
+
 def model_weights(tensors: Sequence[Tensor], weight: Sequence[float] | None, ctx: TensorContext) -> list[float]:
     """Per-model weights (default 1) after checking there are inputs, one weight each, and equal shapes."""
     if not tensors:

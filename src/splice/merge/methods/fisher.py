@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from splice.errors import SpliceError
-from splice.merge.methods._common import model_weights
+from splice.merge.methods._common import calibration_extras, model_weights
 from splice.merge.methods.registry import Param, TensorContext, merge_method
 
 
@@ -48,15 +48,9 @@ def fisher(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContext, ep
            weight: list[float] | None = None, **_: object) -> Tensor:
     """Element-wise Fisher-weighted average of the models' tensors."""
     weights = model_weights(tensors, weight, ctx)
-    fishers = ctx.extras.get("fisher")
-    if fishers is None or all(f is None for f in fishers):
+    fishers = calibration_extras(ctx, "fisher", "Fisher tensor", len(tensors))
+    if fishers is None:
         return weighted_average(tensors, weights).to(tensors[0].dtype)
-    if len(fishers) != len(tensors):
-        raise SpliceError(f"{ctx.name}: {len(fishers)} Fisher tensors for {len(tensors)} models")
-    missing = [i for i, f in enumerate(fishers) if f is None]
-    if missing:
-        raise SpliceError(f"{ctx.name}: no Fisher information for model(s) {missing} (the others have one); "
-                          f"calibrate every model on the same data")
     if epsilon <= 0:
         raise SpliceError(f"fisher epsilon must be positive, got {epsilon}")
     num = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)

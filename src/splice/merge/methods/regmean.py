@@ -32,7 +32,7 @@ from torch import Tensor
 
 from splice.errors import SpliceError, closest
 from splice.merge.methods.fisher import weighted_average
-from splice.merge.methods._common import model_weights
+from splice.merge.methods._common import calibration_extras, model_weights
 from splice.merge.methods.registry import Param, TensorContext, merge_method
 
 LAYOUTS = ("out_in", "in_out")
@@ -88,15 +88,9 @@ def regmean(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContext, a
     if not 0.0 <= alpha <= 1.0:
         raise SpliceError(f"regmean alpha must be in [0, 1], got {alpha}")
     weights = model_weights(tensors, weight, ctx)
-    grams = ctx.extras.get("gram")
-    if grams is None or all(g is None for g in grams) or tensors[0].dim() != 2:
+    grams = calibration_extras(ctx, "gram", "Gram matrix", len(tensors))
+    if grams is None or tensors[0].dim() != 2:
         return weighted_average(tensors, weights).to(tensors[0].dtype)
-    if len(grams) != len(tensors):
-        raise SpliceError(f"{ctx.name}: {len(grams)} Gram matrices for {len(tensors)} models")
-    missing = [i for i, g in enumerate(grams) if g is None]
-    if missing:
-        raise SpliceError(f"{ctx.name}: no Gram matrix for model(s) {missing} (the others have one); "
-                          f"calibrate every model on the same data")
     n_in = grams[0].shape[0]
     for i, g in enumerate(grams):
         if g.dim() != 2 or g.shape != (n_in, n_in):
