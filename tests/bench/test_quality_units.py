@@ -206,3 +206,14 @@ def test_compute_left_costs_each_missing_cell_at_its_rows_median():
                                       "mergekit": {"cell_seconds": 30}},
                              "slerp": {"splice": None, "mergekit": None}}}}
     assert _remaining_seconds(r) == 300 + 3 * 300 + (50 + 20 + 30)
+
+
+def test_report_names_the_command_lines_that_computed_cells_with_their_shards():
+    from splice.bench.report import _invocations
+
+    cmd = "splice bench quality --profile full --threads 1"
+    runs = [{"command": cmd, "cells": 9},                                   # before shards existed
+            {"command": cmd, "shard": "0/2", "cells": 2}, {"command": cmd, "shard": "0/2", "cells": 1},
+            {"command": cmd, "shard": "1/2", "cells": 3}, {"command": cmd, "shard": "1/2", "cells": 0}]
+    assert _invocations(runs) == (f"`{cmd}` (1 invocation); `{cmd} --shard 0/2` (2 invocations); "
+                                  f"`{cmd} --shard 1/2` (1 invocation)")

@@ -193,6 +193,15 @@ def machine(runs: list[dict[str, Any]]) -> str:
             f"{' or '.join(map(str, counts))} thread(s) per invocation, python {platform.python_version()}")
 
 
+def _invocations(runs: list[dict[str, Any]]) -> str:
+    """The distinct command lines that computed cells (with their shard), and how many times each ran."""
+    from collections import Counter
+
+    counts = Counter(x.get("command", "") + (f" --shard {x['shard']}" if x.get("shard", "0/1") != "0/1" else "")
+                     for x in runs if x.get("cells"))
+    return "; ".join(f"`{cmd}` ({n} invocation{'s' if n > 1 else ''})" for cmd, n in counts.items()) or "nothing yet"
+
+
 def wall_seconds(runs: list[dict[str, Any]]) -> float:
     """Seconds covered by the invocations' [start, start + seconds] intervals (overlapping shards counted once)."""
     import calendar
@@ -225,6 +234,7 @@ def write_report(r: dict[str, Any], out: Path, profile: Profile, command: str) -
              "(the probe row) and frozen, so merged encoders are scored with each task's own head.", "",
              f"Reproduce: `{command or f'splice bench quality --profile {profile.name}'}` "
              "(re-running resumes from the cache; `--max-minutes` bounds one chunk).", "",
+             f"Computed by: {_invocations(runs)}.", "",
              f"Machine: {machine(runs)}. Shared with other developers' jobs while it ran, so times are contended.",
              f"Wall time: {wall / 60:.1f} min; {total / 60:.1f} min of invocations ({len(runs)}, "
              f"{sum(x['cells'] for x in runs)} cells computed; shards run side by side on separate cores).", "",
