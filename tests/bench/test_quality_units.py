@@ -217,3 +217,25 @@ def test_report_names_the_command_lines_that_computed_cells_with_their_shards():
             {"command": cmd, "shard": "1/2", "cells": 3}, {"command": cmd, "shard": "1/2", "cells": 0}]
     assert _invocations(runs) == (f"`{cmd}` (1 invocation); `{cmd} --shard 0/2` (2 invocations); "
                                   f"`{cmd} --shard 1/2` (1 invocation)")
+
+
+def test_merge_verdicts_say_which_merges_beat_the_probe_and_where_mergekit_differs():
+    from splice.bench.report import _merge_verdicts
+
+    def merged(mean, lam, test):
+        return {"mean": mean, "normalized": mean / 0.8, "test": test, "setting": {"parameters": {"lambda": lam}},
+                "grid": [{}, {}]}
+    r = {"tasks": ["a", "b"], "adapt": {"probe": {"cells": {"a": {"accuracy": 0.8}, "b": {"accuracy": 0.8}}}},
+         "merges": {"lora": {
+             "ties": {"splice": merged(0.85, 0.3, {"a": 0.9, "b": 0.8}),
+                      "mergekit": {"mean": 0.85, "test": {"a": 0.9, "b": 0.8}}},
+             "dare_ties": {"splice": merged(0.75, 1.0, {"a": 0.7, "b": 0.8}),
+                           "mergekit": {"mean": 0.76, "test": {"a": 0.72, "b": 0.8}}},
+             "slerp": {"splice": {"error": "SpliceError: slerp takes two models"}, "mergekit": None},
+             "tsv": {"splice": None, "mergekit": None}}}}
+    lines = _merge_verdicts(r, "lora", (0.3, 0.6, 1.0))
+    assert lines[0].startswith("- 1 of the 2 merges finished so far beat the frozen probe's mean (80.0") and \
+        ": ties;" in lines[0] and "Best: ties, 85.0 mean" in lines[0]
+    assert "smallest λ (0.3): ties." in lines[1]
+    assert lines[2] == ("- mergekit's merge of the same inputs with the same setting scores the same on every task "
+                        "for 1 of 2 methods; it differs on dare_ties (+1.00 mean).")

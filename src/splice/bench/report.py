@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from splice.bench.arms import PROBE
@@ -100,6 +101,39 @@ def _merge_table(r: dict[str, Any], kind: str) -> list[str]:
             lines.append(f"| {method} | {impl} | {_setting(c['setting'])} | " + " | ".join(_pct(v) for v in accs) +
                          f" | {_pct(c['mean'])} | {_pct(c['normalized'])} |")
     return lines
+
+
+def _signed(v: float) -> str:
+    return f"{100 * v:+.2f}"
+
+
+def _merge_verdicts(r: dict[str, Any], kind: str, lambdas: Sequence[float]) -> list[str]:
+    """What the finished merges of one kind show: which beat the frozen probe, the best one, λ at the grid's edge,
+    and where mergekit's merge of the same inputs scores differently."""
+    probe = _mean(arm_accuracies(r["adapt"][PROBE], r["tasks"]))
+    done = {m: c["splice"] for m, c in r["merges"][kind].items() if c["splice"] and "error" not in c["splice"]}
+    if not done or probe is None:
+        return []
+    beat = [m for m, c in done.items() if c["mean"] > probe]
+    best = max(done, key=lambda m: done[m]["normalized"])
+    out = [f"- {len(beat)} of the {len(done)} merges finished so far beat the frozen probe's mean ({_pct(probe)}, "
+           f"the base encoder with the task heads){': ' + ', '.join(beat) if beat else ''}; the others do NOT. "
+           f"Best: {best}, {_pct(done[best]['mean'])} mean, {_pct(done[best]['normalized'])} normalized."]
+    low = [m for m, c in done.items() if c["setting"].get("parameters", {}).get("lambda") == min(lambdas)
+           and len(c.get("grid", [])) > 1]
+    if low:
+        out.append(f"- {len(low)} of them chose the grid's smallest λ ({min(lambdas):g}): {', '.join(low)}. Validation "
+                   "asks for less of the task vectors than the grid offers (λ → 0 is the probe row).")
+    both = [m for m in done if (r["merges"][kind][m]["mergekit"] or {}).get("test")]
+    differ = [m for m in both if any(abs(done[m]["test"][t] - r["merges"][kind][m]["mergekit"]["test"][t]) > 1e-9
+                                     for t in r["tasks"])]
+    diff = {m: r["merges"][kind][m]["mergekit"]["mean"] - done[m]["mean"] for m in differ}
+    if both:
+        out.append(f"- mergekit's merge of the same inputs with the same setting scores the same on every task for "
+                   f"{len(both) - len(differ)} of {len(both)} methods"
+                   + (f"; it differs on {', '.join(f'{m} ({_signed(diff[m])} mean)' for m in differ)}"
+                      if differ else "") + ".")
+    return out
 
 
 def _missing(r: dict[str, Any]) -> list[str]:
@@ -261,6 +295,7 @@ def write_report(r: dict[str, Any], out: Path, profile: Profile, command: str) -
                   "mergekit runs that same setting on the same model folders. mergekit 0.1.5 cannot plan a BERT as "
                   "it ships (a list + tuple TypeError on the pooler's aliases in mergekit/plan.py), so the benchmark "
                   "hands it the aliases as a list while it runs; its merge math is untouched.", ""] + _merge_table(r, kind)
+        lines += [""] + _merge_verdicts(r, kind, profile.lambdas)
     missing = _missing(r)
     lines += ["", "## Not run", ""] + (missing or ["- nothing: every cell finished"])
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
