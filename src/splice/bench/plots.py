@@ -26,25 +26,40 @@ def plot_all(r: dict[str, Any], out: Path, stem: str) -> list[Path]:
 
 
 def per_task(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
-    """Grouped bars: test accuracy of every arm (and baseline) on every task."""
-    from splice.bench.report import arm_accuracies
+    """A heat map, one row per arm (and baseline), one column per task and the mean: each cell prints the test
+    accuracy and is coloured by its difference from the frozen probe on that task (red below, blue above), so that
+    dozens of methods stay readable side by side. Cells not run yet are blank."""
+    import numpy as np
+
+    from splice.bench.report import _mean, arm_accuracies
 
     tasks = r["tasks"]
     rows = [(f"{k} baseline", [r["baselines"][k][t] for t in tasks]) for k in r["baselines"]]
     rows += [(f"{row['label']} ({row['impl']})" if row["impl"] != "-" else row["label"], arm_accuracies(row, tasks))
              for row in r["adapt"].values()]
-    rows = [(n, v) for n, v in rows if any(a is not None for a in v)]
-    if not rows:
+    rows = [(n, v + [_mean(v)]) for n, v in rows if any(a is not None for a in v)]
+    probe = next((v for n, v in rows if n == "head-only probe"), None)
+    if not rows or probe is None:
         return None
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tasks)), 5))
-    width = 0.8 / len(rows)
-    for i, (name, accs) in enumerate(rows):
-        xs = [j + i * width for j, a in enumerate(accs) if a is not None]
-        ax.bar(xs, [100 * a for a in accs if a is not None], width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20, ha="right")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Accuracy per method and task ({r['profile']} profile)")
-    ax.legend(fontsize=7, ncol=2)
+    acc = np.array([[np.nan if a is None else 100 * a for a in v] for _, v in rows])
+    ref = np.array([np.nan if a is None else 100 * a for a in probe])
+    diff = acc - ref[None, :]
+    fig, ax = plt.subplots(figsize=(1.1 * (len(tasks) + 1) + 3, 0.26 * len(rows) + 1.6))
+    cmap = plt.get_cmap("RdBu").copy()
+    cmap.set_bad("white")
+    limit = max(5.0, float(np.nanmax(np.abs(diff[2:]))) if np.isfinite(diff[2:]).any() else 5.0)
+    image = ax.imshow(np.ma.masked_invalid(diff), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
+    for i in range(acc.shape[0]):
+        for j in range(acc.shape[1]):
+            if np.isfinite(acc[i, j]):
+                ax.text(j, i, f"{acc[i, j]:.1f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if abs(diff[i, j]) > 0.6 * limit else "black")
+    ax.set_xticks(range(len(tasks) + 1), [*tasks, "mean"], rotation=25, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_title(f"Test accuracy per method and task ({r['profile']} profile); colour: points above (blue) or below "
+                 "(red) the frozen probe", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="accuracy − probe's (points)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -83,26 +98,34 @@ def merges(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
 
 
 def vs_params(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
-    """Mean test accuracy against trainable parameters (log scale), one point per arm with every task done."""
+    """Test accuracy against trainable parameters (log scale): on the left the mean over the tasks, one point per arm
+    with every task done; on the right the first task (the quickstart's), one point per arm trained there."""
     from splice.bench.report import _mean, arm_accuracies
 
-    points = []
-    for row in r["adapt"].values():
-        mean = _mean(arm_accuracies(row, r["tasks"]))
-        params = max((c["trainable"] for c in row["cells"].values() if c), default=None)
-        if mean is not None and params:
-            points.append((row["label"] + ("" if row["impl"] == "-" else f" ({row['impl']})"), params, 100 * mean))
-    if not points:
+    def label(row: dict[str, Any]) -> str:
+        return row["label"] + ("" if row["impl"] == "-" else f" ({row['impl']})")
+
+    def params(row: dict[str, Any]) -> int | None:
+        return max((c["trainable"] for c in row["cells"].values() if c), default=None)
+
+    first = r["tasks"][0]
+    panels = [("mean over the tasks", [(label(row), params(row), _mean(arm_accuracies(row, r["tasks"])))
+                                       for row in r["adapt"].values()]),
+              (first, [(label(row), params(row), arm_accuracies(row, r["tasks"])[0]) for row in r["adapt"].values()])]
+    panels = [(title, [(n, p, 100 * a) for n, p, a in pts if p and a is not None]) for title, pts in panels]
+    if not panels[1][1]:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, params, acc) in enumerate(points):
-        ax.scatter(params, acc)
-        # staggered labels: arms with the same parameter count and accuracy would print on top of each other
-        ax.annotate(name, (params, acc), fontsize=7, xytext=(4, 2 - 9 * (i % 3)), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("mean test accuracy (%)")
-    ax.set_title(f"Accuracy vs trainable parameters ({r['profile']} profile)")
+    fig, axes = plt.subplots(1, 2, figsize=(15, 7))
+    for ax, (title, points) in zip(axes, panels):
+        for i, (name, count, acc) in enumerate(points):
+            ax.scatter(count, acc, s=14)
+            # staggered labels: arms with the same parameter count and accuracy would print on top of each other
+            ax.annotate(name, (count, acc), fontsize=6, xytext=(3, 2 - 6 * (i % 3)), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(f"test accuracy (%), {title}")
+        ax.set_title(f"{title}: {len(points)} arm(s)", fontsize=10)
+    fig.suptitle(f"Accuracy vs trainable parameters ({r['profile']} profile)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
