@@ -45,8 +45,7 @@ def per_task(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
     ref = np.array([np.nan if a is None else 100 * a for a in probe])
     diff = acc - ref[None, :]
     fig, ax = plt.subplots(figsize=(1.1 * (len(tasks) + 1) + 3, 0.26 * len(rows) + 1.6))
-    cmap = plt.get_cmap("RdBu").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="white")
     limit = max(5.0, float(np.nanmax(np.abs(diff[2:]))) if np.isfinite(diff[2:]).any() else 5.0)
     image = ax.imshow(np.ma.masked_invalid(diff), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
     for i in range(acc.shape[0]):
