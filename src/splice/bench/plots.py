@@ -75,7 +75,8 @@ def merges(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
         probe = arm_accuracies(r["adapt"][PROBE], r["tasks"])
         own = arm_accuracies(r["adapt"][MERGE_INPUTS[kind]], r["tasks"])
         if any(c["splice"] for c in methods.values()) and None not in probe + own:
-            bars.append((f"base encoder + task heads [{kind}]", 100 * sum(p / o for p, o in zip(probe, own)) / len(own)))
+            normalized = sum(p / o for p, o in zip(probe, own)) / len(own)
+            bars.append((f"base encoder + task heads [{kind}]", 100 * normalized))
         for method, cells in methods.items():
             for impl, c in cells.items():
                 if c and "error" not in c:
@@ -83,7 +84,8 @@ def merges(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(bars))))
-    ax.barh([b[0] for b in bars], [b[1] for b in bars], color=["grey" if "base encoder" in b[0] else "C0" if "splice" in b[0] else "C1" for b in bars])
+    colours = ["grey" if "base encoder" in b[0] else "C0" if "splice" in b[0] else "C1" for b in bars]
+    ax.barh([b[0] for b in bars], [b[1] for b in bars], color=colours)
     ax.axvline(100, color="grey", lw=0.8, ls="--")
     values = [b[1] for b in bars]
     ax.set_xlim(min(min(values), 100) - 3, max(max(values), 100) + 2)  # from 0 the differences would not show

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from splice.bench.arms import PROBE
@@ -281,8 +281,8 @@ def write_report(r: dict[str, Any], out: Path, profile: Profile, command: str) -
     lines += ["", "## Adapters", "", "Trainable params: the adapter's (the frozen head excluded); for the probe, the "
               "head's on the task with most classes. s/step: mean seconds per training step (batch "
               f"{profile.batch_size}), contended. Peak RSS: the whole benchmark process (base model and data "
-              "included) while the cell trained. PEFT rows: the LoRA and DoRA configs, trained by PEFT in the same loop; "
-              "the other methods PEFT also has are compared with PEFT elsewhere, numerically (tests/adapters/"
+              "included) while the cell trained. PEFT rows: the LoRA and DoRA configs, trained by PEFT in the same "
+              "loop; the other methods PEFT also has are compared with PEFT elsewhere, numerically (tests/adapters/"
               "*peft_parity.py, outputs within 1e-5) and for step time and memory (bench/RESULTS.md), so they "
               "are not trained twice here.", ""]
     lines += _adapter_table(r) + [""] + (_verdicts(r) or ["- nothing trained yet"])
