@@ -243,6 +243,16 @@ def test_multislerp_antipodal_pair_falls_back_to_weighted_sum_like_mergekit():
     assert_close(ours("multislerp", None, [a, -a], **params), theirs("multislerp", None, [a, -a], **params))
 
 
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_multislerp_of_inputs_that_all_equal_the_base_is_the_base(n):
+    """A tensor no fine-tune changed (every LoRA merge has many): mergekit 0.1.5 raises for n > 2 (zero mean
+    direction); the only consistent answer is the base itself, unchanged."""
+    base, _ = rand((4, 3), 1, seed=11)
+    out = ours("multislerp", base, [base.clone() for _ in range(n)], weight=[1.0] * n)
+    assert torch.equal(out, base)
+    assert torch.equal(ours("multislerp", None, [torch.zeros(4, 3)] * n, weight=[1.0] * n), torch.zeros(4, 3))
+
+
 @pytest.mark.parametrize("max_iter,tol", [(10, 1e-5), (2, 1e-5), (50, 1e-7)])
 @pytest.mark.parametrize("n", [2, 3, 4])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -9,8 +9,9 @@ base is given), their norms r_i and unit vectors u_i = x_i / (r_i + ε):
     θ = (cos ‖v‖ μ + sin ‖v‖ v/‖v‖) · Σ_i w_i r_i      # exp map back to the sphere, at the mean norm
     (+ θ_0 when a base is given)
 
-One input is returned as it is. If Σ_i w_i u_i vanishes (antipodal inputs with balancing weights), two inputs fall
-back to their weighted sum and more are an error. Computed in the input dtype with ε = 1e-8, as mergekit 0.1.5.
+One input is returned as it is, and so is a tensor every input leaves at the base (all x_i = 0; mergekit raises
+there, which fails every merge of LoRA fine-tunes, whose other tensors are the base's). If Σ_i w_i u_i vanishes
+otherwise (antipodal inputs with balancing weights), two inputs fall back to their weighted sum and more are an error. Computed in the input dtype with ε = 1e-8, as mergekit 0.1.5.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def multislerp(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContext
     if normalize_weights:
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)  # (N, 1)
+    if not norms.any():  # every input is the base (a tensor no fine-tune changed): nothing to interpolate
+        return x[0] if base is None else base.to(dtype)
     units = flat / (norms + eps)
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = torch.norm(mean)
