@@ -28,10 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
-from splice.adapters.extras import RememberedMerge
+from splice.adapters.extras import RotatedWeight
 from splice.adapters.oft import cayley
 from splice.adapters.registry import register
-from splice.delta.forms import Delta, Dense
 from splice.errors import SpliceError
 
 
@@ -110,7 +109,7 @@ def butterfly_permutation(n: int, block_size: int, level: int) -> Tensor:
 
 
 @register("boft", config=BOFTConfig, reference="https://arxiv.org/abs/2311.06243")
-class BOFTAdapter(RememberedMerge, nn.Module):
+class BOFTAdapter(RotatedWeight, nn.Module):
     """One BOFT adapter (a product of permuted block-diagonal rotations of the inputs, and an output scale) on one
     nn.Linear."""
 
@@ -202,10 +201,6 @@ class BOFTAdapter(RememberedMerge, nn.Module):
     def rotated_weight(self, base: nn.Module) -> Tensor:
         """diag(s) W₀ Rᵀ: every row of W₀ times Rᵀ, then scaled by its s."""
         return self.rotate(base.weight.to(self.boft_R.dtype), transpose=True) * self.boft_s
-
-    def delta(self, base: nn.Module) -> dict[str, Delta]:
-        with torch.no_grad():
-            return {"weight": Dense((self.rotated_weight(base) - base.weight).to(base.weight.dtype))}
 
     def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
         return {"boft_R": self.boft_R.detach(), "boft_s": self.boft_s.detach()}

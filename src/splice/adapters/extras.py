@@ -1,6 +1,6 @@
 """Two adapters every method can ask for: a trained copy of a whole module (`modules_to_save`, e.g. a
 classifier head) and a trained bias (the `bias` option). Both satisfy the same `Adapter` protocol as LoRA. And the
-merge of a method whose update depends on the base weight (`RememberedMerge`)."""
+merge of a method whose update depends on the base weight (`RememberedMerge`, `RotatedWeight`)."""
 from __future__ import annotations
 
 import copy
@@ -85,3 +85,12 @@ class RememberedMerge:
     @torch.no_grad()
     def unmerge(self, base: nn.Module, update: Tensor) -> None:
         base.weight.sub_(update)
+
+
+class RotatedWeight(RememberedMerge):
+    """An adapter that rewrites W₀ as a whole (`rotated_weight(base)`: OFT, BOFT): its delta is the dense
+    difference, and its merge remembers what it added."""
+
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        with torch.no_grad():
+            return {"weight": Dense((self.rotated_weight(base) - base.weight).to(base.weight.dtype))}

@@ -25,9 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
-from splice.adapters.extras import RememberedMerge
+from splice.adapters.extras import RotatedWeight
 from splice.adapters.registry import register
-from splice.delta.forms import Delta, Dense
 from splice.errors import SpliceError
 
 
@@ -111,7 +110,7 @@ def cayley(Q: Tensor, neumann_terms: int | None) -> Tensor:
 
 
 @register("oft", config=OFTConfig, reference="https://arxiv.org/abs/2306.07280")
-class OFTAdapter(RememberedMerge, nn.Module):
+class OFTAdapter(RotatedWeight, nn.Module):
     """One OFT adapter (block-diagonal rotation of the inputs) on one nn.Linear."""
 
     peft_keys: ClassVar[tuple[str, ...]] = ("oft_R.weight",)
@@ -178,10 +177,6 @@ class OFTAdapter(RememberedMerge, nn.Module):
         W = base.weight.to(self.weight.dtype)
         blocks = W.reshape(W.shape[0], self.n, self.b)
         return torch.einsum("orc,rkc->ork", blocks, self.rotations()).reshape(W.shape)
-
-    def delta(self, base: nn.Module) -> dict[str, Delta]:
-        with torch.no_grad():
-            return {"weight": Dense((self.rotated_weight(base) - base.weight).to(base.weight.dtype))}
 
     def peft_state(self, base: nn.Module) -> dict[str, Tensor]:
         return {"oft_R.weight": self.weight.detach()}
