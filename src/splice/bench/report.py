@@ -124,10 +124,10 @@ def _merge_verdicts(r: dict[str, Any], kind: str, lambdas: Sequence[float]) -> l
     if low:
         out.append(f"- {len(low)} of them chose the grid's smallest λ ({min(lambdas):g}): {', '.join(low)}. Validation "
                    "asks for less of the task vectors than the grid offers (λ → 0 is the probe row).")
-    both = [m for m in done if (r["merges"][kind][m]["mergekit"] or {}).get("test")]
-    differ = [m for m in both if any(abs(done[m]["test"][t] - r["merges"][kind][m]["mergekit"]["test"][t]) > 1e-9
-                                     for t in r["tasks"])]
-    diff = {m: r["merges"][kind][m]["mergekit"]["mean"] - done[m]["mean"] for m in differ}
+    theirs = {m: r["merges"][kind][m]["mergekit"] for m in done if (r["merges"][kind][m]["mergekit"] or {}).get("test")}
+    both = list(theirs)
+    differ = [m for m in both if any(abs(done[m]["test"][t] - theirs[m]["test"][t]) > 1e-9 for t in r["tasks"])]
+    diff = {m: theirs[m]["mean"] - done[m]["mean"] for m in differ}
     if both:
         out.append(f"- mergekit's merge of the same inputs with the same setting scores the same on every task for "
                    f"{len(both) - len(differ)} of {len(both)} methods"
