@@ -425,6 +425,9 @@ def bench_quality(
                                               "(8 tasks, 2,000 / 1,000 examples, 3 epochs)."),
     cache: Optional[Path] = typer.Option(None, help="Data, fine-tunes and finished cells (default "
                                                     "$SPLICE_BENCH_CACHE or ~/.cache/splice/bench)."),
+    cells: Optional[Path] = typer.Option(None, help="Keep finished cells, the run log and task heads here "
+                                                    "(small files to commit, so a long profile resumes on another "
+                                                    "machine) instead of in the cache."),
     out: Path = typer.Option(Path("bench/results"), help="Folder for the markdown report and PNG plots."),
     max_minutes: Optional[float] = typer.Option(None, help="Start no new cell after this many minutes; "
                                                            "a re-run resumes from the cache."),
@@ -455,8 +458,9 @@ def bench_quality(
         torch.set_num_threads(threads)
     command = " ".join(["splice bench quality", f"--profile {profile}"] +
                        ([f"--threads {threads}"] if threads is not None else []) +
+                       ([f"--cells {cells}"] if cells is not None else []) +
                        ([] if mergekit else ["--no-mergekit"]))
-    run_quality(profile, cache=cache, out=out, max_minutes=max_minutes, progress=progress, mergekit=mergekit,
+    run_quality(profile, cache=cache, cells=cells, out=out, max_minutes=max_minutes, progress=progress, mergekit=mergekit,
                 command=command, report_only=report_only, log=lambda line: typer.echo(line, err=True),
                 shard=(shard_i, shard_n))
 

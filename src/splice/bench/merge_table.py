@@ -33,6 +33,21 @@ def method_order() -> list[str]:
     return [m for m in MERGE_FIRST if m in names] + [m for m in names if m not in MERGE_FIRST]
 
 
+def merges_pending(ctx: Any, kind: str) -> bool:
+    """Whether some merge-table cell of this kind of delta (splice's, or mergekit's where it has the method) is not
+    finished yet, so the fine-tunes it merges are still needed."""
+    from splice.bench.merging import mergekit_methods
+
+    for method in method_order():
+        chosen = ctx.store.get(f"merge/{kind}/{method}/test")
+        if chosen is None:
+            return True
+        if (ctx.mergekit and "error" not in chosen and method in mergekit_methods()
+                and ctx.store.get(f"mergekit/{kind}/{method}") is None):
+            return True
+    return False
+
+
 def run_merges(ctx: Any) -> None:
     from splice.bench.quality import MERGE_INPUTS
 

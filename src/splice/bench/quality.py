@@ -3,13 +3,14 @@
 `run(profile)` fills a cell cache (see `Store`) in priority order and writes the markdown report and plots from
 whatever has finished, so a long profile can run in chunks (`max_minutes`) and each chunk resumes where the last
 stopped. Order (see `run_all`): baselines and task heads (the probe), the two merge inputs (splice LoRA q,v and full
-fine-tuning) on every task, every other arm on the first task, the merge table, then the rest of the adapter table.
+fine-tuning) on every task, the merge table, every other arm on the first task, then the rest of the adapter table.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ class Context:
         return (self.adapter_cells - 1) % n == i
 
     def head(self, task: str) -> Path:
-        return self.root / "heads" / f"{task}.safetensors"
+        return self.store.root / "heads" / f"{task}.safetensors"  # beside the cells: every cell is scored with it
 
     def check_time(self) -> None:
         # Every invocation computes at least one cell, so even a tiny budget makes progress.
@@ -145,6 +146,7 @@ def run_baselines(ctx: Context) -> None:
 def run_adapters(ctx: Context, todo: list[Arm], tasks: list[Task]) -> None:
     """Train each arm on each task (arm by arm), caching each (task, arm) cell."""
     from splice.bench import cells
+    from splice.bench.merge_table import merges_pending
     from splice.train.loop import TrainConfig
 
     p = ctx.profile
@@ -155,7 +157,8 @@ def run_adapters(ctx: Context, todo: list[Arm], tasks: list[Task]) -> None:
         kind = next((k for k, v in MERGE_INPUTS.items() if v == arm.key and k in p.merge_kinds), None)
         for task in tasks:
             save = ctx.root / "finetunes" / kind / task.name if kind else None
-            if save is not None and not (save / "config.json").is_file():
+            if save is not None and not (save / "config.json").is_file() and merges_pending(ctx, kind):
+                # the merge table still needs this fine-tune's weights, which live only in the cache folder
                 ctx.store.root.joinpath("cells", "adapt", task.name, f"{arm.key}.json").unlink(missing_ok=True)
             key = f"adapt/{task.name}/{arm.key}"
             if not ctx.mine() and ctx.store.get(key) is None:
@@ -166,8 +169,8 @@ def run_adapters(ctx: Context, todo: list[Arm], tasks: list[Task]) -> None:
 
 def run_all(ctx: Context) -> None:
     """Every cell, in the order that makes a partial run most useful: the baselines, the merge inputs on every
-    task, every other arm on the first task (the quickstart task, so each method's row starts there), the merge
-    table, then the other arms on the remaining tasks."""
+    task, the merge table (while the fine-tunes it merges are on disk), every other arm on the first task (the
+    quickstart task, so each method's row starts there), then the other arms on the remaining tasks."""
     from splice.bench.merge_table import run_merges
 
     run_baselines(ctx)
@@ -175,14 +178,14 @@ def run_all(ctx: Context) -> None:
     inputs = [a for a in trained if a.key in MERGE_INPUTS.values()]
     others = [a for a in trained if a.key not in MERGE_INPUTS.values()]
     run_adapters(ctx, inputs, ctx.tasks)
-    run_adapters(ctx, others, ctx.tasks[:1])
     if ctx.shard[0] == 0:  # merges wait for every shard's fine-tunes; the first shard runs them
         run_merges(ctx)
+    run_adapters(ctx, others, ctx.tasks[:1])
     run_adapters(ctx, others, ctx.tasks[1:])
 
 
 def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Path | None = None,
-        out: Path | None = None,
+        cells: Path | None = None, out: Path | None = None,
         max_minutes: float | None = None, progress: bool = True, mergekit: bool = True,
         command: str = "", report_only: bool = False, log: Callable[[str], None] = print,
         shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
@@ -193,6 +196,10 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
         cache: the cache folder (data, fine-tunes, finished cells); default `default_cache()`.
         work: where this profile's fine-tunes and finished cells go (default: a folder of `cache` named after the
             profile and a digest of its settings); a fresh folder re-runs every cell on the cached data.
+        cells: keep the finished cells, the invocation log and the task heads in a folder of `cells` named like
+            the work folder instead of in the work folder: small files that can be committed, so a profile longer
+            than one machine's life resumes on the next machine (the fine-tunes stay in the work folder and are
+            re-trained there only while a merge still needs them).
         out: where quality.md and the PNG plots go; default bench/results under the current folder.
         max_minutes: start no new cell after this many minutes (the report covers what finished).
         mergekit: also score mergekit's merge of the same deltas where mergekit has the method.
@@ -206,13 +213,13 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
     """
     import torch
 
-    from splice.bench.report import collect, write_report
+    from splice.bench.report import collect, cpu_name, write_report
     from splice.io.models import load_model
 
     p = get_profile(profile) if isinstance(profile, str) else profile
     cache = (cache or default_cache()).expanduser()
     root = work or cache / "runs" / f"{p.name}-{p.digest()}"
-    store = Store(root)
+    store = Store(cells / root.name if cells is not None else root)
     started, t0 = time.time(), time.monotonic()
     deadline = t0 + 60 * max_minutes if max_minutes is not None else None
     tasks = [load_task(n, cache, max_train=p.max_train, max_test=p.max_test, val=p.val, seed=p.seed)
@@ -238,7 +245,8 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
             log(f"time budget of {max_minutes} min spent; finished cells are cached, run again to continue")
         runs = store.log_run({"start": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
                               "seconds": round(time.monotonic() - t0, 1), "cells": ctx.done, "finished": finished,
-                              "command": command, "shard": f"{i}/{n}", "threads": torch.get_num_threads()})
+                              "command": command, "shard": f"{i}/{n}", "threads": torch.get_num_threads(),
+                              "cpu": cpu_name(), "host": platform.node()})
     results = collect(ctx, runs)
     out = out or Path("bench/results")
     report = write_report(results, out, p, command)

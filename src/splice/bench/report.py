@@ -216,14 +216,20 @@ def run_threads(run: dict[str, Any]) -> int | None:
     return int(words[words.index("--threads") + 1]) if "--threads" in words[:-1] else None
 
 
+def cpu_name() -> str:
+    if not Path("/proc/cpuinfo").exists():
+        return platform.processor()
+    return next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")), platform.processor())
+
+
 def machine(runs: list[dict[str, Any]]) -> str:
-    """The CPU, and the torch threads the computing invocations used (not the report writer's own)."""
+    """The CPU(s) and the torch threads the computing invocations used (not the report writer's own)."""
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpus = sorted({x["cpu"] for x in runs if x.get("cpu")}) or [cpu_name()]
     counts = sorted({run_threads(x) or torch.get_num_threads() for x in runs} or {torch.get_num_threads()})
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
+    return (f"{' / '.join(cpus)}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
             f"{' or '.join(map(str, counts))} thread(s) per invocation, python {platform.python_version()}")
 
 
