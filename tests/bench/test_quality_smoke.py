@@ -5,7 +5,9 @@ A few minutes on 2 cores; the cells go to a fresh folder, so nothing is reused f
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,11 +24,11 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality-out")
     results = run("smoke", work=work, out=out, progress=False, command="splice bench quality --profile smoke",
                   log=lambda line: None)
-    return results, out
+    return results, out, work
 
 
 def test_every_trained_method_beats_the_majority_baseline_on_every_task(smoke):
-    results, _ = smoke
+    results, _, _ = smoke
     majority = results["baselines"]["majority"]
     assert results["tasks"] == list(PROFILES["smoke"].tasks)
     for key, row in results["adapt"].items():
@@ -40,7 +42,7 @@ def test_every_trained_method_beats_the_majority_baseline_on_every_task(smoke):
 
 
 def test_every_registered_merge_method_ran_and_mergekit_agrees_where_exact(smoke):
-    results, _ = smoke
+    results, _, _ = smoke
     merges = results["merges"]["lora"]
     assert set(merges) == set(merge_method_names())
     for name, cells in merges.items():
@@ -56,10 +58,37 @@ def test_every_registered_merge_method_ran_and_mergekit_agrees_where_exact(smoke
 
 
 def test_report_and_plots_are_written(smoke):
-    _, out = smoke
+    _, out, _ = smoke
     report = (out / "quality-smoke.md").read_text()
     assert "Reproduce: `splice bench quality --profile smoke`" in report
     n = len(PROFILES["smoke"].tasks)
     assert "## Adapters" in report and f"## Merges of the {n} LoRA q,v deltas, densified" in report
     for png in ("accuracy", "merges", "params"):
         assert (out / f"quality-smoke-{png}.png").stat().st_size > 1000
+
+
+def test_a_fresh_machine_resumes_from_the_cells_folder_retraining_only_what_a_pending_merge_needs(smoke, tmp_path):
+    """--cells: the finished cells and heads travel (committed); the fine-tunes do not. On a machine with an
+    empty cache, only the merge inputs are re-trained, and only while a merge cell is still missing."""
+    results, _, work = smoke
+    cells = tmp_path / "cells"
+    shutil.copytree(work, cells / work.name, ignore=shutil.ignore_patterns("finetunes"))
+    dropped = cells / work.name / "cells" / "merge" / "lora" / "task_arithmetic" / "test.json"
+    before = json.loads(dropped.read_text())
+    dropped.unlink()
+    computed: list[str] = []
+    again = run("smoke", work=tmp_path / work.name, cells=cells, out=tmp_path / "out", progress=False,
+                log=computed.append)
+    tasks = PROFILES["smoke"].tasks
+    assert [c for c in computed if c.startswith("[")] == \
+        [f"[adapt/{t}/splice_lora_qv]" for t in tasks] + ["[merge/lora/task_arithmetic/test]"]
+    for t in tasks:  # the same seed and data re-train the same fine-tune
+        assert again["adapt"]["splice_lora_qv"]["cells"][t]["accuracy"] == \
+            results["adapt"]["splice_lora_qv"]["cells"][t]["accuracy"]
+    assert json.loads(dropped.read_text())["test"] == before["test"]
+    assert not (tmp_path / work.name / "heads").exists()  # heads live beside the cells
+
+    computed.clear()  # every merge finished: nothing is re-trained although the new fine-tunes are gone again
+    shutil.rmtree(tmp_path / work.name / "finetunes" / "lora")
+    run("smoke", work=tmp_path / work.name, cells=cells, out=tmp_path / "out", progress=False, log=computed.append)
+    assert [c for c in computed if c.startswith("[")] == []

@@ -161,6 +161,18 @@ def test_wall_time_counts_overlapping_shards_once():
     assert wall_seconds(runs) == 660 + 60
 
 
+def test_report_names_the_machines_of_a_profile_resumed_across_sessions():
+    from splice.bench.report import _sessions, machine
+
+    one = [{"start": "2026-12-05 10:00:00 UTC", "seconds": 60, "cells": 3, "host": "a", "cpu": "Xeon A"}]
+    assert _sessions(one) == ""
+    runs = one + [{"start": "2026-12-06 03:00:00 UTC", "seconds": 60, "cells": 2, "host": "b", "cpu": "Xeon B"},
+                  {"start": "2026-12-07 03:00:00 UTC", "seconds": 5, "cells": 0, "host": "c", "cpu": "Xeon C"}]
+    assert _sessions(runs) == ", on 2 machines one after another (2026-12-05 to 2026-12-06), resumed from the " \
+                              "committed cells"
+    assert machine(runs).startswith("Xeon A / Xeon B / Xeon C, ")
+
+
 def test_machine_line_names_the_computing_runs_threads_not_the_report_writers():
     from splice.bench.report import machine
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,9 @@ def fit_head(base: nn.Module, tokenizer: Any, task: Task, max_length: int, head_
     fit_probe(model.head, feats, labels)
     seconds = time.perf_counter() - start
     head_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(head_file))
+    tmp = head_file.with_name(f"{head_file.stem}.{os.getpid()}.tmp")  # another shard may be reading the head
+    save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(tmp))
+    tmp.replace(head_file)
     return {"accuracy": accuracy(model, task.test, collate, progress, desc=f"{task.name} test"),
             "val_accuracy": accuracy(model, task.val, collate, progress, desc=f"{task.name} val"),
             "trainable": sum(p.numel() for p in model.head.parameters()), "train_seconds": seconds,
@@ -155,7 +158,7 @@ def save_model(model: nn.Module, dest: Path) -> None:
     """`save_pretrained` into a sibling folder renamed when complete, so a killed run leaves no half model."""
     import shutil
 
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")  # shards side by side each write their own
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp), safe_serialization=True)

@@ -10,7 +10,6 @@ from typing import Any
 
 from splice.errors import SpliceError
 
-
 # What a merge method raises for inputs it cannot merge (SLERP and 8 models, Fisher without a task head, ...).
 MERGE_ERRORS = (SpliceError, RuntimeError, ValueError, TypeError)
 

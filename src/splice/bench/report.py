@@ -242,6 +242,15 @@ def _invocations(runs: list[dict[str, Any]]) -> str:
     return "; ".join(f"`{cmd}` ({n} invocation{'s' if n > 1 else ''})" for cmd, n in counts.items()) or "nothing yet"
 
 
+def _sessions(runs: list[dict[str, Any]]) -> str:
+    """Which machines computed the cells (a profile resumed from committed cells spans several)."""
+    hosts = {x["host"]: x["start"][:10] for x in reversed(runs) if x.get("host") and x.get("cells")}
+    if len(hosts) < 2:
+        return ""
+    days = sorted(hosts.values())
+    return f", on {len(hosts)} machines one after another ({days[0]} to {days[-1]}), resumed from the committed cells"
+
+
 def wall_seconds(runs: list[dict[str, Any]]) -> float:
     """Seconds covered by the invocations' [start, start + seconds] intervals (overlapping shards counted once)."""
     import calendar
@@ -277,7 +286,8 @@ def write_report(r: dict[str, Any], out: Path, profile: Profile, command: str) -
              f"Computed by: {_invocations(runs)}.", "",
              f"Machine: {machine(runs)}. Shared with other developers' jobs while it ran, so times are contended.",
              f"Wall time: {wall / 60:.1f} min; {total / 60:.1f} min of invocations ({len(runs)}, "
-             f"{sum(x['cells'] for x in runs)} cells computed; shards run side by side on separate cores).", "",
+             f"{sum(x['cells'] for x in runs)} cells computed; shards run side by side on separate cores)"
+             f"{_sessions(runs)}.", "",
              f"Profile: {profile.max_train} train (of which {profile.val} validation) / {profile.max_test} test per "
              f"task at most, {profile.epochs:g} epoch(s), batch {profile.batch_size}, max length "
              f"{profile.max_length}, AdamW lr {profile.lr_adapter:g} (adapters) / {profile.lr_full:g} (full), "

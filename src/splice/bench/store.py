@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ class Store:
     def put(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
         f = self._file(key)
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".tmp")
+        tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp")  # shards side by side each write their own
         tmp.write_text(json.dumps(value, indent=1, sort_keys=True), encoding="utf-8")
         tmp.replace(f)
         return value

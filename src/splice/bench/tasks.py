@@ -19,6 +19,7 @@ import hashlib
 import html
 import json
 import lzma
+import os
 import random
 import re
 import struct
@@ -291,7 +292,7 @@ def _parsed(name: str, cache: Path) -> dict:
     data = {"labels": labels, "train": [(t, lid[y]) for t, y in unique if side(t) == "train"],
             "test": [(t, lid[y]) for t, y in unique if side(t) == "test"]}
     f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
+    tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp")  # shards side by side each write their own
     tmp.write_text(json.dumps(data), encoding="utf-8")
     tmp.replace(f)
     return data
