@@ -92,3 +92,12 @@ def test_a_fresh_machine_resumes_from_the_cells_folder_retraining_only_what_a_pe
     shutil.rmtree(tmp_path / work.name / "finetunes" / "lora")
     run("smoke", work=tmp_path / work.name, cells=cells, out=tmp_path / "out", progress=False, log=computed.append)
     assert [c for c in computed if c.startswith("[")] == []
+
+
+def test_merge_inputs_and_base_are_saved_as_self_contained_model_folders(smoke):
+    from splice.io.models import load_model
+
+    _, _, work = smoke
+    for folder in (work / "finetunes" / "base", work / "finetunes" / "lora" / "rt_sentiment"):
+        model, tokenizer = load_model(str(folder), "encoder")
+        assert tokenizer("a test")["input_ids"][0] == tokenizer.cls_token_id

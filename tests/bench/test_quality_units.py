@@ -152,6 +152,28 @@ def test_shards_split_the_adapter_cells_between_them_exactly_once():
         assert sorted(taken) == list(range(20))
 
 
+def test_shards_split_the_merge_table_between_them_exactly_once(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from splice.bench import merge_table
+    from splice.bench.quality import PROFILES
+
+    tasks = [SimpleNamespace(name=t) for t in ("a", "b")]
+    for kind in ("lora", "full"):
+        for t in tasks:
+            (tmp_path / "finetunes" / kind / t.name).mkdir(parents=True)
+            (tmp_path / "finetunes" / kind / t.name / "config.json").write_text("{}")
+    store = SimpleNamespace(get=lambda key: {"accuracy": 0.9, "val_accuracy": 0.8})
+    done: list[tuple[str, str]] = []
+    monkeypatch.setattr(merge_table, "merge_cell", lambda ctx, kind, name, *rest: done.append((kind, name)))
+    for n in (1, 2, 3):
+        done.clear()
+        for i in range(n):
+            merge_table.run_merges(SimpleNamespace(profile=PROFILES["full"], tasks=tasks, root=tmp_path,
+                                                   store=store, shard=(i, n)))
+        assert sorted(done) == sorted((k, m) for k in ("lora", "full") for m in merge_table.method_order())
+
+
 def test_wall_time_counts_overlapping_shards_once():
     from splice.bench.report import wall_seconds
 

@@ -150,18 +150,21 @@ def train_cell(arm: Arm, base: nn.Module, tokenizer: Any, task: Task, head_file:
     if save_to is not None:
         plain = densify(arm, module)
         save_to.parent.mkdir(parents=True, exist_ok=True)
-        save_model(plain, save_to)
+        save_model(plain, save_to, tokenizer)
     return out
 
 
-def save_model(model: nn.Module, dest: Path) -> None:
-    """`save_pretrained` into a sibling folder renamed when complete, so a killed run leaves no half model."""
+def save_model(model: nn.Module, dest: Path, tokenizer: Any = None) -> None:
+    """`save_pretrained` into a sibling folder renamed when complete, so a killed run leaves no half model; with the
+    tokenizer files, so the folder loads on its own (`splice.io.models.load_model`, `splice apply`, mergekit)."""
     import shutil
 
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")  # shards side by side each write their own
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
     if dest.exists():
         shutil.rmtree(dest)
     tmp.replace(dest)

@@ -48,17 +48,22 @@ def merges_pending(ctx: Any, kind: str) -> bool:
 
 
 def run_merges(ctx: Any) -> None:
+    """Every (delta kind, merge method) pair whose inputs all exist; shard i of n takes every n-th pair."""
     from splice.bench.quality import MERGE_INPUTS
 
+    i, n = ctx.shard
+    pairs = [(kind, method) for kind in ctx.profile.merge_kinds for method in method_order()]
     for kind in ctx.profile.merge_kinds:
         arm_key = MERGE_INPUTS[kind]
         folders = [ctx.root / "finetunes" / kind / t.name for t in ctx.tasks]
-        if not all((f / "config.json").is_file() for f in folders):
-            continue  # the adapter stage has not produced every input yet (out of time)
-        individual = {split: {t.name: ctx.store.get(f"adapt/{t.name}/{arm_key}")[key] for t in ctx.tasks}
+        cells = [ctx.store.get(f"adapt/{t.name}/{arm_key}") for t in ctx.tasks]
+        if not all((f / "config.json").is_file() for f in folders) or None in cells:
+            continue  # the adapter stage has not produced every input yet (out of time, or another shard's)
+        individual = {split: {t.name: c[key] for t, c in zip(ctx.tasks, cells)}
                       for split, key in (("val", "val_accuracy"), ("test", "accuracy"))}
         for method in method_order():
-            merge_cell(ctx, kind, method, folders, individual)
+            if pairs.index((kind, method)) % n == i:
+                merge_cell(ctx, kind, method, folders, individual)
 
 
 def _calibration(ctx: Any) -> list[str]:

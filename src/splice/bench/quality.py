@@ -57,8 +57,8 @@ PROFILES = {
     # Every arm and every merge method end to end in minutes: the merge code paths are the same for both delta
     # kinds, so smoke merges only the LoRA deltas, with one setting per method (no validation search). CI runs it
     # on a machine that may have only Python and pip, so its tasks are the ones whose data installs from PyPI
-    # (the others need npm or apt-get).
-    "smoke": Profile("smoke", ("rt_sentiment", "bbc_news"), max_train=200, max_test=100,
+    # (the others need npm or apt-get); debate_party is one only smoke uses.
+    "smoke": Profile("smoke", ("rt_sentiment", "bbc_news", "debate_party"), max_train=200, max_test=100,
                      val=40, epochs=1.0, batch_size=16, max_length=32, lambdas=(0.5,), densities=(0.5,),
                      calibration_per_task=8, merge_kinds=("lora",)),
     "full": Profile("full", tuple(TASK_NAMES), max_train=2000, max_test=1000, val=200, epochs=3.0, batch_size=32,
@@ -178,8 +178,7 @@ def run_all(ctx: Context) -> None:
     inputs = [a for a in trained if a.key in MERGE_INPUTS.values()]
     others = [a for a in trained if a.key not in MERGE_INPUTS.values()]
     run_adapters(ctx, inputs, ctx.tasks)
-    if ctx.shard[0] == 0:  # merges wait for every shard's fine-tunes; the first shard runs them
-        run_merges(ctx)
+    run_merges(ctx)  # each shard its share, once every shard's fine-tunes exist
     run_adapters(ctx, others, ctx.tasks[:1])
     run_adapters(ctx, others, ctx.tasks[1:])
 
@@ -206,7 +205,8 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
         command: the command line that reproduces this run, printed in the report.
         report_only: compute nothing; write the report from the cells finished so far.
         shard: (i, n): train only every n-th adapter cell starting at the i-th, so n processes (one per core) can
-            fill one profile's cache side by side; merges run in shard 0 once every fine-tune they need exists.
+            fill one profile's cache side by side; the merge table is split between them the same way, each merge
+            starting once every fine-tune it needs exists.
 
     Raises:
         SpliceError: a missing data source, model or package, as one line naming what to install.
@@ -229,7 +229,7 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
     if not (base_dir / "config.json").is_file():  # saved like the fine-tunes, so every input has the same tensors
         from splice.bench.cells import save_model
 
-        save_model(base, base_dir)
+        save_model(base, base_dir, tokenizer)
     i, n = shard
     if not 0 <= i < n:
         raise SpliceError(f"shard: expected I/N with 0 <= I < N, got {i}/{n}")

