@@ -147,14 +147,10 @@ def test_same_encoder_weights_give_same_outputs(tiny, row):
 
 def word_tokenizer(path) -> str:
     """A word-level tokenizer of 20 ids, saved to `path` (ids fit the tiny models' vocabulary of 100)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    import helpers
 
     words = "classify the sentiment of this movie review as good or bad please".split()
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+    helpers.word_tokenizer(words, ("[PAD]", "[UNK]", "[CLS]", "[SEP]"), eos_token=None).save_pretrained(path)
     return str(path)
 
 

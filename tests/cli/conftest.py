@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from helpers import word_tokenizer
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 WORDS = "good great fine happy love bad awful sad hate poor the a movie film plot was is very".split()
@@ -14,10 +14,7 @@ POSITIVE, NEGATIVE = WORDS[:5], WORDS[5:10]
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", "[CLS]", "[SEP]", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[PAD]")
+    return word_tokenizer(WORDS, ("[PAD]", "[UNK]", "[EOS]", "[CLS]", "[SEP]"))
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from helpers import word_tokenizer
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import splice.io.models as sm
@@ -13,11 +13,8 @@ from splice.errors import SpliceError
 
 
 def make_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate("[PAD] [UNK] [EOS] [CLS] [SEP] hello world".split())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    extra = {"pad_token": "[PAD]"} if pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", **extra)
+    return word_tokenizer(["hello", "world"], ("[PAD]", "[UNK]", "[EOS]", "[CLS]", "[SEP]"),
+                          pad_token="[PAD]" if pad else None)
 
 
 @pytest.fixture

@@ -19,13 +19,9 @@ VOCAB = 100
 
 def word_tokenizer():
     """A 100-token word-level tokenizer (fits the tiny models' vocabulary), so outputs can carry a tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from helpers import word_tokenizer
 
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *(f"w{i}" for i in range(VOCAB - 3))])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[PAD]")
+    return word_tokenizer(f"w{i}" for i in range(VOCAB - 3))
 
 
 def build(kind: str, seed: int = 0, hidden: int = 32, layers: int = 4) -> nn.Module:

@@ -9,6 +9,7 @@ import importlib
 import inspect
 import json
 
+import helpers
 import pytest
 import torch
 from torch import nn
@@ -440,14 +441,7 @@ def test_calibration_save_load_round_trip(tmp_path):
 
 
 def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "the a movie film was is good bad very fine".split()
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[PAD]")
+    return helpers.word_tokenizer("the a movie film was is good bad very fine".split())
 
 
 def test_calibrate_models_from_folders_and_merge_with_the_statistics(tmp_path):

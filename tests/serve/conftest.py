@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+import helpers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import splice
@@ -23,11 +23,8 @@ PROMPTS = ["w5 w6 w7", "w10 w11 w12 w13 w14", "w20", "w30 w31 w32 w33 w34 w35 w3
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + ["role", "user", "assistant", "system", ":"])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[PAD]",
-                                  bos_token="[BOS]")
+    out = helpers.word_tokenizer(WORDS + ["role", "user", "assistant", "system", ":"], SPECIALS,
+                                 split_punctuation=False, bos_token="[BOS]")
     out.chat_template = CHAT_TEMPLATE
     return out
 

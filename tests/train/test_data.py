@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from helpers import word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from splice.errors import SpliceError
@@ -29,10 +29,7 @@ WORDS = "the a movie film was is great bad good awful q answer yes no why becaus
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer: one id per word, no special tokens added on its own."""
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    return word_tokenizer(WORDS)
 
 
 def write_csv(path, header, rows):
