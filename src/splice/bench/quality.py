@@ -57,8 +57,8 @@ PROFILES = {
     # Every arm and every merge method end to end in minutes: the merge code paths are the same for both delta
     # kinds, so smoke merges only the LoRA deltas, with one setting per method (no validation search). CI runs it
     # on a machine that may have only Python and pip, so its tasks are the ones whose data installs from PyPI
-    # (the others need npm or apt-get); debate_party is one only smoke uses.
-    "smoke": Profile("smoke", ("rt_sentiment", "bbc_news", "debate_party"), max_train=200, max_test=100,
+    # (the others need npm or apt-get); rt_subjectivity is one only smoke uses.
+    "smoke": Profile("smoke", ("rt_sentiment", "bbc_news", "rt_subjectivity"), max_train=200, max_test=100,
                      val=40, epochs=1.0, batch_size=16, max_length=32, lambdas=(0.5,), densities=(0.5,),
                      calibration_per_task=8, merge_kinds=("lora",)),
     "full": Profile("full", tuple(TASK_NAMES), max_train=2000, max_test=1000, val=200, epochs=3.0, batch_size=32,

