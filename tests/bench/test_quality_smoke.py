@@ -54,6 +54,9 @@ def test_every_registered_merge_method_ran_and_mergekit_agrees_where_exact(smoke
         theirs = merges[name]["mergekit"]
         assert theirs is not None and "error" not in theirs, f"mergekit {name}: {theirs}"
         assert theirs["test"] == ours["test"], name  # deterministic methods: the same merged weights
+        assert theirs["max_abs_diff"] < 1e-3, name
+    for name in ("task_arithmetic", "linear", "model_stock"):  # not one float differs
+        assert merges[name]["mergekit"]["same_weights"] and merges[name]["mergekit"]["max_abs_diff"] == 0.0
     assert "takes exactly" in merges["slerp"]["splice"]["error"]  # a two-model method reports why, in one line
 
 

@@ -262,9 +262,9 @@ def test_merge_verdicts_say_which_merges_beat_the_probe_and_where_mergekit_diffe
     r = {"tasks": ["a", "b"], "adapt": {"probe": {"cells": {"a": {"accuracy": 0.8}, "b": {"accuracy": 0.8}}}},
          "merges": {"lora": {
              "ties": {"splice": merged(0.85, 0.3, {"a": 0.9, "b": 0.8}),
-                      "mergekit": {"mean": 0.85, "test": {"a": 0.9, "b": 0.8}}},
+                      "mergekit": {"mean": 0.85, "test": {"a": 0.9, "b": 0.8}, "max_abs_diff": 0.0}},
              "dare_ties": {"splice": merged(0.75, 1.0, {"a": 0.7, "b": 0.8}),
-                           "mergekit": {"mean": 0.76, "test": {"a": 0.72, "b": 0.8}}},
+                           "mergekit": {"mean": 0.76, "test": {"a": 0.72, "b": 0.8}, "max_abs_diff": 0.004}},
              "slerp": {"splice": {"error": "SpliceError: slerp takes two models"}, "mergekit": None},
              "tsv": {"splice": None, "mergekit": None}}}}
     lines = _merge_verdicts(r, "lora", (0.3, 0.6, 1.0))
@@ -273,3 +273,5 @@ def test_merge_verdicts_say_which_merges_beat_the_probe_and_where_mergekit_diffe
     assert "smallest λ (0.3): ties." in lines[1]
     assert lines[2] == ("- mergekit's merge of the same inputs with the same setting scores the same on every task "
                         "for 1 of 2 methods; it differs on dare_ties (+1.00 mean).")
+    assert lines[3] == ("- Merged weights compared tensor by tensor (2 methods): bit-identical for ties; largest "
+                        "|Δw| elsewhere: dare_ties 4.0e-03.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from splice.errors import SpliceError
@@ -89,6 +90,7 @@ def merge_cell(ctx: Any, kind: str, name: str, folders: list, individual: dict[s
     def merged(setting: dict[str, Any]) -> Any:
         return splice_merged(config(name, ctx.base_dir, folders, setting), ctx.base, calibration, seed=p.seed,
                              progress=ctx.progress)
+    tested: dict[str, Any] = {}  # the encoder scored on test in this run, which mergekit's is compared with
     tried: list[dict[str, Any]] = []
     for i, setting in enumerate(grid if len(grid) > 1 else []):
         def validate(i: int = i, setting: dict = setting) -> dict[str, Any]:
@@ -113,22 +115,35 @@ def merge_cell(ctx: Any, kind: str, name: str, folders: list, individual: dict[s
             model = kept[i] if i in kept else merged(best["setting"])
         except MERGE_ERRORS as exc:
             return {"setting": best["setting"], "error": _one_line(exc)}
+        tested["model"] = model
         acc = score(model, ctx.tokenizer, ctx.tasks, heads, p.max_length, "test", ctx.progress)
         return {"setting": best["setting"], "val_normalized": best.get("val_normalized"), "test": acc,
                 "mean": sum(acc.values()) / len(acc), "normalized": normalized(acc, individual["test"]),
                 "grid": tried}
     chosen = ctx.cell(f"merge/{kind}/{name}/test", test)
     if ctx.mergekit and "error" not in chosen:
-        mergekit_cell(ctx, kind, name, folders, chosen["setting"], heads, individual)
+        mergekit_cell(ctx, kind, name, folders, chosen, heads, individual,
+                      lambda: tested.get("model") or merged(chosen["setting"]))
 
 
-def mergekit_cell(ctx: Any, kind: str, name: str, folders: list, setting: dict, heads: dict,
-                  individual: dict[str, dict[str, float]]) -> None:
+def max_abs_diff(ours: Any, theirs: Any) -> float | None:
+    """Largest |ours − theirs| over every tensor of two models; None when their tensors do not pair up."""
+    a, b = ours.state_dict(), theirs.state_dict()
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        return None
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel())
+
+
+def mergekit_cell(ctx: Any, kind: str, name: str, folders: list, chosen: dict, heads: dict,
+                  individual: dict[str, dict[str, float]], ours: Callable[[], Any]) -> None:
+    """mergekit's merge with splice's chosen setting, compared with splice's merged weights. Bit-identical weights
+    score identically, so their test accuracy is splice's and is not computed twice."""
     from splice.bench.cells import score
     from splice.bench.merging import config, mergekit_merged, mergekit_methods
 
     if name not in mergekit_methods():
         return
+    setting = chosen["setting"]
 
     def compute() -> dict[str, Any]:
         tmp = tempfile.mkdtemp(prefix="mergekit-", dir=ctx.root)
@@ -140,7 +155,10 @@ def mergekit_cell(ctx: Any, kind: str, name: str, folders: list, setting: dict, 
             return {"setting": setting, "error": _one_line(exc)}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        acc = score(model, ctx.tokenizer, ctx.tasks, heads, ctx.profile.max_length, "test", ctx.progress)
+        diff = max_abs_diff(ours(), model)
+        same = diff == 0.0
+        acc = dict(chosen["test"]) if same else score(model, ctx.tokenizer, ctx.tasks, heads,
+                                                       ctx.profile.max_length, "test", ctx.progress)
         return {"setting": setting, "test": acc, "mean": sum(acc.values()) / len(acc),
-                "normalized": normalized(acc, individual["test"])}
+                "normalized": normalized(acc, individual["test"]), "max_abs_diff": diff, "same_weights": same}
     ctx.cell(f"mergekit/{kind}/{name}", compute)

@@ -133,6 +133,12 @@ def _merge_verdicts(r: dict[str, Any], kind: str, lambdas: Sequence[float]) -> l
                    f"{len(both) - len(differ)} of {len(both)} methods"
                    + (f"; it differs on {', '.join(f'{m} ({_signed(diff[m])} mean)' for m in differ)}"
                       if differ else "") + ".")
+    compared = {m: c["max_abs_diff"] for m, c in theirs.items() if c.get("max_abs_diff") is not None}
+    if compared:
+        same = [m for m, d in compared.items() if d == 0.0]
+        other = ", ".join(f"{m} {d:.1e}" for m, d in compared.items() if d != 0.0)
+        out.append(f"- Merged weights compared tensor by tensor ({len(compared)} methods): bit-identical for "
+                   f"{', '.join(same) or 'none'}" + (f"; largest |Δw| elsewhere: {other}" if other else "") + ".")
     return out
 
 
