@@ -151,7 +151,18 @@ def train_cell(arm: Arm, base: nn.Module, tokenizer: Any, task: Task, head_file:
         plain = densify(arm, module)
         save_to.parent.mkdir(parents=True, exist_ok=True)
         save_model(plain, save_to, tokenizer)
+        out["weights_sha256"] = file_sha256(save_to / "model.safetensors")  # tells a re-trained input apart
     return out
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_model(model: nn.Module, dest: Path, tokenizer: Any = None) -> None:

@@ -157,14 +157,21 @@ def run_adapters(ctx: Context, todo: list[Arm], tasks: list[Task]) -> None:
         kind = next((k for k, v in MERGE_INPUTS.items() if v == arm.key and k in p.merge_kinds), None)
         for task in tasks:
             save = ctx.root / "finetunes" / kind / task.name if kind else None
-            if save is not None and not (save / "config.json").is_file() and merges_pending(ctx, kind):
-                # the merge table still needs this fine-tune's weights, which live only in the cache folder
-                ctx.store.root.joinpath("cells", "adapt", task.name, f"{arm.key}.json").unlink(missing_ok=True)
             key = f"adapt/{task.name}/{arm.key}"
-            if not ctx.mine() and ctx.store.get(key) is None:
+            # The merge table still needs this fine-tune's weights, which live only in the cache folder: re-train it.
+            stale = save is not None and not (save / "config.json").is_file() and merges_pending(ctx, kind)
+            if not ctx.mine() and (stale or ctx.store.get(key) is None):
                 continue  # another shard's cell
-            ctx.cell(key, lambda: cells.train_cell(
+            before = ctx.store.get(key) if stale else None
+            if stale:
+                ctx.store.drop(key)
+            after = ctx.cell(key, lambda: cells.train_cell(
                 arm, ctx.base, ctx.tokenizer, task, ctx.head(task.name), train, ctx.progress, save))
+            if before is not None and after.get("weights_sha256") != before.get("weights_sha256"):
+                # Not bit-identical (another CPU, say): the merges finished so far merged other weights.
+                ctx.log(f"{key}: re-trained weights differ from the earlier run's; the {kind} merge table restarts")
+                ctx.store.drop(f"merge/{kind}")
+                ctx.store.drop(f"mergekit/{kind}")
 
 
 def run_all(ctx: Context) -> None:
@@ -198,7 +205,8 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
         cells: keep the finished cells, the invocation log and the task heads in a folder of `cells` named like
             the work folder instead of in the work folder: small files that can be committed, so a profile longer
             than one machine's life resumes on the next machine (the fine-tunes stay in the work folder and are
-            re-trained there only while a merge still needs them).
+            re-trained there only while a merge still needs them; re-trained weights that are not bit-identical
+            to the earlier run's restart that kind's merge table).
         out: where quality.md and the PNG plots go; default bench/results under the current folder.
         max_minutes: start no new cell after this many minutes (the report covers what finished).
         mergekit: also score mergekit's merge of the same deltas where mergekit has the method.

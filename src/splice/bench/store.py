@@ -28,6 +28,13 @@ class Store:
         tmp.replace(f)
         return value
 
+    def drop(self, key: str) -> None:
+        """Forget one cell, or every cell under a key prefix ("merge/full")."""
+        import shutil
+
+        self._file(key).unlink(missing_ok=True)
+        shutil.rmtree(self.root / "cells" / key, ignore_errors=True)
+
     def log_run(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
         """Append one invocation (start, seconds, cells done) to runs.json; returns every invocation so far."""
         import fcntl
