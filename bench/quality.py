@@ -3,8 +3,9 @@
     python bench/quality.py --profile full --max-minutes 9     # repeat until the report lists nothing missing
 
 Same as `splice bench quality ...`; the code lives in `splice.bench` (task loaders, runner, report). Results go to
-bench/results/quality.md with PNG plots; the data, fine-tunes and finished cells to $SPLICE_BENCH_CACHE
-(default ~/.cache/splice/bench), never into git.
+bench/results/quality.md with PNG plots; the data and fine-tunes to $SPLICE_BENCH_CACHE (default
+~/.cache/splice/bench), never into git; the finished cells there too, or with `--cells bench/results/quality-cells`
+into the committed folder the full profile resumes from on a new machine.
 """
 from __future__ import annotations
 
