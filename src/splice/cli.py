@@ -460,9 +460,9 @@ def bench_quality(
                        ([f"--threads {threads}"] if threads is not None else []) +
                        ([f"--cells {cells}"] if cells is not None else []) +
                        ([] if mergekit else ["--no-mergekit"]))
-    run_quality(profile, cache=cache, cells=cells, out=out, max_minutes=max_minutes, progress=progress, mergekit=mergekit,
-                command=command, report_only=report_only, log=lambda line: typer.echo(line, err=True),
-                shard=(shard_i, shard_n))
+    run_quality(profile, cache=cache, cells=cells, out=out, max_minutes=max_minutes, progress=progress,
+                mergekit=mergekit, command=command, report_only=report_only,
+                log=lambda line: typer.echo(line, err=True), shard=(shard_i, shard_n))
 
 
 def run(argv: list[str] | None = None) -> int:

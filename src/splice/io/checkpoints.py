@@ -450,15 +450,22 @@ def parse_yaml(text: str, path: str | Path) -> Any:
         raise SpliceError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write `obj` as indented JSON, through a temporary file so a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `path` to write; it replaces `path` only if the block finishes without
+    error, so a crash never leaves half a file and writers side by side never share a temporary name."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
+    """Write `obj` as JSON (indented by default), through a temporary file (`atomic_file`)."""
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, sort_keys=sort_keys)
+        f.write("\n")
