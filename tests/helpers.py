@@ -19,3 +19,21 @@ def word_tokenizer(words: Iterable[str], specials: Iterable[str] = ("[PAD]", "[U
     tok.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
     named = {"unk_token": "[UNK]", "pad_token": "[PAD]", "eos_token": "[EOS]", **tokens}
     return PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in named.items() if v is not None})
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `splice ARGS` in-process: (exit code, stdout, stderr), without what fixtures printed before it."""
+    from splice.cli import run
+
+    capsys.readouterr()  # drop what fixtures printed (HF progress bars)
+    code = run([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(err: str) -> str:
+    """The single `error: ...` line a failing command printed, asserting it printed nothing else."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]

@@ -5,27 +5,13 @@ import json
 
 import pytest
 import torch
+from helpers import cli, one_error_line
 from safetensors.torch import load_file
 from transformers import AutoModel
 
 import splice
-from splice.cli import run
 
 FAST = ["--epochs", "2", "--batch-size", "8", "--max-length", "8", "--no-progress"]
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop what fixtures printed (HF progress bars)
-    code = run([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_train_classification_then_apply_and_inspect(capsys, tmp_path, bert_dir, sentiment_csv):

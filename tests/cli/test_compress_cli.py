@@ -6,25 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import cli, one_error_line
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 import splice
 from splice.compress import compress, open_deltas
-from splice.cli import run
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = run([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def make_adapter(base_dir, out):

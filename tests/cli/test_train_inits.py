@@ -6,19 +6,12 @@ import json
 import peft
 import pytest
 import torch
+from helpers import cli
 from transformers import AutoModelForCausalLM
 
 import splice
-from splice.cli import run
 
 FAST = ["--epochs", "2", "--batch-size", "8", "--max-length", "8", "--no-progress"]
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = run([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("init", ["eva", "lora_ga", "corda"])

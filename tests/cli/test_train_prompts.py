@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from helpers import cli
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from splice.cli import run
-from splice.train.run import evaluate_saved
 from splice.train.data import load_classification_file
+from splice.train.run import evaluate_saved
 
 FAST = ["--epochs", "3", "--batch-size", "8", "--max-length", "8", "--no-progress"]
 PEFT_TYPE = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING"}
@@ -29,13 +29,6 @@ def steerable_gpt2_dir(tmp_path, gpt2_dir):
     GPT2LMHeadModel(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(gpt2_dir).save_pretrained(path)
     return path
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = run([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("method", list(PEFT_TYPE))

@@ -6,27 +6,14 @@ import json
 
 import pytest
 import torch
+from helpers import cli, one_error_line
 from transformers import AutoModel
 
 import splice
-from splice.cli import run
 from splice.train.data import load_classification_file
 from splice.train.run import evaluate_saved
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--max-length", "8", "--no-progress"]
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = run([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def test_full_fine_tuning_with_galore_saves_a_model_folder_that_scores_again(capsys, tmp_path, bert_dir,
