@@ -36,6 +36,23 @@ def lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def same_start_then_same_step(fam, ours: nn.Module, theirs: nn.Module, n_params: int) -> torch.Tensor:
+    """splice's and PEFT's LoRA factors agree at the start; after the same random update on both (a stand-in for a
+    training step), their outputs agree too. Returns that output, for the saved folders to be checked against."""
+    their_params, our_params = lora_params(theirs), lora_params(ours)
+    assert their_params.keys() == our_params.keys() and len(our_params) == n_params
+    for n, p in our_params.items():
+        close(p, their_params[n])
+    randomise(list(our_params.values()), seed=3)
+    with torch.no_grad():
+        for n, p in our_params.items():
+            their_params[n].copy_(p)
+    expected = fam.output(theirs)
+    assert (expected - fam.output(fam.build())).abs().max() > 1e-3
+    close(fam.output(ours), expected)
+    return expected
+
+
 # -- OLoRA ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(12, 8), (8, 12)], ids=["tall", "wide"])
 def test_olora_start_is_the_leading_qr_factors(shape):
@@ -80,17 +97,7 @@ def test_olora_matches_peft_init_outputs_and_folder(tiny, tmp_path):
     base_out = fam.output(fam.build())
     close(fam.output(ours), base_out)
     close(fam.output(theirs), base_out)
-    their_params, our_params = lora_params(theirs), lora_params(ours)
-    assert their_params.keys() == our_params.keys() and len(our_params) == 12
-    for n, p in our_params.items():
-        close(p, their_params[n])
-    randomise(list(our_params.values()), seed=3)
-    with torch.no_grad():
-        for n, p in our_params.items():
-            their_params[n].copy_(p)
-    expected = fam.output(theirs)
-    assert (expected - base_out).abs().max() > 1e-3
-    close(fam.output(ours), expected)
+    expected = same_start_then_same_step(fam, ours, theirs, n_params=12)
 
     splice.save_adapter(ours, tmp_path / "olora")
     cfg = json.loads((tmp_path / "olora" / "adapter_config.json").read_text())
@@ -203,20 +210,12 @@ def test_eva_matches_peft(tiny, tmp_path):
                                                               eva_config=peft.EvaConfig(rho=2.0), **fields))
     initialize_lora_eva_weights(theirs, dataloader=[data], show_progress_bar=False)
     ours = splice.adapt(fam.build(), splice.LoraConfig(init_lora_weights="eva", **fields), calibration=[data])
-    their_params, our_params = lora_params(theirs.eval()), lora_params(ours.eval())
-    assert their_params.keys() == our_params.keys()
-    ranks = {n: p.shape[0] for n, p in our_params.items() if "lora_A" in n}
+    theirs.eval(), ours.eval()
+    ranks = {n: p.shape[0] for n, p in lora_params(ours).items() if "lora_A" in n}
     assert len(set(ranks.values())) > 1  # the redistribution moved rank between layers
-    for n, p in our_params.items():
-        close(p, their_params[n])
     assert theirs.peft_config["default"].rank_pattern == {n.removesuffix(".lora_A.weight"): r
                                                          for n, r in ranks.items() if r != 8}
-    randomise(list(our_params.values()), seed=3)
-    with torch.no_grad():
-        for n, p in our_params.items():
-            their_params[n].copy_(p)
-    expected = fam.output(theirs)
-    close(fam.output(ours), expected)
+    expected = same_start_then_same_step(fam, ours, theirs, n_params=12)
     splice.save_adapter(ours, tmp_path / "ours")
     close(fam.output(peft.PeftModel.from_pretrained(fam.build(), tmp_path / "ours")), expected)
     theirs.save_pretrained(tmp_path / "theirs")
@@ -290,17 +289,7 @@ def test_lora_ga_matches_peft(tiny, tmp_path, monkeypatch):
     base_out = fam.output(fam.build())
     close(fam.output(ours), base_out)
     close(fam.output(theirs), base_out)
-    their_params, our_params = lora_params(theirs), lora_params(ours)
-    assert their_params.keys() == our_params.keys() and len(our_params) == 16
-    for n, p in our_params.items():
-        close(p, their_params[n])
-    randomise(list(our_params.values()), seed=3)
-    with torch.no_grad():
-        for n, p in our_params.items():
-            their_params[n].copy_(p)
-    expected = fam.output(theirs)
-    assert (expected - base_out).abs().max() > 1e-3
-    close(fam.output(ours), expected)
+    expected = same_start_then_same_step(fam, ours, theirs, n_params=16)
     splice.save_adapter(ours, tmp_path / "ga")
     close(fam.output(peft.PeftModel.from_pretrained(fam.build(), tmp_path / "ga")), expected)
 
@@ -362,18 +351,8 @@ def test_corda_matches_peft(tiny, tmp_path):
     base_out = fam.output(fam.build())
     close(fam.output(ours), base_out)
     close(fam.output(theirs), base_out)
-    their_params, our_params = lora_params(theirs), lora_params(ours)
-    assert their_params.keys() == our_params.keys() and len(our_params) == 16
-    for n, p in our_params.items():
-        close(p, their_params[n])
-    # the same trained weights on both: the same outputs, since both subtract the same start s·B₀A₀
-    randomise(list(their_params.values()), seed=3)
-    with torch.no_grad():
-        for n, p in our_params.items():
-            p.copy_(their_params[n])
-    expected = fam.output(theirs)
-    assert (expected - base_out).abs().max() > 1e-3
-    close(fam.output(ours), expected)
+    # the same outputs after the same update, since both subtract the same start s·B₀A₀
+    expected = same_start_then_same_step(fam, ours, theirs, n_params=16)
     splice.save_adapter(ours, tmp_path / "corda")
     close(fam.output(peft.PeftModel.from_pretrained(fam.build(), tmp_path / "corda")), expected)
 
