@@ -37,3 +37,25 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+def train_with_hf_trainer(model, output_dir) -> dict[str, tuple]:
+    """Two steps of `transformers.Trainer` on random token rows (labels = inputs). Asserts that every trainable
+    parameter moved and every frozen one did not; returns {name: shape} of the trained parameters."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 100, (4, 6), generator=g)]
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, learning_rate=1e-2, save_strategy="no", logging_strategy="no")
+    Trainer(model=model, args=args, train_dataset=data).train()
+    now = dict(model.named_parameters())
+    for n, before in trainable.items():
+        assert not torch.equal(now[n], before), f"{n} did not train"
+    for n, before in frozen.items():
+        assert torch.equal(now[n], before), f"base weight {n} changed"
+        assert not now[n].requires_grad
+    return {n: tuple(p.shape) for n, p in trainable.items()}
