@@ -59,3 +59,19 @@ def train_with_hf_trainer(model, output_dir) -> dict[str, tuple]:
         assert torch.equal(now[n], before), f"base weight {n} changed"
         assert not now[n].requires_grad
     return {n: tuple(p.shape) for n, p in trainable.items()}
+
+
+def each_row_alone(fam, model, batch, names) -> list:
+    """Each row of `batch` run on its own with its adapter (None: the base alone): what a mixed batch must equal.
+    `fam` is a tiny model family from the `tiny` fixture."""
+    import splice
+
+    outputs = []
+    for i, name in enumerate(names):
+        if name is None:
+            with splice.disable_adapters(model):
+                outputs.append(fam.output(model, fam.row(batch, i)))
+        else:
+            splice.set_adapter(model, name)
+            outputs.append(fam.output(model, fam.row(batch, i)))
+    return outputs

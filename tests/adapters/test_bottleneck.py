@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import each_row_alone
 from torch import nn
 
 import splice
@@ -262,13 +263,7 @@ def test_bottleneck_mixed_batch_trains(tiny, method):
     params = splice.trainable_parameters(model)
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in params)
     model.eval()
-    for i, name in enumerate(names):
-        if name is None:
-            with splice.disable_adapters(model):
-                alone = fam.output(model, fam.row(batch, i))
-        else:
-            splice.set_adapter(model, name)
-            alone = fam.output(model, fam.row(batch, i))
+    for i, alone in enumerate(each_row_alone(fam, model, batch, names)):
         close(mixed[i:i + 1].detach(), alone)
 
 

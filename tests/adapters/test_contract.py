@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import each_row_alone
 from torch import nn
 from torch.autograd import gradcheck
 
@@ -479,13 +480,7 @@ def test_mixed_batch_equals_each_row_alone(tiny, row, names):
     batch = fam.batch(rows=4)
     with splice.mixed_batch(model, names):
         mixed = fam.output(model, batch)
-    for i, name in enumerate(names):
-        if name is None:
-            with splice.disable_adapters(model):
-                alone = fam.output(model, fam.row(batch, i))
-        else:
-            splice.set_adapter(model, name)
-            alone = fam.output(model, fam.row(batch, i))
+    for i, alone in enumerate(each_row_alone(fam, model, batch, names)):
         close(mixed[i:i + 1], alone, atol=1e-5)
 
 
