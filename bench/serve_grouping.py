@@ -88,9 +88,9 @@ def runners(groups: int, stack: contextlib.ExitStack) -> tuple[dict, dict[str, f
     for g, r in enumerate(ranks):
         buckets.setdefault(r, []).append(g)
     stacks = {r: (torch.stack([A[g] for g in gs]), torch.stack([B[g] for g in gs])) for r, gs in buckets.items()}
-    index = {r: (torch.tensor([i for i in range(ROWS) if rows_of[i] in gs]),
-                 torch.tensor([gs.index(rows_of[i]) for i in range(ROWS) if rows_of[i] in gs]))
-             for r, gs in buckets.items()}
+    bucket_rows = {r: [i for i in range(ROWS) if rows_of[i] in gs] for r, gs in buckets.items()}
+    index = {r: (torch.tensor(rows), torch.tensor([buckets[r].index(rows_of[i]) for i in rows]))
+             for r, rows in bucket_rows.items()}
 
     def kept_stacks():
         out = x @ W.t()
@@ -101,7 +101,7 @@ def runners(groups: int, stack: contextlib.ExitStack) -> tuple[dict, dict[str, f
         return out
 
     # Per step, no copy kept: per bucket, one torch.stack of the rows' own factors straight from the adapters.
-    per_row = {r: [rows_of[i] for i in range(ROWS) if rows_of[i] in gs] for r, gs in buckets.items()}
+    per_row = {r: [rows_of[i] for i in rows] for r, rows in bucket_rows.items()}
     scales = [model.proj.adapters[f"a{g}"].scale for g in range(groups)]
     raw_A = [model.proj.adapters[f"a{g}"].lora_A for g in range(groups)]
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         common.md_table(["what", "value"], list(info.items())),
         "",
         f"Reproduce: `{cmd}` ({(time.perf_counter() - t_start) / 60:.1f} min). One 576 → 576 projection, one decoding "
-        f"step of {ROWS} one-token rows in G adapter groups, ranks from {{8, 16, 32, 64}}; µs per forward (base GEMM "
+        f"step of {ROWS} one-token rows in G adapter groups, ranks from {{{', '.join(map(str, RANKS))}}}; µs per forward (base GEMM "
         f"included), median of {args.rounds} interleaved rounds of {args.calls} calls; ratio to splice's path "
         "per round (median, range).",
         "",

