@@ -321,6 +321,11 @@ def serve(
 
     from splice.serve import ServeLimits, build_app
 
+    for flag, value in (("--max-batch", max_batch), ("--max-tokens", max_tokens),
+                        ("--max-prompt-tokens", max_prompt_tokens), ("--max-request-kb", max_request_kb),
+                        ("--adapter-memory-mb", adapter_memory_mb)):
+        if value <= 0:  # checked before the model loads (0 would admit nothing, and every request would hang)
+            raise SpliceError(f"{flag} must be positive, not {value}")
     paths = {}
     for item in adapter:
         key, sep, value = item.partition("=")

@@ -46,6 +46,33 @@ def test_sampling_is_reproducible_with_a_seed(served):
     assert a == b and len(a[0]) == 8
 
 
+def test_a_tiny_temperature_samples_the_argmax_and_fails_no_row(served, references):
+    # logits / 1e-45 overflow to inf and softmax to NaN unless the max is subtracted first; the failure took the
+    # whole batch (here a greedy row beside it) down with it.
+    base, adapters = served
+    ids = TOK(PROMPTS[0]).input_ids
+    with engine_for(base, adapters) as engine:
+        greedy = engine.generate([ids], ["alpha"], SamplingParams(max_tokens=8, stop_token_ids=(2,)))
+        both = engine.generate([ids, ids], ["alpha", "beta"], SamplingParams(max_tokens=8, temperature=1e-45,
+                                                                             stop_token_ids=(2,)))
+    assert greedy == [references[("alpha", PROMPTS[0])]]
+    assert both == [references[("alpha", PROMPTS[0])], references[("beta", PROMPTS[0])]]
+
+
+def test_a_refused_request_gives_its_adapter_hold_back(served):
+    base, adapters = served
+    with pytest.raises(SpliceError, match="max_batch"):
+        engine_for(base, adapters, max_batch=0)  # would admit nothing and spin forever
+    engine = engine_for(base, adapters)
+    with engine:
+        with pytest.raises(SpliceError, match="seed 18446744073709551616"):
+            engine.generate([[5, 6]], ["alpha"], SamplingParams(temperature=1.0, seed=2**64))
+        assert engine.pool.unload("alpha")  # nobody holds it: removed at once, not deferred
+    with pytest.raises(SpliceError, match="engine is stopped"):  # it would wait forever for a worker
+        engine.generate([[5, 6]], ["alpha"])
+    assert engine.pool.unload("alpha")
+
+
 def test_pool_evicts_least_recently_used_within_its_bytes(served):
     base, adapters = served
     model = LlamaForCausalLM.from_pretrained(base).eval()

@@ -3,6 +3,7 @@ adapter loading/unloading under load, and the safety cases."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import shutil
 import threading
 import time
 
@@ -12,7 +13,7 @@ import pytest
 
 from splice.serve import ServeLimits, ServerThread, build_app
 
-from .conftest import ADAPTERS, PROMPTS, word_tokenizer
+from .conftest import ADAPTERS, CHAT_TEMPLATE, PROMPTS, word_tokenizer
 
 TOK = word_tokenizer()
 KEY = "test-key"
@@ -157,6 +158,37 @@ def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(client, server
     # ...and every other adapter still serves the right tokens.
     for name in ADAPTERS:
         assert complete(client, name, PROMPTS[2]) == text_of(references[(name, PROMPTS[2])])
+
+
+def test_a_refused_seed_is_a_400_that_keeps_no_adapter_hold(client, server):
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=2, seed=2**64)
+    r = httpx.post(server + "/admin/adapters/unload", json={"name": "alpha"},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.json() == {"name": "alpha", "unloaded": True, "deferred": False}
+
+
+def test_prompts_past_the_context_and_refused_chat_templates_are_400s(served, tmp_path):
+    base, adapters = served
+    own = tmp_path / "base"
+    shutil.copytree(base, own)
+    tok = word_tokenizer()
+    tok.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be "
+                         "the user') }}{% endif %}" + CHAT_TEMPLATE)
+    tok.save_pretrained(own)
+    app = build_app(str(own), adapters, model_name="tiny", limits=ServeLimits(max_prompt_tokens=1000))
+    with ServerThread(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        # 150 tokens on a 128-position model: refused, where max_tokens' default went negative and passed.
+        with pytest.raises(openai.BadRequestError, match="150 tokens is over the model's context of 128"):
+            c.completions.create(model="alpha", prompt=[5] * 150)
+        last = c.completions.create(model="alpha", prompt=[5] * 127, temperature=0)  # room for exactly one
+        assert last.usage.completion_tokens == 1 and last.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="messages: the model's chat template refused them: the "
+                                                         "first message must be the user"):
+            c.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "w5"}])
+        assert c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w5"}], max_tokens=2,
+                                         temperature=0).choices[0].message.content is not None
 
 
 def stats(server) -> dict:

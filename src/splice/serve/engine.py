@@ -98,6 +98,8 @@ class Engine:
                  max_prefill_tokens: int = 4096, mixed: bool = True):
         if kind not in ("causal-lm", "encoder"):
             raise SpliceError(f"engine kind {kind!r} must be 'causal-lm' or 'encoder'")
+        if int(max_batch) < 1 or int(max_prefill_tokens) < 1:  # 0 would admit nothing and spin forever
+            raise SpliceError(f"max_batch ({max_batch}) and max_prefill_tokens ({max_prefill_tokens}) must be ≥ 1")
         self.model, self.pool, self.kind = model, pool, kind
         self.max_batch, self.max_prefill_tokens, self.mixed = int(max_batch), int(max_prefill_tokens), mixed
         self.device = next(model.parameters()).device
@@ -146,16 +148,29 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
-        """Queue a request; its adapter must already be acquired from the pool (the engine releases it)."""
-        if req.embed != (self.kind == "encoder"):
-            raise SpliceError("embeddings need an encoder model and completions a causal LM; this server runs a "
-                              f"{self.kind}")
-        if req.params.temperature > 0:
-            seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
-            req._generator = torch.Generator().manual_seed(seed)
-        with self._wake:
-            self._waiting.append(req)
-            self._wake.notify()
+        """Queue a request; its adapter must already be acquired from the pool.
+
+        The engine releases that hold when the request finishes, and also when `submit` refuses it (SpliceError).
+        """
+        try:
+            if req.embed != (self.kind == "encoder"):
+                raise SpliceError("embeddings need an encoder model and completions a causal LM; this server runs "
+                                  f"a {self.kind}")
+            if req.params.temperature > 0:
+                seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
+                try:
+                    req._generator = torch.Generator().manual_seed(seed)
+                except (ValueError, RuntimeError) as exc:
+                    raise SpliceError(f"seed {seed}: {exc} (seeds are 64-bit integers)") from None
+            with self._wake:
+                if self._stop:  # nothing would ever take it off the queue
+                    raise SpliceError("the engine is stopped; start() it before submitting requests")
+                self._waiting.append(req)
+                self._wake.notify()
+        except SpliceError:
+            if req.adapter is not None:
+                self.pool.release(req.adapter)
+            raise
         return req
 
     def generate(self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
@@ -331,7 +346,10 @@ class Engine:
         for i, r in enumerate(rows):
             p = r.params
             if p.temperature > 0:
-                probs = torch.softmax(logits[i].float() / p.temperature, -1)
+                # Shift by the max first: a tiny temperature then sends the other logits to -inf (probability
+                # 0), where logits / T alone overflows to inf and softmax gives NaN.
+                row = logits[i].float()
+                probs = torch.softmax((row - row.max()) / p.temperature, -1)
                 if p.top_p < 1:  # keep the smallest set of tokens whose probability reaches top_p
                     sorted_p, idx = probs.sort(descending=True)
                     drop = sorted_p.cumsum(0) - sorted_p > p.top_p

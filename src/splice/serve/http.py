@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
 from fastapi import Depends, FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -182,11 +183,27 @@ class _Api:
             for _ in range(times):
                 await self._acquire_one(adapter)
                 held += 1
-        except (AdapterLoadError, PoolFull) as exc:
+        except BaseException as exc:  # the client going away (CancelledError) must not keep the holds either
             for _ in range(held):
                 await run_in_threadpool(self.pool.release, adapter)
-            status = 503 if isinstance(exc, PoolFull) else 500
-            raise ApiError(status, str(exc), "server_error", "adapter_unavailable") from None
+            if isinstance(exc, (AdapterLoadError, PoolFull)):
+                status = 503 if isinstance(exc, PoolFull) else 500
+                raise ApiError(status, str(exc), "server_error", "adapter_unavailable") from None
+            raise
+
+    async def _submit(self, requests: list[Request]) -> None:
+        """Submit all of `requests` (their adapter holds taken) or none: a refusal cancels those already queued and
+        gives back the holds of the rest (the engine gave back the refused one's)."""
+        for k, r in enumerate(requests):
+            try:
+                self.engine.submit(r)
+            except SpliceError as exc:
+                for done in requests[:k]:
+                    done.cancel()
+                for rest in requests[k + 1:]:
+                    if rest.adapter is not None:
+                        await run_in_threadpool(self.pool.release, rest.adapter)
+                raise ApiError(400, str(exc)) from None
 
     async def _acquire_one(self, adapter: str) -> None:
         # When the adapter memory is full of adapters that running requests hold, wait for one of them to finish
@@ -251,6 +268,11 @@ class _Api:
             raise ApiError(400, f"{where}: the prompt is empty")
         if len(ids) > self.limits.max_prompt_tokens:
             raise ApiError(400, f"{where}: {len(ids)} tokens is over the limit of {self.limits.max_prompt_tokens}")
+        # A causal LM needs room for one new token; a longer prompt would index past the position table.
+        room = self.max_positions - (self.engine.kind == "causal-lm")
+        if len(ids) > room:
+            raise ApiError(400, f"{where}: {len(ids)} tokens is over the model's context of {self.max_positions}"
+                                + (" (less one position for the answer)" if self.engine.kind == "causal-lm" else ""))
         vocab = self.engine.model.config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise ApiError(400, f"{where}: token ids must be integers in [0, {vocab})")
@@ -283,7 +305,10 @@ class _Api:
                 content = "".join(str(part.get("text", "")) for part in content)
             messages.append({"role": m.role, "content": content})
         if getattr(self.tok, "chat_template", None):
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except jinja2.TemplateError as exc:  # the template's own checks ("roles must alternate", ...)
+                raise ApiError(400, f"messages: the model's chat template refused them: {exc}") from None
             return self._check_prompt(self._tokens(text, special=False), "messages")
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return self._check_prompt(self._tokens(text), "messages")
@@ -322,14 +347,13 @@ class _Api:
         streams = [TextStream(self.tok, stops, ids if echo else None) for ids, _ in jobs]
         requests = [Request(list(ids), adapter, _emitter(loop, queue, i), params) for i, (ids, params) in
                     enumerate(jobs)]
-        for r in requests:
-            self.engine.submit(r)
+        await self._submit(requests)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         shape = ResponseShape(rid, body.model, chat, self.created)
         prompt_tokens = sum(len(ids) for ids, _ in jobs)
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._stream(queue, requests, streams, shape, prompt_tokens, usage),
+            return _CancellingStream(requests, self._stream(queue, requests, streams, shape, prompt_tokens, usage),
                                      media_type="text/event-stream")
         try:
             await self._collect(queue, requests, streams, http)
@@ -339,15 +363,18 @@ class _Api:
         return shape.full(streams, prompt_tokens)
 
     async def _collect(self, queue, requests, streams, http: HttpRequest) -> None:
-        open_ = len(requests)
+        open_, checked = len(requests), time.monotonic()
         while open_:
             try:
                 i, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                open_ -= self._apply(i, ev, requests, streams)
             except asyncio.TimeoutError:
+                pass
+            # Tokens may arrive without a pause for minutes: look for a departed client every half second anyway.
+            if open_ and time.monotonic() - checked >= 0.5:
                 if await http.is_disconnected():
                     return
-                continue
-            open_ -= self._apply(i, ev, requests, streams)
+                checked = time.monotonic()
 
     def _apply(self, i: int, ev, requests, streams) -> int:
         """Feed one engine event to stream i; returns 1 when that stream is finished."""
@@ -394,8 +421,8 @@ class _Api:
         await self._acquire(adapter, len(inputs))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        requests = [self.engine.submit(Request(ids, adapter, _emitter(loop, queue, i), embed=True))
-                    for i, ids in enumerate(inputs)]
+        requests = [Request(ids, adapter, _emitter(loop, queue, i), embed=True) for i, ids in enumerate(inputs)]
+        await self._submit(requests)
         vectors: list[Any] = [None] * len(inputs)
         open_ = len(requests)
         while open_:
@@ -412,6 +439,22 @@ class _Api:
         tokens = sum(len(x) for x in inputs)
         return {"object": "list", "data": data, "model": body.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+class _CancellingStream(StreamingResponse):
+    """Cancels its requests however the response ends. The body generator's own `finally` runs only if the
+    generator was started, and a client gone before the first chunk never starts it."""
+
+    def __init__(self, requests: list[Request], content, **kwargs):
+        super().__init__(content, **kwargs)
+        self._requests = requests
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for r in self._requests:
+                r.cancel()
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, i: int) -> Callable:

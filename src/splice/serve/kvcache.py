@@ -43,10 +43,11 @@ def concat(a: DynamicCache, mask_a: Tensor, b: DynamicCache, mask_b: Tensor) -> 
 
 def select(cache: DynamicCache, mask: Tensor, rows: Tensor) -> tuple[DynamicCache, Tensor]:
     """Keep `rows` (in that order), then cut the left columns that are padding in every kept row."""
-    mask = mask.index_select(0, rows)
+    mask = mask.index_select(0, rows.to(mask.device))
     real = mask.any(0).nonzero()
     start = int(real[0]) if len(real) else mask.shape[1]
     for layer in _layers(cache):
+        rows = rows.to(layer.keys.device)  # the mask (and so `rows`) lives on the CPU; a CUDA cache needs its own
         layer.keys = layer.keys.index_select(0, rows)[:, :, start:]
         layer.values = layer.values.index_select(0, rows)[:, :, start:]
     return cache, mask[:, start:]

@@ -17,7 +17,7 @@ class _Sampling(_Body):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default: sampling; 0 is greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
