@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 
+from helpers import one_error_line
 from splice.cli import run
 
 from .conftest import PROMPTS, word_tokenizer
@@ -64,3 +65,5 @@ def test_splice_serve_bad_arguments_are_one_line(served, capsys, tmp_path):
     assert capsys.readouterr().err.strip().count("\n") == 0
     assert run(["serve", str(base), "--adapter", "no-equals-sign"]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
+    assert run(["serve", str(base), "--max-batch", "0"]) == 2  # would admit nothing: every request would hang
+    assert one_error_line(capsys.readouterr().err) == "error: --max-batch must be positive, not 0"
