@@ -119,3 +119,17 @@ def test_blocked_random_methods_equal_the_whole_path(name, family, weights, tmp_
     for key in whole:
         assert torch.equal(whole[key] == base[key], blocked[key] == base[key]), key
         torch.testing.assert_close(blocked[key], whole[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in BLOCKED if get_merge_method(n).space == "delta"])
+def test_a_tensor_only_the_base_feeds_has_no_delta_in_blocks_as_whole(name):
+    # A slice whose only source is the base: the whole function returns a zero delta; the blocked one raised
+    # IndexError (it met this only on tensors large enough to be blocked, so only on real-size models).
+    method = get_merge_method(name)
+    base = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    source = BlockSource(base, [], lambda t, i: t.to(torch.float32, copy=True), deltas=True, block_elements=8)
+    ctx = TensorContext(name="t", generator=torch.Generator().manual_seed(3))
+    whole = method.fn(base, [], ctx=ctx, weight=[])
+    parts = list(method.blocks(source, ctx=ctx, weight=[]))
+    assert len(parts) == 4 and not whole.any()
+    assert torch.equal(torch.cat([p for _, p in parts]), whole)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -138,6 +139,27 @@ def test_frankenmerge_slices_renumber_layers(family, weights, tmp_path):
     assert torch.equal(got["lm_head.weight"], b["lm_head.weight"])
     model = AutoModelForCausalLM.from_pretrained(out)
     assert len(model.model.layers) == 6
+    # A base_model that passthrough ignores need not be among every slice's sources (mergekit accepts it).
+    again = weights(merge({**config, "base_model": str(fam.fts[0])}, tmp_path / "with-base", progress=False))
+    assert all(torch.equal(again[k], got[k]) for k in got)
+
+
+def test_frankenmerge_takes_gpt_neox_output_head_from_the_last_slice(weights, tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / f"nx{seed}")
+    config = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tmp_path / "nx0"), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(tmp_path / "nx1"), "layer_range": [0, 2]}]}]}
+    got = weights(merge(config, tmp_path / "out", progress=False))
+    first, last = weights(tmp_path / "nx0"), weights(tmp_path / "nx1")
+    assert torch.equal(got["gpt_neox.embed_in.weight"], first["gpt_neox.embed_in.weight"])
+    assert torch.equal(got["embed_out.weight"], last["embed_out.weight"])  # the head, like final_layer_norm
+    assert torch.equal(got["gpt_neox.final_layer_norm.weight"], last["gpt_neox.final_layer_norm.weight"])
 
 
 def test_random_methods_are_reproducible_from_the_seed(family, tmp_path):
@@ -150,6 +172,49 @@ def test_random_methods_are_reproducible_from_the_seed(family, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs
+def test_a_result_too_large_for_float16_is_refused_not_written_as_inf(family, tmp_path):
+    fam = family("llama", n=1, layers=2)
+    config = ta_config(fam, out_dtype="float16")
+    config["models"][0]["parameters"]["weight"] = 1e7  # deltas of ~0.05 become ~5e5, past float16's 65504
+    text = fails(config, tmp_path / "out", "beyond float16; lower the weights or pick a wider out_dtype")
+    assert "task_arithmetic" in text
+    nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_a_dry_run_checks_parameter_values_and_passes_every_method_with_sane_ones(family, tmp_path):
+    from splice.bench.merging import config as method_config, settings
+    from splice.merge.methods.registry import get_merge_method, merge_method_names
+
+    fam = family("llama", n=2, layers=2)
+    for name in merge_method_names():
+        method = get_merge_method(name)
+        if method.needs:
+            continue
+        setting = settings(method, (0.5,), (0.5,))[0]
+        try:
+            report = merge(method_config(name, fam.base, fam.fts, setting), tmp_path / name, dry_run=True)
+        except SpliceError as err:  # a method of one model (nearswap, passthrough): the dry run now says so
+            assert "takes exactly 1 model" in str(err), (name, err)
+            report = merge(method_config(name, fam.base, fam.fts[:1], setting), tmp_path / name, dry_run=True)
+        assert report.num_tensors > 0, name
+    bad = {**ta_config(fam), "merge_method": "ties", "parameters": {"density": 1.5}}
+    fails(bad, tmp_path / "out", r"ties: parameter 'density' must be in \[0.0, 1.0\]", dry_run=True)
+
+
+def test_a_tokenizer_source_of_another_vocabulary_is_refused(family, tmp_path):
+    # mergekit realigns the embeddings to such a tokenizer; splice copies tokenizer files only, so it must refuse.
+    fam = family("llama", n=1, layers=2)
+    other = tmp_path / "other-vocab"
+    shutil.copytree(fam.base, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 20}))
+    text = fails(ta_config(fam, tokenizer_source=str(other)), tmp_path / "out",
+                 "tokenizer_source: .* has a vocabulary of 120 tokens, the merged model's embeddings 100 rows")
+    assert "pick a model with the same vocabulary" in text
+    nothing_written(tmp_path, tmp_path / "out")
+    assert merge(ta_config(fam, tokenizer_source=str(fam.fts[0])), tmp_path / "same", dry_run=True).num_tensors
+
+
 def test_existing_output_needs_force(family, tmp_path):
     fam = family("llama", n=2, layers=2)
     out = tmp_path / "out"

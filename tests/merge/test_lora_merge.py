@@ -141,6 +141,41 @@ def test_lora_rank_truncates_by_svd(adapters, weights, tmp_path):
     assert errors[0] > errors[1] > 0 and errors[2] < 1e-5  # rank 32 = full rank: exact
 
 
+def test_full_rank_lora_output_of_dare_equals_its_model_merge(adapters, weights, tmp_path):
+    # DARE keeping every entry of a short probe passed for a weighted sum, and such modules were then written
+    # without any drop (17 of 40 tensors at density 0.9, where the model merge drops entries).
+    base, loras, _ = adapters
+    config = {"merge_method": "dare_linear", "base_model": str(base), "models": models(loras),
+              "parameters": {"density": 0.9}}
+    model = weights(merge(config, tmp_path / "model", progress=False))
+    out = merge(config, tmp_path / "lora", progress=False, lora_rank=64)  # ≥ every module's rank: SVD is exact
+    applied = weights(apply_adapter(str(base), out, tmp_path / "applied", progress=False))
+    for name, tensor in applied.items():
+        torch.testing.assert_close(tensor, model[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_a_bfloat16_lora_output_subtracts_the_base_in_float32(adapters, weights):
+    # The dense update of a non-linear method was formed from the merged weight already rounded to bfloat16: an
+    # error of |W|·2⁻⁹, swamping the small updates of real fine-tunes. Now it is exact before the factors' rounding.
+    from splice.merge.config import load_config
+    from splice.merge.lora_merge import LoraMerge
+    from splice.merge.plan import build_plan
+
+    base, loras, _ = adapters
+    config = {"merge_method": "ties", "base_model": str(base), "models": models(loras),
+              "parameters": {"density": 0.5}}
+    model = weights(merge(config, base.parent / "ties-model", progress=False))
+    plan = build_plan(load_config({**config, "out_dtype": "bfloat16"})[0])
+    try:
+        lora, base_w = LoraMerge(plan, rank=64), weights(base)
+        for name in lora.parts:
+            _, kind, A, B = lora.module(name)
+            want = model[name] - base_w[name]
+            torch.testing.assert_close(B @ A, want, atol=1e-5, rtol=0, msg=name)
+    finally:
+        plan.inputs.close()
+
+
 def test_lora_rank_on_a_weighted_sum_never_forms_the_dense_update(adapters, weights, tmp_path):
     base, loras, _ = adapters
     config = {"merge_method": "task_arithmetic", "base_model": str(base), "models": models(loras, (0.7, 0.3))}
@@ -168,6 +203,10 @@ def test_lora_output_errors(adapters, family, lora, tmp_path):
     assert merge(config, tmp_path / "out", progress=False, lora_rank=8).is_dir()  # by SVD it works
     with pytest.raises(SpliceError, match="needs out_format 'lora'"):
         merge(config, tmp_path / "out2", progress=False, out_format="model", lora_rank=2)
+    with pytest.raises(SpliceError, match="merge_method 'fisher' needs fisher from calibration texts.*merge to a "
+                                          "model"):  # the LoRA path would merge without them: a plain average
+        merge({**config, "merge_method": "fisher", "models": models(loras)}, tmp_path / "fisher", progress=False,
+              out_format="lora")
     report = merge({**config, "models": models(loras)}, tmp_path / "dry", dry_run=True, out_format="lora")
     assert "lora output:" in str(report) and "exact rank concatenation" in str(report)
     assert not (tmp_path / "dry").exists()

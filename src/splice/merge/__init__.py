@@ -54,8 +54,9 @@ def merge(config: str | Path | dict[str, Any] | MergeConfig, out: str | Path, *,
         config: a YAML file, a dict of the same fields, or a `MergeConfig`.
         out: the output folder: an HF model folder (or a PEFT adapter folder with ``out_format="lora"``).
         force: replace `out` if it exists (atomically: the old folder stays until the new one is complete).
-        dry_run: validate the config and every input's tensor names, shapes and dtypes, and return the plan's
-            summary without reading tensor data or writing anything.
+        dry_run: validate the config, every input's tensor names, shapes and dtypes, and the method's parameter
+            values (on small stand-in tensors), and return the plan's summary without reading tensor data or
+            writing anything.
         progress: show a progress bar (bytes/s) on stderr.
         calibration: for methods that need Fisher information or Gram matrices of layer inputs: a data file
             (CSV/JSONL with ``text`` or ``prompt`` + ``completion``, as ``splice train`` reads) or a list of texts,
@@ -88,6 +89,10 @@ def merge(config: str | Path | dict[str, Any] | MergeConfig, out: str | Path, *,
     cfg, yaml_text = load_config(config)
     plan = build_plan(cfg)
     try:
+        if fmt == "lora" and plan.method.needs:  # the LoRA path merges factors and never runs calibration
+            raise SpliceError(f"out_format lora: merge_method {plan.method.name!r} needs "
+                              f"{', '.join(sorted(plan.method.needs))} from calibration texts, which only the model "
+                              "output computes; merge to a model (the default output)")
         if fmt == "lora":
             from splice.merge.lora_merge import LoraMerge
 
@@ -96,6 +101,9 @@ def merge(config: str | Path | dict[str, Any] | MergeConfig, out: str | Path, *,
             raise SpliceError(f"merge_method {plan.method.name!r} needs {', '.join(sorted(plan.method.needs))} "
                               f"computed from calibration texts: pass calibration (--calibration FILE)")
         if dry_run:
+            from splice.merge.executor import check_parameters
+
+            check_parameters(plan)
             summary = plan.summary()
             if fmt == "lora":
                 summary += "\n" + lora.summary()

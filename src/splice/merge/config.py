@@ -26,7 +26,8 @@ Scopes, most specific first: the model's own ``parameters`` (per-model parameter
 
 Accepted from mergekit but not used by splice (a note is printed): ``chat_template``, a slice's ``residual_weight``,
 a model reference's ``override_architecture``. Refused with a clear error: ``modules`` (multi-module configs),
-``tokenizer_source: union`` and ``tokenizer.tokens`` (vocabulary surgery).
+``tokenizer_source: union`` and ``tokenizer.tokens`` (vocabulary surgery), and a ``tokenizer_source`` model whose
+vocabulary size differs from the merged embeddings' (mergekit would realign them; splice copies tokenizer files).
 """
 from __future__ import annotations
 

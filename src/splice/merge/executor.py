@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import math
 import shutil
 import sys
 import threading
@@ -64,16 +65,18 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
 
 
 def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
-                 extras: dict[str, list[Tensor]] | None = None, min_block: int | None = None) -> Tensor:
-    """Compute one output tensor of `plan` (in `task.dtype`).
+                 extras: dict[str, list[Tensor]] | None = None, min_block: int | None = None,
+                 dtype: torch.dtype | None = None) -> Tensor:
+    """Compute one output tensor of `plan` (in `dtype`, by default `task.dtype`).
 
     A tensor of `min_block` entries or more is merged in row blocks when its method has a blocked form and every
     input is a model folder (memory-mapped); others are merged whole.
 
     Raises:
-        SpliceError: NaN/inf in an input or in the method's result, integer tensors that differ between inputs,
-            a result of the wrong shape; each naming the tensor.
+        SpliceError: NaN/inf in an input or in the method's result (or a result too large for `dtype`), integer
+            tensors that differ between inputs, a result of the wrong shape; each naming the tensor.
     """
+    dtype = dtype or task.dtype
     # Memory-mapped reads of this one name; NaN/inf is checked on the float32 working copies below (faster there).
     raw = {s: s.input.get(s.name, check=False) for s in task.sources}
     first = raw[task.sources[0]]
@@ -95,7 +98,7 @@ def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
     ctx = TensorContext(name=task.name, layer=task.layer, num_layers=task.num_layers,
                         generator=tensor_generator(seed, task.name), extras=dict(extras or {}))
     if work == torch.float32 and runs_in_blocks(plan, task, bool(ctx.extras), min_block):
-        return _merge_blocks(plan, task, raw, ctx, rounding)
+        return _merge_blocks(plan, task, raw, ctx, rounding, dtype)
     base = prepared(task.base) if task.base is not None else None
     if method.space == "delta":
         assert base is not None  # the config check refuses a delta method without base_model
@@ -112,11 +115,53 @@ def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
         raise SpliceError(f"merge method {method.name!r} returned shape {tuple(out.shape)} for tensor {task.name!r}, "
                           f"expected {tuple(task.shape)}")
     check_finite(out, f"merge method {method.name!r}", task.name)
-    return out.to(task.dtype)
+    return _narrowed(out, dtype, method.name, task.name)
+
+
+def check_parameters(plan: MergePlan) -> None:
+    """Run the method once per distinct parameter set on small stand-in tensors, so that a dry run refuses a value
+    the method would refuse mid-merge (a density of 1.5, a DELLA ε past its density).
+
+    Only SpliceErrors count, and only parameter checks raise them on stand-ins this size: anything else (math that
+    needs the real shapes) is left to the real tensors. Methods that need calibration statistics are not run.
+    """
+    method = plan.method
+    if method.needs:
+        return
+    seen = set()
+    for task in plan.tasks:
+        key = repr((task.params, task.model_params, len(task.inputs), len(task.shape), task.base is None))
+        if not task.dtype.is_floating_point or key in seen:
+            continue
+        seen.add(key)
+        g = torch.Generator().manual_seed(0)
+        shape = (max(8, 2 * len(task.inputs)),) * max(len(task.shape), 1)
+        base = torch.randn(shape, generator=g)
+        models = [base + 0.1 * torch.randn(shape, generator=g) for _ in task.inputs]
+        ctx = TensorContext(name=task.name, layer=task.layer, num_layers=task.num_layers, generator=g)
+        try:
+            if method.space == "delta":
+                method.fn(base, [m - base for m in models], ctx=ctx, **task.params, **task.model_params)
+            else:
+                method.fn(base if task.base is not None else None, models, ctx=ctx, **task.params,
+                          **task.model_params)
+        except SpliceError:
+            raise
+        except Exception:  # noqa: BLE001 - the stand-ins cannot judge this method; the real tensors will
+            pass
+
+
+def _narrowed(t: Tensor, dtype: torch.dtype, method: str, name: str) -> Tensor:
+    """`t` in `dtype`, refusing values that a narrower dtype turns into inf (float16 ends at 65504)."""
+    out = t.to(dtype)
+    if out.dtype != t.dtype and out.is_floating_point() and not math.isfinite(out.sum(dtype=torch.float32).item()):
+        raise SpliceError(f"merge method {method!r}: tensor {name!r} has values up to {t.abs().max().item():.4g}, "
+                          f"beyond {str(dtype).removeprefix('torch.')}; lower the weights or pick a wider out_dtype")
+    return out
 
 
 def _merge_blocks(plan: MergePlan, task: TensorTask, raw: dict[Source, Tensor], ctx: TensorContext,
-                  rounding: torch.dtype | None) -> Tensor:
+                  rounding: torch.dtype | None, dtype: torch.dtype) -> Tensor:
     """`merge_tensor` in row blocks (see splice.merge.blocks): the output in its dtype plus O(block) working memory."""
     method = plan.method
     def prepare(rows: Tensor, i: int) -> Tensor:
@@ -126,7 +171,7 @@ def _merge_blocks(plan: MergePlan, task: TensorTask, raw: dict[Source, Tensor], 
 
     source = BlockSource(raw[task.base] if task.base is not None else None, [raw[s] for s in task.inputs], prepare,
                          deltas=method.space == "delta")
-    out = torch.empty(task.shape, dtype=task.dtype)
+    out = torch.empty(task.shape, dtype=dtype)
     for rows, block in method.blocks(source, ctx=ctx, **task.params, **task.model_params):
         block = block.to(torch.float32)
         if method.space == "delta":
@@ -135,7 +180,8 @@ def _merge_blocks(plan: MergePlan, task: TensorTask, raw: dict[Source, Tensor], 
         if tuple(block.shape) != tuple(out[rows].shape):
             raise SpliceError(f"merge method {method.name!r} returned a block of shape {tuple(block.shape)} for "
                               f"rows {rows.start}:{rows.stop} of tensor {task.name!r}, expected {tuple(out[rows].shape)}")
-        out[rows] = check_finite(block, f"merge method {method.name!r}", task.name)
+        check_finite(block, f"merge method {method.name!r}", task.name)
+        out[rows] = _narrowed(block, dtype, method.name, task.name)
     return out
 
 

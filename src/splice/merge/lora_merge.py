@@ -62,16 +62,19 @@ class _Part:
 def weighted_sum_coefficients(plan: MergePlan, task: TensorTask, seed: int = 0) -> list[float] | None:
     """The c_i with merged(base, θ_i) = base + Σ c_i (θ_i − base) for this tensor, or None if the method is not so.
 
-    The method is probed on 1-D float64 vectors: one-hot task vectors give the c_i, random ones check them.
+    The method is probed on 1-D float64 vectors: one-hot task vectors give the c_i, random ones check them. The
+    vectors are long and the two runs draw from different generators, so that a random method (DARE's mask) cannot
+    pass for a weighted sum by keeping every entry of a short probe, or the same entries twice.
     """
     n = len(task.inputs)
+    length = n + 256
     base_pos = [i for i, s in enumerate(task.inputs) if task.base is not None and s == task.base]
     g = torch.Generator().manual_seed(0)
-    b = torch.randn(n + 1, generator=g, dtype=torch.float64)
+    b = torch.randn(length, generator=g, dtype=torch.float64)
 
-    def run(deltas: list[Tensor]) -> Tensor:
+    def run(deltas: list[Tensor], probe: int) -> Tensor:
         ctx = TensorContext(name=task.name, layer=task.layer, num_layers=task.num_layers,
-                            generator=tensor_generator(seed, task.name))
+                            generator=tensor_generator(seed, f"{task.name}#probe{probe}"))
         fn, p = plan.method.fn, {**task.params, **task.model_params}
         if plan.method.space == "delta":
             return fn(b, list(deltas), ctx=ctx, **p).to(torch.float64)  # a method may consume its list
@@ -82,9 +85,9 @@ def weighted_sum_coefficients(plan: MergePlan, task: TensorTask, seed: int = 0) 
         return [torch.zeros_like(d) if i in base_pos else d for i, d in enumerate(ds)]
 
     try:
-        coeffs = run(zero_base(list(torch.eye(n + 1, dtype=torch.float64)[:n])))[:n].tolist()
-        r = zero_base([torch.randn(n + 1, generator=g, dtype=torch.float64) for _ in range(n)])
-        got = run(r)
+        coeffs = run(zero_base(list(torch.eye(length, dtype=torch.float64)[:n])), 0)[:n].tolist()
+        r = zero_base([torch.randn(length, generator=g, dtype=torch.float64) for _ in range(n)])
+        got = run(r, 1)
     except Exception:  # noqa: BLE001 - a method that cannot take the probe is treated as not a weighted sum
         return None
     want = sum(c * d for c, d in zip(coeffs, r))
@@ -169,7 +172,8 @@ class LoraMerge:
             if self.rank is not None and self.rank < A.shape[0]:
                 A, B = _truncate_factors(A, B, self.rank)
             return src, kind, A, B
-        dense = merge_tensor(self.plan, task, seed=self.seed).float() - self.plan.base.get(weight).float()
+        # In float32: rounding the merged weight to a bf16 base's dtype before subtracting would swamp the update.
+        dense = merge_tensor(self.plan, task, seed=self.seed, dtype=torch.float32) - self.plan.base.get(weight).float()
         matrix = dense.t() if kind in ("conv1d", "embedding") else dense.reshape(dense.shape[0], -1)  # (out, in)
         B, A = _svd(matrix, self.rank or min(matrix.shape))
         if kind == "conv2d":

@@ -23,6 +23,7 @@ tensors, different shapes, floating vs integer dtypes, different architectures (
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,9 @@ __all__ = ["MergePlan", "TensorTask", "Source", "build_plan", "layer_of"]
 # Block index in a tensor name: "model.layers.3.mlp..." (Llama), "transformer.h.3..." (GPT-2),
 # "encoder.layer.3..." (BERT), "blocks.3..." (ViT and others).
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
-# Non-layer tensors that sit before the blocks (from the first slice in a frankenmerge); the rest sit after them.
-_PRE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|tok_embeddings|"
+# Non-layer tensors that sit before the blocks (from the first slice in a frankenmerge); the rest sit after them
+# (GPT-NeoX's output head `embed_out` among them).
+_PRE = re.compile(r"embed(?!_out)|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|tok_embeddings|"
                   r"embed_in|patch_embed|cls_token|pos_embed")
 # Where a checkpoint without `lm_head.weight` keeps the tied embedding it stands for.
 _TIED = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
@@ -216,6 +218,28 @@ def build_plan(cfg: MergeConfig) -> MergePlan:
         raise
 
 
+def _vocab_size(config: dict[str, Any]) -> int | None:
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if isinstance(size, int) else None
+
+
+def _check_vocabulary(folder: Path, output_config: dict[str, Any]) -> None:
+    """Refuse a tokenizer_source whose model has another vocabulary size than the merged embeddings: mergekit
+    realigns the embeddings to it (vocabulary surgery), splice only copies its files, which would then not match."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return  # a bare tokenizer folder: nothing to compare against without loading it
+    try:
+        theirs = _vocab_size(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return
+    ours = _vocab_size(output_config)
+    if theirs is not None and ours is not None and theirs != ours:
+        raise SpliceError(f"tokenizer_source: {folder} has a vocabulary of {theirs} tokens, the merged model's "
+                          f"embeddings {ours} rows; splice does not realign embeddings to another vocabulary "
+                          "(mergekit's tokenizer surgery), so pick a model with the same vocabulary")
+
+
 class _Planner:
     def __init__(self, cfg: MergeConfig, method: MergeMethod, inputs: InputSet) -> None:
         self.cfg, self.method, self.inputs = cfg, method, inputs
@@ -229,7 +253,7 @@ class _Planner:
         groups = _groups(cfg)
         opened = [[self.inputs.open(r, w) for r, w in zip(g.refs, g.wheres)] for g in groups]
         for g in groups:
-            if g.base is not None and g.base not in g.refs:
+            if g.base is not None and g.base not in g.refs and self.method.needs_base:
                 raise SpliceError(f"{g.where}: base_model {str(g.base)!r} is not among the slice's sources")
         ref_input = self.inputs.base or opened[0][0]
         self._check_architectures(ref_input, [i for row in opened for i in row])
@@ -242,6 +266,8 @@ class _Planner:
         tok = cfg.tokenizer_source
         tokenizer_from = (donor.folder if tok in (None, "base") else
                           local_folder(tok.path, tok.revision, "tokenizer_source"))
+        if tokenizer_from != donor.folder:
+            _check_vocabulary(tokenizer_from, donor.config)
         return MergePlan(cfg, self.method, self.inputs, self.inputs.base, donor, tokenizer_from, tasks,
                          len(layer_map), layer_map, self.notes)
 

@@ -161,6 +161,10 @@ def generalized_blocks(source: Any, *, weight: list[float], density: list[float]
     `splice.merge.blocks.BlockSource`): per-model statistics passes (sparsify_blocks.py), then one emitting pass
     that yields (rows, merged delta of those rows). Same masks and sign elections as the whole-tensor function."""
     n = source.count
+    if n == 0:  # only the base feeds this tensor (a slice of the base alone): no delta, as the whole function says
+        for rows, _ in source.blocks():
+            yield rows, torch.zeros_like(source.base_block(rows))
+        return
     density = density or [1.0] * n
     sparsifiers = [BlockSparsifier(sparsify_method, density[i], n=source.numel, gamma=gamma[i] if gamma else 0.01,
                                    epsilon=epsilon[i] if epsilon else 0.15, rescale=rescale) for i in range(n)]
