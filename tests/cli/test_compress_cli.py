@@ -232,3 +232,47 @@ def test_compress_eval_without_a_head_is_one_line_and_writes_nothing(capsys, tmp
                        "--eval", sentiment_csv, "--no-progress")
     assert code != 0 and "head" in one_error_line(err)
     assert not (tmp_path / "small").exists()
+
+
+def tiny_model(family: str):
+    from transformers import AlbertConfig, AlbertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if family == "gpt2":  # Conv1D layers: weights stored (in, out)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16)).eval()
+    # a Linear named like an embedding (embedding_hidden_mapping_in), which a name rule took for one
+    return AlbertModel(AlbertConfig(vocab_size=64, embedding_size=8, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)).eval()
+
+
+@pytest.mark.parametrize("family, unchanged", [("gpt2", "transformer.h.0.mlp.c_fc"),
+                                               ("albert", "encoder.embedding_hidden_mapping_in")])
+def test_extract_writes_what_peft_and_splice_load_on_conv1d_and_misleading_names(tmp_path, family, unchanged):
+    """Every 2-D weight changes by rank 2, except `unchanged`, whose bias alone changes: PEFT and splice both
+    get the fine-tune back (Conv1D factors the right way round, the lone bias kept, no name taken for a kind)."""
+    import peft
+
+    from splice.compress.extract import extract
+
+    tiny_model(family).save_pretrained(tmp_path / "base")
+    ft = tiny_model(family)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if name == f"{unchanged}.bias":
+                p.add_(0.5)
+            elif p.dim() == 2 and not name.startswith(unchanged):
+                p.add_(torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g) * 0.05)
+    ft.save_pretrained(tmp_path / "ft")
+    extract(str(tmp_path / "base"), tmp_path / "ft", tmp_path / "lora", rank=2, progress=False)
+    x = torch.randint(0, 64, (2, 7))
+
+    def out(model):  # the last hidden state: GPT-2's head is tied to wte, which PEFT's LoRA on wte leaves alone
+        with torch.no_grad():
+            return model(input_ids=x, output_hidden_states=True).hidden_states[-1]
+
+    want = out(ft)
+    by_peft = peft.PeftModel.from_pretrained(tiny_model(family), tmp_path / "lora").eval()
+    torch.testing.assert_close(out(by_peft), want, atol=1e-4, rtol=1e-4)
+    by_splice = splice.load_adapter(tiny_model(family), tmp_path / "lora")
+    torch.testing.assert_close(out(by_splice), want, atol=1e-4, rtol=1e-4)

@@ -6,9 +6,10 @@ PEFT's scale α/r is 1. The rank is fixed (``rank``) or chosen per tensor from i
 singular values holding that share of ‖ΔW‖²_F; PEFT's rank_pattern / alpha_pattern carry the per-module ranks); a
 matrix with fewer rows or columns than the rank gets its full rank, as in mergekit.
 Embeddings are stored as PEFT's lora_embedding_A (r, num_embeddings) / lora_embedding_B (dim, r), whose update
-is (BA)ᵀ. With ``extras`` (default), changed biases are written as trained biases (``bias: all``) and changed
-norms and other 1-D tensors as ``modules_to_save``, both at full precision, so the adapter reproduces the whole
-fine-tune up to the truncation. Only two tensors of the models are in memory at a time.
+is (BA)ᵀ, and GPT-2's Conv1D weights, stored (in, out), with ``fan_in_fan_out``; which module is which comes from
+the base's architecture built on the meta device (names only where it cannot be built). With ``extras`` (default),
+changed biases of linear layers are written as trained biases (``bias: all``) and changed norms and other tensors
+as ``modules_to_save``, all at full precision, so the adapter reproduces the whole fine-tune up to the truncation. Only two tensors of the models are in memory at a time.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from splice.compress.linalg import truncated_svd
@@ -34,14 +36,34 @@ def _is_embedding(name: str) -> bool:
     return any(h in name.rsplit(".", 1)[0].split(".")[-1] for h in _EMBED_HINTS)
 
 
-def _peft_config(base: str, ranks: dict[str, int], biases: bool, saved: set[str]) -> dict:
+def _module_kinds(folder: Path) -> dict[str, str]:
+    """Module name → "linear" | "conv1d" | "embedding" | "other" in the base's architecture, built on the meta device
+    (no memory); empty when it cannot be built here, and then names decide (`_is_embedding`)."""
+    try:
+        import transformers
+        from transformers import AutoConfig
+        from transformers.pytorch_utils import Conv1D
+
+        config = AutoConfig.from_pretrained(folder)
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            return {}
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception:  # noqa: BLE001 - a custom or unknown architecture: fall back to names
+        return {}
+    return {name: "embedding" if isinstance(m, nn.Embedding) else "conv1d" if isinstance(m, Conv1D)
+            else "linear" if isinstance(m, nn.Linear) else "other" for name, m in model.named_modules()}
+
+
+def _peft_config(base: str, ranks: dict[str, int], biases: bool, saved: set[str], fan_in_fan_out: bool) -> dict:
     """adapter_config.json: alpha = r everywhere (scale 1), per-module ranks in rank_pattern / alpha_pattern."""
     r_max = max(ranks.values())
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "revision": None,
         "r": r_max, "lora_alpha": r_max, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
         "bias": "all" if biases else "none", "target_modules": sorted(ranks), "exclude_modules": None,
-        "modules_to_save": sorted(saved) or None, "fan_in_fan_out": False, "init_lora_weights": True,
+        "modules_to_save": sorted(saved) or None, "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True,
         "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {m: r for m, r in ranks.items() if r != r_max},
         "alpha_pattern": {m: r for m, r in ranks.items() if r != r_max},
@@ -77,7 +99,15 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
     _check_args(rank, energy)
     base_dir = base_folder(base)
     deltas = DeltaSet.from_checkpoints(base_dir, finetuned)
-    targets = [n for n in deltas if n.endswith(".weight") and len(deltas.delta_shape(n)) == 2]
+    kinds = _module_kinds(base_dir)
+
+    def kind_of(name: str) -> str:
+        module = name.rsplit(".", 1)[0]
+        return kinds.get(module) or ("embedding" if _is_embedding(name) else "linear")
+
+    # A 2-D weight of any other module (a bare parameter, a custom layer) cannot take a PEFT LoRA: saved whole.
+    targets = [n for n in deltas if n.endswith(".weight") and len(deltas.delta_shape(n)) == 2
+               and kind_of(n) in ("linear", "conv1d", "embedding")]
     # As mergekit: a matrix smaller than the rank gets its full rank (exact); a rank above what even the largest
     # matrix allows is surely a mistake.
     widest = max(targets, key=lambda n: min(deltas.delta_shape(n)), default=None)
@@ -87,8 +117,8 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
     report = CompressReport(f"extract rank={rank}" if rank is not None else f"extract energy={energy}")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    embeds: list[str] = []
     biases, saved = set(), set()
+    module_biases: dict[str, torch.Tensor] = {}  # placed once every LoRA module is known
     fingerprint: dict[str, str] = {}
     for name in tqdm(list(deltas), desc="extract", disable=not progress, leave=False):
         d = deltas[name].tensor  # fp32 (out, in) or 1-D
@@ -103,10 +133,13 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
                 continue
             # float32 (the stored precision): a float64 copy of a large embedding would cost more than its SVD
             err = float(torch.addmm(d, B, A, alpha=-1).norm() / d.norm())
-            if _is_embedding(name):  # PEFT's embedding LoRA: ΔW (num, dim) = (B_p A_p)ᵀ, A_p (r, num), B_p (dim, r)
+            kind = kind_of(name)
+            if kind == "embedding":  # PEFT's embedding LoRA: ΔW (num, dim) = (B_p A_p)ᵀ, A_p (r, num), B_p (dim, r)
                 tensors[f"{PREFIX}{module}.lora_embedding_A"] = B.t().contiguous()
                 tensors[f"{PREFIX}{module}.lora_embedding_B"] = A.t().contiguous()
-                embeds.append(module)
+            elif kind == "conv1d":  # stored (in, out): ΔWᵀ = Aᵀ Bᵀ, so lora_A (r, in) = Bᵀ and lora_B (out, r) = Aᵀ
+                tensors[f"{PREFIX}{module}.lora_A.weight"] = B.t().contiguous()
+                tensors[f"{PREFIX}{module}.lora_B.weight"] = A.t().contiguous()
             else:
                 tensors[f"{PREFIX}{module}.lora_A.weight"] = A
                 tensors[f"{PREFIX}{module}.lora_B.weight"] = B
@@ -116,8 +149,7 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
         elif extras:
             ft = deltas.ft_reader.get(name)
             if name.endswith(".bias") and f"{module}.weight" in targets:
-                tensors[f"{PREFIX}{module}.base_layer.bias"] = ft.contiguous()  # PEFT: under the LoRA wrapper
-                biases.add(module)
+                module_biases[module] = ft.contiguous()
             else:
                 tensors[f"{PREFIX}{name}"] = ft.contiguous()
                 saved.add(module)
@@ -126,9 +158,15 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
             report.tensors.append(TensorReport(name, "dense", "dropped", before, 0, 1.0))
     if not ranks:
         raise SpliceError(f"{finetuned}: no 2-D weight differs from the base {base}; nothing to extract")
+    for module, bias in module_biases.items():
+        # PEFT keeps a LoRA module's bias under its wrapper; a module without a LoRA is never wrapped, and with
+        # bias "all" its bias loads under its own name (PEFT drops a `base_layer` key there).
+        tensors[f"{PREFIX}{module}{'.base_layer' if module in ranks else ''}.bias"] = bias
+        biases.add(module)
     # A module whose weight is saved whole must not also get a LoRA (PEFT would refuse the overlap).
     saved -= set(ranks)
-    config = _peft_config(str(base), ranks, bool(biases), saved)
+    conv1d = any(kind_of(f"{m}.weight") == "conv1d" for m in ranks)  # PEFT sets it back to False on nn.Linear
+    config = _peft_config(str(base), ranks, bool(biases), saved, conv1d)
     with atomic_output_dir(out, force=force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
