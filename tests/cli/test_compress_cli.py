@@ -276,3 +276,17 @@ def test_extract_writes_what_peft_and_splice_load_on_conv1d_and_misleading_names
     torch.testing.assert_close(out(by_peft), want, atol=1e-4, rtol=1e-4)
     by_splice = splice.load_adapter(tiny_model(family), tmp_path / "lora")
     torch.testing.assert_close(out(by_splice), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lokr", "ia3"])
+def test_compressing_a_non_lora_adapter_without_base_is_one_line(capsys, tmp_path, bert_dir, method):
+    model = AutoModel.from_pretrained(bert_dir).eval()
+    fields = {"lokr": dict(r=2, target_modules=["query", "value"]),
+              "ia3": dict(target_modules=["query", "value"], feedforward_modules=[])}[method]
+    splice.adapt(model, splice.adapters.make_config(method, **fields))
+    splice.save_adapter(model, tmp_path / method)
+    code, _, err = cli(capsys, "compress", tmp_path / method, tmp_path / "small", "--method", "quantize",
+                       "--no-progress")
+    assert code != 0 and f"a {method} adapter's update is computed from the base weights; pass --base" in \
+        one_error_line(err)
+    assert not (tmp_path / "small").exists()

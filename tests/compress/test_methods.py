@@ -179,6 +179,12 @@ def test_delta_come_gives_more_bits_to_larger_singular_values():
     assert err(out) < err(uniform)
 
 
+def test_delta_come_stores_an_unchanged_matrix_as_rank_zero():
+    # energy picks rank 0 for an all-zero delta (a frozen embedding of a full fine-tune); it raised "needs parts".
+    out, _ = compress(Dense(torch.zeros(32, 16)), "delta_come", energy=0.9, group_size=32)
+    assert out.kind == "lowrank" and not out.materialize().any() and out.materialize().shape == (32, 16)
+
+
 # -- composition and errors -------------------------------------------------------------------------------------
 def test_composed_methods_equal_the_steps_one_after_the_other():
     t = randn(64, 48)

@@ -54,6 +54,9 @@ def _adapter_without_base(folder: AdapterFolder) -> DeltaSet:
     from splice.apply import refuse_without_delta
 
     refuse_without_delta(folder)
+    if folder.config.method not in ("lora", "dora"):  # only a LoRA's update is its factors' product alone
+        raise SpliceError(f"{folder.path}: a {folder.config.method} adapter's update is computed from the base "
+                          "weights; pass --base")
     if folder.config.method == "dora" or folder.biases or folder.saved:
         what = "DoRA" if folder.config.method == "dora" else "trained biases" if folder.biases else "modules_to_save"
         raise SpliceError(f"{folder.path}: this adapter has {what}, whose update depends on the base weights; "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from splice.compress.codec import CTensor, Packed
 from splice.compress.methods.quantize import quantize_part
-from splice.compress.methods.svd import check_rank_energy, factorize
+from splice.compress.methods.svd import check_rank_energy, factorize, lowrank_packed
 from splice.compress.registry import Context, register
 from splice.errors import SpliceError
 
@@ -56,6 +56,8 @@ def delta_come(delta: Packed, config: DeltaComeConfig, ctx: Context) -> Packed:
         return Packed(delta.kind, {k: quantize_part(p, bits[0], config.group_size, ctx.name)
                                    for k, p in delta.parts.items()}, delta.shape, delta.scale)
     B, A = f
+    if B.shape[1] == 0:  # an unchanged matrix (energy picks rank 0): a rank-0 delta, as svd stores it
+        return lowrank_packed([(B, A)], delta.shape)
     parts, start = {}, 0
     for k, b in enumerate(bits):
         stop = B.shape[1] if k == len(bits) - 1 else min(start + ranks[k], B.shape[1])
