@@ -19,10 +19,12 @@ from typing import Any
 import peft
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import splice
 from splice.adapters import make_config
+from splice.errors import SpliceError
 
 ATOL = 1e-5
 
@@ -231,6 +233,20 @@ def test_peft_folder_loads_in_splice_with_same_outputs(tiny, row, tmp_path):
     expected = fam.output(reference)
     assert (expected - fam.output(fam.build())).abs().max() > 1e-3  # the adapter does something
     close(fam.output(ours), expected)
+
+
+def test_a_peft_folder_saved_as_bin_loads_and_another_safetensors_beside_it_is_ignored(tiny, tmp_path):
+    row = ROWS[0]
+    fam = tiny[row.model]
+    reference = peft_model(tiny, row)
+    reference.save_pretrained(tmp_path / "peft", safe_serialization=False)  # PEFT's default before 0.6
+    assert (tmp_path / "peft" / "adapter_model.bin").is_file()
+    save_file({"weight": torch.zeros(2, 2)}, tmp_path / "peft" / "head.safetensors")  # e.g. a classifier head
+    close(fam.output(splice.load_adapter(fam.build(), tmp_path / "peft")), fam.output(reference))
+    (tmp_path / "peft" / "adapter_model.bin").unlink()
+    with pytest.raises(SpliceError, match=r"peft: adapter folder has no adapter_model.safetensors \(or "
+                                          r"adapter_model.bin\)"):
+        splice.load_adapter(fam.build(), tmp_path / "peft")
 
 
 @rows

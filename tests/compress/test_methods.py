@@ -179,6 +179,12 @@ def test_delta_come_gives_more_bits_to_larger_singular_values():
     assert err(out) < err(uniform)
 
 
+def test_a_group_longer_than_the_tensor_is_one_group_without_padding_to_its_length():
+    x = randn(64)
+    huge = quantize(x, 4, group_size=2**40)  # padding to the group length allocated 4 TB; now one group of 64
+    assert torch.equal(huge.dequantize(), quantize(x, 4, group_size=0).dequantize())
+
+
 def test_delta_come_stores_an_unchanged_matrix_as_rank_zero():
     # energy picks rank 0 for an all-zero delta (a frozen embedding of a full fine-tune); it raised "needs parts".
     out, _ = compress(Dense(torch.zeros(32, 16)), "delta_come", energy=0.9, group_size=32)

@@ -108,6 +108,24 @@ def test_truncated_and_garbage_files(tmp_path, state):
     path.write_bytes((20).to_bytes(8, "little") + b"{not json!!!!!!!!!!!" + b"\0" * 64)
     with pytest.raises(SpliceError, match=r"model.safetensors: corrupt"):
         CheckpointReader(path)
+    for entry in ({"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]},  # a TypeError on comparing
+                  {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}):  # unhashable: a TypeError on lookup
+        header = json.dumps({"x": entry}).encode()
+        path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+        with pytest.raises(SpliceError, match=r"model.safetensors: corrupt safetensors file \(bad header entry for 'x'"):
+            CheckpointReader(path)
+
+
+def test_an_index_naming_no_file_and_a_save_over_old_shards_are_refused(tmp_path, state):
+    save_safetensors_sharded(state.items(), tmp_path / "m", max_shard_bytes=1)
+    with pytest.raises(SpliceError, match=r"m: already holds model-00001-of-00007.safetensors; save into an empty"):
+        save_safetensors_sharded(state.items(), tmp_path / "m")  # the old index would still point at old shards
+    index = read_json(tmp_path / "m" / "model.safetensors.index.json")
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = ["not", "a", "file"]
+    write_json(tmp_path / "m" / "model.safetensors.index.json", index)
+    with pytest.raises(SpliceError, match=rf"weight_map gives tensor '{name}' the shard \['not', 'a', 'file'\]"):
+        CheckpointReader(tmp_path / "m")
 
 
 def test_atomic_output_dir(tmp_path):

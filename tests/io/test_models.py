@@ -152,3 +152,12 @@ def test_copy_model_files_warns_without_tokenizer(tmp_path):
         copied = sm.copy_model_files(src, tmp_path / "out")
     assert copied == ["config.json"]
     assert "does not exist" in one_line_error(sm.copy_model_files, tmp_path / "nope", tmp_path / "o2")
+
+
+def test_copy_model_files_keeps_sentencepiece_vocabularies(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("config.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model"):
+        (src / name).write_text("{}")
+    copied = sm.copy_model_files(src, tmp_path / "out")  # a T5 / ALBERT / XLM-R folder without tokenizer.json
+    assert {"spiece.model", "sentencepiece.bpe.model"} <= set(copied)

@@ -74,8 +74,8 @@ class QTensor:
     def nbytes(self) -> int:
         return self.codes.numel() + self.scales.numel() * self.scales.element_size()
 
-    def _groups(self) -> int:
-        return self.group_size or max(self.numel, 1)
+    def _groups(self) -> int:  # the group length: a group longer than the tensor is the tensor (no huge padding)
+        return min(self.group_size, max(self.numel, 1)) if self.group_size else max(self.numel, 1)
 
     def dequantize(self) -> Tensor:
         """The (numel,) float32 values."""
@@ -97,7 +97,7 @@ def quantize(x: Tensor, bits: int, group_size: int = 0) -> QTensor:
         raise SpliceError(f"quantize: group_size must be >= 0 (0: one group per tensor), got {group_size}")
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
-    g = group_size or max(n, 1)
+    g = min(group_size, max(n, 1)) if group_size else max(n, 1)  # a group longer than x is all of x
     groups = math.ceil(n / g) if n else 1
     padded = torch.zeros(groups * g)
     padded[:n] = flat

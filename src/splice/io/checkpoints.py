@@ -69,6 +69,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict
             start, end = entry["data_offsets"]
             dtype = entry["dtype"]
             shape = [int(s) for s in entry["shape"]]
+            if not isinstance(start, int) or not isinstance(end, int) or not isinstance(dtype, str):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
             raise SpliceError(f"{path}: corrupt safetensors file (bad header entry for {name!r})") from None
         if dtype not in _DTYPES:
@@ -144,6 +146,8 @@ class CheckpointReader:
             raise SpliceError(f"{index_file}: index has no 'weight_map' object")
         shards: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise SpliceError(f"{index_file}: weight_map gives tensor {name!r} the shard {shard!r}, not a file name")
             shards.setdefault(shard, []).append(name)
         for shard, names in shards.items():
             file = index_file.parent / shard
@@ -304,9 +308,14 @@ def save_safetensors_sharded(
         The shard paths, in order.
 
     Raises:
-        SpliceError: a tensor name appears twice.
+        SpliceError: a tensor name appears twice, or `out_dir` already holds weights (shards of an earlier save
+            would mix with these; write into a fresh folder, e.g. one from `atomic_output_dir`).
     """
     out_dir = Path(out_dir)
+    old = sorted(p.name for p in out_dir.glob("*.safetensors*")) if out_dir.is_dir() else []
+    if old:
+        raise SpliceError(f"{out_dir}: already holds {old[0]}; save into an empty folder (an earlier save's shards "
+                          "would mix with the new ones)")
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out_dir, {"format": "pt", **(metadata or {})})
     bar = None

@@ -32,6 +32,8 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "spiece.model",  # sentencepiece vocabularies of T5 / ALBERT
+    "sentencepiece.bpe.model",  # and of XLM-R
     "added_tokens.json",
     "chat_template.jinja",
 )

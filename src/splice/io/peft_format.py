@@ -27,6 +27,7 @@ SHARED_PREFIX = "base_model."  # tensors a method shares across modules: base_mo
 LORA_KEYS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
              "lora_magnitude_vector.weight")
 CONFIG_FILE, WEIGHTS_FILE, SPLICE_FILE = "adapter_config.json", "adapter_model.safetensors", "splice_config.json"
+BIN_WEIGHTS_FILE = "adapter_model.bin"
 
 
 @dataclass
@@ -76,7 +77,12 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     keys = tuple(adapter_cls.peft_keys)
     aliases = getattr(adapter_cls, "peft_aliases", {})
     splice_meta = read_json(path / SPLICE_FILE) if (path / SPLICE_FILE).exists() else {}
-    reader = CheckpointReader(path)
+    # By name: another .safetensors beside it (a classifier head) is not the adapter. PEFT writes .bin when asked
+    # (safe_serialization=False, and by default before 0.6); it loads weights-only.
+    weights = next((path / n for n in (WEIGHTS_FILE, BIN_WEIGHTS_FILE) if (path / n).is_file()), None)
+    if weights is None:
+        raise SpliceError(f"{path}: adapter folder has no {WEIGHTS_FILE} (or {BIN_WEIGHTS_FILE})")
+    reader = CheckpointReader(weights)
     folder = AdapterFolder(path, config, cfg, fingerprint=splice_meta.get("fingerprint", {}))
     saved_names = config.modules_to_save or []
     shared_keys = getattr(adapter_cls, "peft_shared_keys", ())
@@ -98,12 +104,12 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
             module = name[: -len(".bias")].removesuffix(".base_layer")
             folder.biases[module] = reader.get(key)
         else:
-            raise SpliceError(f"{path / WEIGHTS_FILE}: tensor {key!r} is neither a {config.method} tensor, a bias, "
+            raise SpliceError(f"{weights}: tensor {key!r} is neither a {config.method} tensor, a bias, "
                               f"nor part of modules_to_save {saved_names}")
     for module, tensors in folder.modules.items():
         problem = adapter_cls.peft_missing(tensors)
         if problem:
-            raise SpliceError(f"{path / WEIGHTS_FILE}: module {module!r} has {sorted(tensors)}; {problem}")
+            raise SpliceError(f"{weights}: module {module!r} has {sorted(tensors)}; {problem}")
     if folder.biases and config.bias == "none":
         config.bias = "all"  # a folder that carries trained biases was trained with bias != none
     return folder
