@@ -167,6 +167,7 @@ def test_random_methods_are_reproducible_from_the_seed(family, tmp_path):
     config = {**ta_config(fam), "merge_method": "dare_ties", "parameters": {"density": 0.5}}
     runs = [merge(config, tmp_path / f"out{i}", progress=False, seed=s) for i, s in enumerate((7, 7, 8))]
     first, again, other = (load_file(o / "model.safetensors") for o in runs)
+    assert "`splice merge config.yaml OUT --seed 7` reproduces it" in (runs[0] / "README.md").read_text()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
 

@@ -24,7 +24,7 @@ This {what} is a merge of fine-tunes of one base, made with splice (`splice merg
 
 ## Configuration
 
-The following YAML configuration produced this model (`splice merge config.yaml OUT` reproduces it):
+The following YAML configuration produced this model (`splice merge config.yaml OUT{flags}` reproduces it):
 
 ```yaml
 {config}
@@ -32,7 +32,8 @@ The following YAML configuration produced this model (`splice merge config.yaml 
 """
 
 
-def model_card(plan: MergePlan, yaml_text: str, name: str, *, kind: str = "model", modules: int = 0) -> str:
+def model_card(plan: MergePlan, yaml_text: str, name: str, *, kind: str = "model", modules: int = 0,
+               seed: int = 0) -> str:
     """The card's markdown, with a YAML front matter that the HF hub reads (base_model, tags).
 
     Args:
@@ -41,6 +42,7 @@ def model_card(plan: MergePlan, yaml_text: str, name: str, *, kind: str = "model
         name: the output folder's name, used as the title.
         kind: "model" or "lora" (an adapter folder), for the tags.
         modules: for a LoRA output, how many modules it updates.
+        seed: the merge's seed, named in the command that reproduces it when not the default.
     """
     cfg = plan.config
     refs = [str(r) for r in cfg.model_refs() if r != cfg.base_model and r != cfg.tokenizer_source]
@@ -60,4 +62,6 @@ def model_card(plan: MergePlan, yaml_text: str, name: str, *, kind: str = "model
         output=(f"a LoRA adapter updating {modules} modules" if kind == "lora" else
                 f"{len(plan.tasks)} tensors, {plan.num_layers} layers"),
         config=yaml_text.strip(),
+        flags=(" --out-format lora" if kind == "lora" else "") + (f" --seed {seed}" if seed else "")
+        + (" --calibration DATA" if plan.method.needs else ""),
     )

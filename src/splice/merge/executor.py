@@ -298,7 +298,7 @@ def output_config(plan: MergePlan) -> dict[str, Any]:
     return config
 
 
-def write_support_files(plan: MergePlan, folder: Path, yaml_text: str, name: str) -> None:
+def write_support_files(plan: MergePlan, folder: Path, yaml_text: str, name: str, seed: int = 0) -> None:
     """config.json, generation_config.json, tokenizer files and README.md of the output model."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no tokenizer is reported below, in one line
@@ -310,7 +310,7 @@ def write_support_files(plan: MergePlan, folder: Path, yaml_text: str, name: str
     gen = plan.donor.folder / "generation_config.json"
     if gen.is_file() and plan.tokenizer_from != plan.donor.folder:
         shutil.copy2(gen, folder / "generation_config.json")
-    (folder / "README.md").write_text(model_card(plan, yaml_text, name), encoding="utf-8")
+    (folder / "README.md").write_text(model_card(plan, yaml_text, name, seed=seed), encoding="utf-8")
 
 
 def execute(plan: MergePlan, out: str | Path, yaml_text: str, *, force: bool = False, progress: bool = True,
@@ -331,7 +331,7 @@ def execute(plan: MergePlan, out: str | Path, yaml_text: str, *, force: bool = F
     """
     out = Path(out)
     with atomic_output_dir(out, force=force) as tmp:
-        write_support_files(plan, tmp, yaml_text, out.name)
+        write_support_files(plan, tmp, yaml_text, out.name, seed)
         layout = [(task.name, task.shape, task.dtype) for task in compute_order(plan)]
         write_planned_shards(layout, _stream(plan, seed, progress, extras, workers), tmp, max_shard_bytes=max_shard_bytes)
     return out

@@ -107,7 +107,7 @@ class MergeInput:
 
 
 class ModelFolder(MergeInput):
-    """A full model folder (or a single safetensors file), memory-mapped."""
+    """A full model folder (local, or a hub snapshot in the local cache), memory-mapped."""
 
     def __init__(self, folder: Path, where: str) -> None:
         self.folder, self.where = folder, where

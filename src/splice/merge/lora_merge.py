@@ -223,7 +223,7 @@ class LoraMerge:
                                            "base": str(plan.config.base_model), "fingerprint": fingerprint,
                                            "merge_method": plan.method.name})
             (tmp / "README.md").write_text(model_card(plan, yaml_text, Path(out).name, kind="lora",
-                                                      modules=len(ranks)),
+                                                      modules=len(ranks), seed=self.seed),
                                            encoding="utf-8")
         return Path(out)
 
