@@ -76,8 +76,8 @@ def train(
     data: Path = typer.Argument(..., help="CSV or JSONL: text+label columns (classification) or text / "
                                           "prompt+completion (causal LM)."),
     out: Path = typer.Option(..., "--out", "-o", help="Adapter folder to write (PEFT format)."),
-    task: str = typer.Option("auto", help="classification, causal-lm, or auto (classification when the data "
-                                          "has a label column)."),
+    task: Optional[str] = typer.Option(None, help="classification, causal-lm, or auto, the default (classification "
+                                                  "when the data has a label column)."),
     method: Optional[str] = typer.Option(None, help="Adapter method (default lora; see `splice methods`), or full: "
                                                     "fine-tune every weight and save the whole model."),
     r: Optional[int] = typer.Option(None, help="Rank."),
@@ -136,12 +136,13 @@ def train(
     tconf = config_from_dict(TrainConfig, train_fields, "train")
     if out.exists() and not force:
         raise SpliceError(f"{out}: output folder exists; pass --force to replace it")
-    kind = cfg.get("task", task)
+    kind = task or cfg.get("task") or "auto"  # the flag overrides the YAML, as every other flag does
     if kind == "auto":
-        kind = "classification" if _has_field(data, label_field) else "causal-lm"
+        kind = "classification" if D.has_field(data, label_field) else "causal-lm"
     if kind == "classification":
         ds = D.load_classification_file(data, text_field, label_field)
-        evaluation = D.load_classification_file(eval_file, text_field, label_field) if eval_file else None
+        evaluation = (D.load_classification_file(eval_file, text_field, label_field, label_names=ds.label_names)
+                      if eval_file else None)
         if evaluation is None:
             ds, evaluation = D.split_train_eval(ds, 0.1, tconf.seed)
         train_classifier(model, ds, evaluation, adapter, tconf, out, force=force, progress=progress)
@@ -182,23 +183,6 @@ def _own_names(method: str, fields: dict[str, Any]) -> dict[str, Any]:
         if lora in fields and lora not in own and other in own:
             fields[other] = fields.pop(lora)
     return fields
-
-
-def _has_field(path: Path, name: str) -> bool:
-    """Whether the first record of a CSV/JSONL file has column `name` (to pick the task)."""
-    import csv
-    import json
-
-    if not path.exists():
-        raise SpliceError(f"{path}: data file does not exist")
-    with open(path, encoding="utf-8") as fh:
-        if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-            first = next((line for line in fh if line.strip()), "{}")
-            try:
-                return name in json.loads(first)
-            except json.JSONDecodeError:
-                raise SpliceError(f"{path}:1: invalid JSON line") from None
-        return name in (csv.DictReader(fh).fieldnames or [])
 
 
 @app.command(epilog="Example:  splice apply default my-adapter merged-model  (then: AutoModel.from_pretrained"

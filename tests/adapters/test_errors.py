@@ -344,3 +344,19 @@ def test_mixed_batch_rows_must_match_the_batch(bert, rows):
     ids = torch.randint(0, 100, (2, 5))
     with splice.mixed_batch(bert, ["a"] * rows):
         assert "for %d rows, but the batch has 2" % rows in error(lambda: bert(input_ids=ids))
+
+
+def test_a_failing_extra_file_leaves_the_old_folder_whole(bert, tmp_path):
+    # `splice train` writes the classifier head through `extra`: a failure there must not leave an adapter folder
+    # without its head in place of the complete one that --force was replacing.
+    splice.adapt(bert, make_config("lora", r=2, target_modules=["query"]))
+    out = splice.save_adapter(bert, tmp_path / "a", extra=lambda folder: (folder / "head.txt").write_text("v1"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(folder):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        splice.save_adapter(bert, out, force=True, extra=boom)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name != "a"]  # no temporary folder left behind

@@ -81,12 +81,15 @@ def test_help_has_examples(capsys):
         assert code == 0 and "Example" in stdout, command
 
 
-@pytest.mark.parametrize("case", ["missing-data", "bad-key", "no-target", "out-exists", "bad-yaml-key"])
+@pytest.mark.parametrize("case", ["missing-data", "bad-key", "no-target", "out-exists", "bad-yaml-key",
+                                  "bad-max-steps", "task-flag-over-yaml"])
 def test_train_errors_are_one_line(capsys, tmp_path, bert_dir, sentiment_csv, case):
     out = tmp_path / "o"
     args = ["train", bert_dir, sentiment_csv, "--out", out, *FAST]
     expect = {"missing-data": "does not exist", "bad-key": "rnk", "no-target": "matched no module",
-              "out-exists": "exists; pass --force", "bad-yaml-key": "did you mean 'adapter'"}[case]
+              "out-exists": "exists; pass --force", "bad-yaml-key": "did you mean 'adapter'",
+              "bad-max-steps": "max_steps: must be a whole number ≥ 1",
+              "task-flag-over-yaml": "--task: 'bogus' is not one of"}[case]
     if case == "missing-data":
         args[2] = tmp_path / "nope.csv"
     elif case == "bad-key":
@@ -100,6 +103,11 @@ def test_train_errors_are_one_line(capsys, tmp_path, bert_dir, sentiment_csv, ca
     elif case == "bad-yaml-key":
         (tmp_path / "c.yaml").write_text("adaptor: {r: 4}\n")
         args += ["--config", tmp_path / "c.yaml"]
+    elif case == "bad-max-steps":
+        args += ["--max-steps", "-1"]  # trained nothing and saved an untrained adapter
+    elif case == "task-flag-over-yaml":  # flags override the YAML; the YAML's task won before
+        (tmp_path / "c.yaml").write_text("task: classification\n")
+        args += ["--config", tmp_path / "c.yaml", "--task", "bogus"]
     code, _, err = cli(capsys, *args)
     assert code != 0
     assert expect in one_error_line(err)

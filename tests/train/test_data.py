@@ -268,6 +268,42 @@ def test_causal_collator_truncation_keeps_completion(tokenizer):
     assert (long["labels"][0, 1:] != -100).all()
 
 
+def test_causal_collator_truncation_keeps_the_bos():
+    from tokenizers import processors
+
+    tok = word_tokenizer(WORDS, ("[PAD]", "[UNK]", "[EOS]", "[BOS]"), bos_token="[BOS]")
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", bos)])
+    collate = CausalLMCollator(tok, max_length=6)
+    ids = collate([("the movie was great the film was bad", "yes")])["input_ids"][0].tolist()
+    # the prompt loses its beginning, not the bos a Llama expects first
+    assert ids == [bos, *tok.convert_tokens_to_ids(["film", "was", "bad", "yes"]), tok.eos_token_id]
+
+
+def test_an_eval_file_reads_its_labels_with_the_training_ids(tmp_path):
+    train = load_classification_file(write_csv(tmp_path / "t.csv", ["text", "label"],
+                                               [["a", "neg"], ["b", "neu"], ["c", "pos"]]))
+    evaluation = load_classification_file(write_csv(tmp_path / "e.csv", ["text", "label"], [["x", "pos"], ["y", "pos"]]),
+                                          label_names=train.label_names)  # one class is a valid test set
+    assert evaluation.labels == [2, 2] and evaluation.label_names == ["neg", "neu", "pos"]
+    bad = write_csv(tmp_path / "b.csv", ["text", "label"], [["x", "pos"], ["y", "maybe"]])
+    assert "b.csv:3: label 'maybe' is not one of the training labels (neg, neu, pos)" in errors_of(
+        load_classification_file, bad, label_names=train.label_names)
+
+
+def test_has_field_reads_tsv_and_a_byte_order_mark(tmp_path):
+    from splice.train.data import has_field
+
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("text\tlabel\nthe movie\tpos\n", encoding="utf-8")
+    bom = tmp_path / "d.csv"
+    bom.write_text("label,text\npos,the movie\n", encoding="utf-8-sig")
+    assert has_field(tsv, "label") and has_field(bom, "label") and not has_field(tsv, "completion")
+    latin = tmp_path / "l.csv"
+    latin.write_bytes("text,label\ncaf\xe9,pos\n".encode("latin-1"))
+    assert "l.csv: not UTF-8 text" in errors_of(has_field, latin, "label")
+
+
 def test_collators_need_pad_and_eos(tokenizer):
     tokenizer.pad_token = None
     assert "pad token" in errors_of(ClassificationCollator, tokenizer, 8)

@@ -66,6 +66,12 @@ def layer_of(name: str) -> int | None:
     return int(parts[2]) if name.startswith("encoder.layer.") else None
 
 
+def test_an_empty_training_set_is_an_error_not_an_endless_loop():
+    p = nn.Parameter(torch.zeros(2))
+    with pytest.raises(SpliceError, match="no training batches: the training set is empty"):
+        train_loop([p], lambda epoch: [], lambda batch: p.sum(), TrainConfig(epochs=1), 0, progress=False)
+
+
 def test_every_strategy_is_registered():
     assert {"galore", "lisa", "hft", "relora"} <= set(strategy_names())
 

@@ -1,6 +1,7 @@
 """Save an adapter of a model as a PEFT folder, and load PEFT (or splice) folders into a model."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -21,8 +22,12 @@ from splice.io.peft_format import (CONFIG_FILE, PREFIX, SHARED_PREFIX, SPLICE_FI
                                    module_prefixes, read_adapter_folder, resolve_module)
 
 
-def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, force: bool = False) -> Path:
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, force: bool = False,
+                 extra: Callable[[Path], None] | None = None) -> Path:
     """Write adapter `adapter_name` of `model` as a PEFT folder (atomically; `force` replaces an existing one).
+
+    `extra`, when given, is called with the temporary folder to add files of its own (a classifier head) before
+    the folder is renamed into place, so that they too appear all at once or not at all.
 
     Returns:
         The folder path.
@@ -31,7 +36,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     if config is None:
         raise SpliceError(f"no adapter named {adapter_name!r} on this model; it has: {', '.join(configs(model))}")
     if is_prompt_config(config):
-        return save_prompt(model, path, adapter_name, config, force=force)
+        return save_prompt(model, path, adapter_name, config, force=force, extra=extra)
     if any(adapter_name in layer.merged for _, layer in adapter_layers(model)):
         # Merged, the base weights include it: the fingerprints (and trained biases, saved as base + shift) would
         # describe the merged weights, and the folder would then be refused by, or wrong on, the real base.
@@ -59,6 +64,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         write_json(tmp / CONFIG_FILE, peft_cfg)
         write_json(tmp / SPLICE_FILE, {"method": config.method, "config": config.to_dict(), "base": base,
                                        "fingerprint": fingerprint})
+        if extra is not None:
+            extra(tmp)
     return Path(path)
 
 

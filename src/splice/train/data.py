@@ -69,6 +69,12 @@ def _read_rows(
     return p, rows
 
 
+def has_field(path: str | os.PathLike[str], name: str) -> bool:
+    """Whether the first record of a CSV/TSV/JSONL data file has field `name` (how `--task auto` decides)."""
+    _, rows = _read_rows(path, [])
+    return name in rows[0][1]
+
+
 def _read_csv(p: Path, fh: Any, delimiter: str, groups: Sequence[tuple[str, ...]]) -> list[tuple[int, dict]]:
     reader = csv.DictReader(fh, delimiter=delimiter)
     try:
@@ -122,22 +128,30 @@ def _sorted_label_names(values: set[str]) -> list[str]:
 
 
 def load_classification_file(
-    path: str | os.PathLike[str], text_field: str = "text", label_field: str = "label"
+    path: str | os.PathLike[str], text_field: str = "text", label_field: str = "label",
+    label_names: Sequence[str] | None = None,
 ) -> TextDataset:
     """Read a classification data set from CSV/TSV (header row) or JSONL (one object per line).
 
     Labels may be strings or integers; label ids index the sorted unique labels (numerically when all are
-    integers), and `label_names` holds them as strings.
+    integers), and `label_names` holds them as strings. Pass the training set's `label_names` to read an
+    evaluation file with the same ids (it may then hold any subset of those classes, even one).
 
     Raises:
         SpliceError: missing file, unknown type, missing column/field (with the ones present), invalid JSON line,
-            empty file, an empty or non-text value, or fewer than 2 classes.
+            empty file, an empty or non-text value, fewer than 2 classes, or a label outside `label_names`.
     """
     p, rows = _read_rows(path, [(text_field,), (label_field,)])
     texts, raw = [], []
     for n, row in rows:
         texts.append(_field(p, n, row, text_field))
         raw.append(str(_field(p, n, row, label_field, kinds=(str, int))).strip())
+        if label_names is not None and raw[-1] not in label_names:
+            raise SpliceError(f"{p}:{n}: label {raw[-1]!r} is not one of the training labels "
+                              f"({', '.join(label_names)})")
+    if label_names is not None:
+        index = {name: i for i, name in enumerate(label_names)}
+        return TextDataset(texts=texts, labels=[index[r] for r in raw], label_names=list(label_names))
     names = _sorted_label_names(set(raw))
     if len(names) < 2:
         raise SpliceError(f"{p}: field {label_field!r} has only 1 class ({names[0]!r}); classification needs 2+")
@@ -314,7 +328,8 @@ class CausalLMCollator:
         c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         if len(p) + len(c) > limit:
             keep = min(len(p), max(limit - len(c), limit // 2))
-            p = p[len(p) - keep:]
+            # The prompt loses its beginning but keeps the bos (Llama and others rely on it).
+            p = self.bos + p[len(self.bos):][len(p) - keep:] if keep > len(self.bos) else p[:keep]
             c = c[:limit - keep]
         return p + c, len(p)
 

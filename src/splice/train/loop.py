@@ -43,6 +43,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr"):
             if getattr(self, name) <= 0:
                 raise SpliceError(f"{name}: must be positive, got {getattr(self, name)!r}")
+        for name in ("batch_size", "max_length"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise SpliceError(f"{name}: must be a whole number, got {getattr(self, name)!r}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise SpliceError(f"max_steps: must be a whole number ≥ 1 (or unset: epochs decide), got "
+                              f"{self.max_steps!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise SpliceError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
         from splice.train.optim.registry import StrategyConfig
@@ -125,6 +132,7 @@ def train_loop(
     try:
         epoch = 0
         while step < total:
+            step_at_epoch_start = step
             for batch in batches(epoch):
                 if strategy:
                     strategy.before_step(step, opt)
@@ -153,6 +161,8 @@ def train_loop(
                 bar.update()
                 if step >= total:
                     break
+            if step == step_at_epoch_start:  # an epoch without one batch would loop forever
+                raise SpliceError("no training batches: the training set is empty")
             epoch += 1
     finally:
         bar.close()

@@ -66,15 +66,18 @@ def _prepare(model: torch.nn.Module, adapter: AdapterConfig | None, calibration:
 
 
 def _save(model: torch.nn.Module, tokenizer: Any, adapter: AdapterConfig | None, out: str | Path,
-          force: bool) -> Path:
-    """The adapter folder, or (full fine-tuning) a complete model folder with its tokenizer, written atomically."""
+          force: bool, extra: Callable[[Path], None] | None = None) -> Path:
+    """The adapter folder, or (full fine-tuning) a complete model folder with its tokenizer, written atomically
+    (with `extra`'s files, such as a classifier head, inside before the rename)."""
     if adapter is not None:
-        return save_adapter(model, out, force=force)
+        return save_adapter(model, out, force=force, extra=extra)
     from splice.io.checkpoints import atomic_output_dir
 
     with atomic_output_dir(out, force=force) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        if extra is not None:
+            extra(tmp)
     return Path(out)
 
 
@@ -119,8 +122,8 @@ def train_classifier(model_name: str, train: TextDataset, evaluation: TextDatase
     report.metrics["accuracy"] = accuracy(model, evaluation, collate, progress)
     _say(log, f"{name} accuracy: {report.metrics['accuracy']:.4f}  "
               f"({report.train.steps} steps, {report.train.seconds:.0f} s)")
-    report.out = _save(encoder, tokenizer, adapter, out, force)
-    save_head(model, report.out, train.label_names, config.max_length)
+    report.out = _save(encoder, tokenizer, adapter, out, force,
+                       extra=lambda folder: save_head(model, folder, train.label_names, config.max_length))
     _say(log, f"saved {'adapter' if adapter else 'model'} to {report.out}")
     return report
 

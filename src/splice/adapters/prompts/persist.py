@@ -9,6 +9,7 @@ into another base fails with a clear message.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,8 @@ def _task_type(model: nn.Module) -> str:
     return "CAUSAL_LM" if can_generate is not None and can_generate() else "FEATURE_EXTRACTION"
 
 
-def save_prompt(model: nn.Module, path: str | Path, name: str, config: PromptConfig, *, force: bool = False) -> Path:
+def save_prompt(model: nn.Module, path: str | Path, name: str, config: PromptConfig, *, force: bool = False,
+                extra: Callable[[Path], None] | None = None) -> Path:
     """Write prompt adapter `name` of `model` as a PEFT folder (atomically)."""
     from splice.io.checkpoints import atomic_output_dir, write_json
 
@@ -92,6 +94,8 @@ def save_prompt(model: nn.Module, path: str | Path, name: str, config: PromptCon
         save_file({KEY: tokens}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, peft_cfg)
         write_json(tmp / SPLICE_FILE, meta)
+        if extra is not None:
+            extra(tmp)
     return Path(path)
 
 

@@ -6,8 +6,8 @@ subspace and the sum of the cycles can reach rank k · r:
 
     every T steps:  W ← W + s · B A;   A ← Kaiming-uniform, B ← 0   (the model's output is unchanged)
                     Adam moments of A and B: the 99% smallest in magnitude are set to 0 (partial reset)
-                    learning rate: ×0 at the restart, back to the schedule linearly over `warmup` steps
-                    (the paper's "jagged" schedule; the first cycle keeps the loop's own warm-up)
+                    learning rate: ×1/(warmup+1) on the first step after a restart, back to the schedule linearly
+                    over `warmup` steps (the paper's "jagged" schedule; the first cycle keeps the loop's own warm-up)
 
 After training, the k merged cycles are taken out of the base weights again and the adapter becomes the exact sum
 of all cycles, a LoRA of rank k · r (its factors concatenated: B = [B₁ … B_k], A = [A₁; …; A_k]; lora_alpha scaled
