@@ -31,11 +31,18 @@ def module_kind(module: nn.Module) -> str | None:
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
+    """The output head as the user knows it (the module an earlier adapter's layer wraps)."""
     getter = getattr(model, "get_output_embeddings", None)
     try:
-        return getter() if getter is not None else None
+        head = getter() if getter is not None else None
     except (NotImplementedError, AttributeError):
         return None
+    return head.base if isinstance(head, AdapterLayer) else head
+
+
+def _inside(name: str, modules: list[str]) -> bool:
+    """Whether module `name` is one of `modules` (by suffix, as PEFT matches them) or sits inside one."""
+    return any(re.fullmatch(rf"(.*\.)?{re.escape(m)}(\..*)?", name) for m in modules)
 
 
 def _matches(name: str, pattern: list[str] | str | None) -> bool:
@@ -60,18 +67,21 @@ def plain_modules(model: nn.Module):
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, str]]:
     """(name, module, kind) for each module `config.target_modules` selects, or a SpliceError naming close names."""
     head = _output_head(model)
+    saved = list(getattr(config, "modules_to_save", None) or [])
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
     found, names = [], []
     for name, module in plain_modules(model):
         if not name:
             continue
         names.append(name)
         kind = module_kind(module)
-        if config.target_modules == "all-linear":
+        if all_linear:
             plain = module.base if isinstance(module, AdapterLayer) else module
             hit = kind in ("linear", "conv1d") and plain is not head
         else:
             hit = _matches(name, config.target_modules)
-        if hit and not _matches(name, config.exclude_modules):
+        # A module saved whole (modules_to_save) is trained whole: PEFT wraps nothing in or under it either.
+        if hit and not _matches(name, config.exclude_modules) and not _inside(name, saved):
             if kind is None and config.wraps_any_module:
                 kind = "module"
             if kind is None:

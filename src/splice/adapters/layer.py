@@ -144,8 +144,19 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
+        """Take adapter `name` out of the base weights again, whatever order the merges came in."""
         if name not in self.merged:
             return
+        # An unmerge is exact only on the weights its merge left (DoRA divides by the column norms it saw, a full
+        # copy restores its snapshot): the adapters merged after `name` come out first and go back in after.
+        later = self.merged[self.merged.index(name) + 1:]
+        for other in reversed(later):
+            self._unmerge_last(other)
+        self._unmerge_last(name)
+        for other in later:
+            self.merge(other)
+
+    def _unmerge_last(self, name: str) -> None:
         adapter = self.adapters[name]
         custom = getattr(adapter, "unmerge", None)
         if custom is not None:

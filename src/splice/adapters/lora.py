@@ -200,8 +200,6 @@ class LoraAdapter(nn.Module):
         self.lora_alpha = config.lora_alpha
         self.dropout = float(config.lora_dropout)
         in_f, out_f = module_dims(base, kind)
-        if config.r > min(in_f, out_f) and kind != "embedding":
-            raise SpliceError(f"r: rank {config.r} is larger than the layer ({in_f} → {out_f})")
         dev, dt = base.weight.device, torch.float32 if not base.weight.is_floating_point() else base.weight.dtype
         if kind == "conv2d":
             kh, kw = base.kernel_size
@@ -222,6 +220,12 @@ class LoraAdapter(nn.Module):
         """Initialise so that the adapted module starts equal to the base (a start B₀A₀ ≠ 0 is subtracted)."""
         if init in WEIGHT_STARTS and self.kind not in ("linear", "conv1d"):
             raise SpliceError(f"init_lora_weights: {init} needs a linear layer, not {self.kind}")
+        # A rank above the layer's is allowed (PEFT allows it; a 2-label head under all-linear needs it), except for
+        # the starts taken from the weight's own top-r decomposition, which has no more than min(in, out) parts.
+        in_f, out_f = self.lora_A.shape[1], self.lora_B.shape[0]
+        if init in WEIGHT_STARTS and self.r > min(in_f, out_f):
+            raise SpliceError(f"r: rank {self.r} is larger than the layer ({in_f} → {out_f}), which the {init} start "
+                              "decomposes")
         if self.kind == "embedding":
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)

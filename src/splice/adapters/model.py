@@ -39,6 +39,14 @@ def _check_name(model: nn.Module, name: str) -> None:
                           f"this model has: {', '.join(configs(model)) or 'none'}")
 
 
+def check_new_name(model: nn.Module, adapter_name: str) -> None:
+    """One line before anything changes: a name already taken, or one a module dictionary cannot hold."""
+    if adapter_name in configs(model):
+        raise SpliceError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+    if not adapter_name or "/" in adapter_name or "." in adapter_name:
+        raise SpliceError(f"adapter name {adapter_name!r}: use letters, digits, '-' and '_' only")
+
+
 def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, init: bool = True,
           calibration: Iterable[Any] | None = None, calibration_loss: Callable[[Any], Tensor] | None = None
           ) -> nn.Module:
@@ -58,10 +66,7 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     """
     if not isinstance(config, AdapterConfig) and not is_prompt_config(config):
         raise SpliceError(f"config must be an adapter config such as LoraConfig, got {type(config).__name__}")
-    if adapter_name in configs(model):
-        raise SpliceError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
-    if not adapter_name or "/" in adapter_name or "." in adapter_name:
-        raise SpliceError(f"adapter name {adapter_name!r}: use letters, digits, '-' and '_' only")
+    check_new_name(model, adapter_name)
     if is_prompt_config(config):  # virtual tokens, not wrapped modules: see splice.adapters.prompts
         add_prompt(model, config, adapter_name)
         configs(model)[adapter_name] = config
@@ -178,8 +183,26 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     _check_name(model, name)
     refuse_prompt(model, name, configs(model)[name])
     refuse_without_delta(model, name, "merged")
+    _refuse_tied(model, name)
     for _, layer in adapter_layers(model):
         layer.merge(name)
+
+
+def _refuse_tied(model: nn.Module, name: str) -> None:
+    """One line when adapter `name` would be merged into a weight another module shares (tied input and output
+    embeddings): the merge would change that module too, which the unmerged adapter never did."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(p.data_ptr(), []).append(pname)
+    for path, layer in adapter_layers(model):
+        weight = getattr(layer.base, "weight", None)
+        if name not in layer.adapters or name in layer.merged or not isinstance(weight, Tensor):
+            continue
+        others = [n for n in owners.get(weight.data_ptr(), []) if not n.startswith(path + ".")]
+        if others:
+            raise SpliceError(f"adapter {name!r} cannot be merged: {path}.weight is tied to {others[0]}, which the "
+                              f"merge would change too; untie them first (give one its own copy: "
+                              f"`m.weight = nn.Parameter(m.weight.detach().clone())`)")
 
 
 def refuse_without_delta(model: nn.Module, name: str, action: str) -> None:

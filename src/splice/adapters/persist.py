@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from splice.adapters.extras import BiasShift, FullCopy
 from splice.adapters.inits import saved_patterns
 from splice.adapters.inject import adapter_layers, module_kind, plain_modules, wrap
-from splice.adapters.model import configs, set_adapter
+from splice.adapters.model import check_new_name, configs, set_adapter
 from splice.adapters.config import AdapterConfig
 from splice.adapters.registry import Method, get_method
 from splice.adapters.prompts.model import is_prompt_config
@@ -81,8 +81,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         load_prompt(model, path, adapter_name, is_trainable=is_trainable)
         return model
     folder = read_adapter_folder(path)
-    if adapter_name in configs(model):
-        raise SpliceError(f"adapter {adapter_name!r} already exists on this model; pick another name")
+    check_new_name(model, adapter_name)
     modules = dict(plain_modules(model))
     names = [n for n in modules if n]
     prefixes = module_prefixes(model)
@@ -112,19 +111,25 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     for src, state in folder.saved.items():
         name = resolve_module(src, modules.__contains__, names, prefixes, where)
         base = modules[name].base if hasattr(modules[name], "adapters") else modules[name]
+        expected = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+        for key, tensor in state.items():  # a head of another size (num_labels) is refused here, not half-loaded
+            if key not in expected:
+                raise SpliceError(f"{where}: modules_to_save {name!r} has tensor {key!r}, which its "
+                                  f"{type(base).__name__} does not have ({', '.join(expected)})")
+            check_shape(tensor, expected[key], key, name, path)
         built.append((name, modules[name], "module", FullCopy(base), state))
     for src, bias in folder.biases.items():
         name = resolve_module(src, modules.__contains__, names, prefixes, where)
         base = modules[name].base if hasattr(modules[name], "adapters") else modules[name]
         check_shape(bias, tuple(base.bias.shape), "bias", name, path)
         built.append((name, modules[name], module_kind(base) or "module", BiasShift(base), {"bias": bias}))
+    for name, module, kind, adapter, state in built:  # into the adapters alone: the model is not touched yet
+        adapter.load_peft_state(state, module.base if hasattr(module, "adapters") else module)
     # Freeze the base only now that every check passed: a refused load leaves the model as it was.
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module, kind, adapter, state in built:
-        layer = wrap(model, name, module, kind)
-        adapter.load_peft_state(state, layer.base)
-        layer.add(adapter_name, adapter)
+    for name, module, kind, adapter, _ in built:
+        wrap(model, name, module, kind).add(adapter_name, adapter)
     configs(model)[adapter_name] = folder.config
     if len(configs(model)) == 1:
         set_adapter(model, adapter_name)
