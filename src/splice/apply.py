@@ -1,7 +1,9 @@
 """`splice apply`: base model + adapter folder → a complete HF model folder with the adapter merged in.
 
 Streams: the base is read one tensor at a time (memory-mapped), the adapter's delta for that tensor is added in
-float32, and the result goes to a shard, so peak memory is one tensor plus the adapter, never the whole model.
+float32, and the result goes to a shard. For LoRA (its factors) and compressed deltas, peak memory is one tensor
+plus the adapter, never the whole model; the other methods' updates are built first, in float32, for every module
+they touch (a weight-dependent update such as OFT's or IA3's is dense), so they hold those modules once more.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ from splice.adapters.lora import lora_update
 from splice.delta.deltaset import DeltaSet, fingerprints_match, tensor_fingerprint
 from splice.delta.forms import Delta, Dense
 from splice.errors import SpliceError
-from splice.io.checkpoints import CheckpointReader, atomic_output_dir, save_safetensors_sharded
+from splice.io.checkpoints import CheckpointReader, atomic_output_dir, read_json, save_safetensors_sharded, write_json
 from splice.io.models import TOKENIZER_FILES, copy_model_files, resolve_model
-from splice.io.peft_format import AdapterFolder, module_prefixes, read_adapter_folder, resolve_module, scale_of
+from splice.io.peft_format import (AdapterFolder, check_saved_base, module_prefixes, read_adapter_folder,
+                                   resolve_module, scale_of)
 
 
 def base_folder(name_or_path: str) -> Path:
@@ -56,6 +59,8 @@ def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
     for src, t in folder.modules.items():
         module = resolved[src]
         weight = f"{module}.weight"
+        if src in folder.base_weights:
+            check_saved_base(folder, src, module, base.get(weight))
         if lora:
             deltas[weight] = _lora_delta(folder, src, t, weight, base)  # checks shapes first: the clearer message
         else:
@@ -108,6 +113,9 @@ def _lora_delta(folder: AdapterFolder, src: str, t: dict[str, Tensor], weight: s
     update = lora_update(B, A, scale, kind, torch.Size(shape))
     if "lora_magnitude_vector" not in t:
         return update
+    if kind not in ("linear", "conv1d"):
+        raise SpliceError(f"{folder.path}: module {src!r} is a DoRA {kind} layer, which splice apply does not merge "
+                          "(DoRA on linear layers only)")
     W = base.get(weight).float()
     W = W.t() if kind == "conv1d" else W
     dense = dora_update(W, A, B, t["lora_magnitude_vector"], scale)
@@ -192,6 +200,10 @@ def apply_adapter(base: str, adapter: str | Path, out: str | Path, *, force: boo
             copied = copy_model_files(base_dir, tmp)
         if not set(copied) & set(TOKENIZER_FILES):
             print(f"warning: {base_dir} has no tokenizer files, so {out} has none either", file=sys.stderr)
+        if dtype is not None and (tmp / "config.json").is_file():  # else transformers loads it in the old dtype
+            config = read_json(tmp / "config.json")
+            keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+            write_json(tmp / "config.json", {**config, **{k: str(dtype).removeprefix("torch.") for k in keys}})
         save_safetensors_sharded(tensors(), tmp, metadata={"format": "pt"}, progress=progress)
     reader.close()
     return Path(out)

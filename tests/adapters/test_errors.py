@@ -364,3 +364,16 @@ def test_a_failing_extra_file_leaves_the_old_folder_whole(bert, tmp_path):
         splice.save_adapter(bert, out, force=True, extra=boom)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name != "a"]  # no temporary folder left behind
+
+
+def test_a_peft_folder_on_a_module_splice_cannot_wrap_is_one_line(tiny, tmp_path):
+    # PEFT's OFT wraps Conv2d; splice's does not: the load said AttributeError (no in_features) before.
+    import peft
+
+    model = peft.get_peft_model(tiny["cnn"].build(), peft.OFTConfig(r=0, oft_block_size=4, target_modules=["conv2"]))
+    model.save_pretrained(tmp_path / "oft")
+    fresh = tiny["cnn"].build()
+    before = state(fresh)
+    msg = error(splice.load_adapter, fresh, tmp_path / "oft")
+    assert "module 'conv2' is a Conv2d, which splice's oft cannot wrap" in msg
+    assert state(fresh) == before

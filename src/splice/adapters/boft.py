@@ -13,7 +13,7 @@ where PEFT uses its CUDA extension for the block-diagonal matrices (needed there
 uses m = 1), splice applies the factors with index gathers and batched block products in plain torch.
 
 The update depends on the base weight: `delta()` is Dense(diag(s) W₀ Rᵀ − W₀), and merge remembers what it added
-so that unmerge restores W₀ exactly. Give exactly one of boft_block_size (b) and boft_block_num (D), as in PEFT;
+so that unmerge restores W₀ (exactly in float32, to rounding in bf16/fp16). Give exactly one of boft_block_size (b) and boft_block_num (D), as in PEFT;
 one that does not divide the layer's inputs, or a butterfly that does not fit (m > 1 needs D a multiple of 2^{m−1}
 and b even), is refused. PEFT's tensors: `boft_R` (m × D × b × b, the full A; only its skew part counts) and
 `boft_s` (out × 1). Wraps nn.Linear.

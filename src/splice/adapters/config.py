@@ -85,7 +85,9 @@ class AdapterConfig:
         # A method PEFT does not have keeps the folder's shape, names itself, and PEFT refuses it (peft_type null);
         # its own fields go in as they are, for `fields_from_peft` to read back.
         own = {} if self.peft_type else {"splice_method": self.method,
-                                         **{k: getattr(self, k) for k in _own_fields(type(self))}}
+                                         **{k: getattr(self, k) for k in _own_fields(type(self))},
+                                         # read by `splice apply`, which has only the weights: GPT-2's (in, out)
+                                         "fan_in_fan_out": "conv1d" in kinds}
         return {"peft_type": self.peft_type, **own, "task_type": None, "base_model_name_or_path": base,
                 "revision": None,
                 "target_modules": target if isinstance(target, str) else list(target),

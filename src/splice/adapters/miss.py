@@ -10,7 +10,7 @@ One small trained block M is shared by every r-column shard of the weight:
 
 The default and mini updates are exactly low rank: ΔW = Mᵀ·T with T (r × in) the tiled identity, which `delta()`
 returns as LowRank. Bat's update is measured against the weight it is applied to (Dense); merge remembers it so
-that unmerge restores the weight exactly. PEFT's tensor: `miss_block`. Wraps nn.Linear.
+that unmerge restores the weight (exactly in float32, to rounding in bf16/fp16). PEFT's tensor: `miss_block`. Wraps nn.Linear.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ R rotates the input features block by block, which keeps the angles between the 
 hyperspherical energy). With `use_cayley_neumann` the inverse is replaced by its Neumann series as PEFT does
 (R ≈ I + 2Q + 2Q² + … + 2Q^{k−2} + Q^{k−1}, k = num_cayley_neumann_terms); `block_share` uses one Q for every
 block. The update depends on the base weight: `delta()` is Dense(W₀Rᵀ − W₀), and merge remembers what it added so
-that unmerge restores W₀ exactly (the truncated series is not exactly orthogonal).
+that unmerge restores W₀ (the truncated series is not exactly orthogonal): exactly in float32, to rounding in a
+bfloat16 / float16 weight.
 
 Give either r (blocks) or oft_block_size (b), as in PEFT; one that does not divide the layer's inputs is refused
 (PEFT silently picks another). PEFT's tensor: `oft_R.weight` (r × b(b−1)/2, or 1 × … with block_share).

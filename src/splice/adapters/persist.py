@@ -18,8 +18,8 @@ from splice.adapters.prompts.persist import is_prompt_folder, load_prompt, save_
 from splice.delta.deltaset import fingerprints_match, tensor_fingerprint
 from splice.errors import SpliceError
 from splice.io.checkpoints import atomic_output_dir, write_json
-from splice.io.peft_format import (CONFIG_FILE, PREFIX, SHARED_PREFIX, SPLICE_FILE, WEIGHTS_FILE, check_shape,
-                                   module_prefixes, read_adapter_folder, resolve_module)
+from splice.io.peft_format import (CONFIG_FILE, PREFIX, SHARED_PREFIX, SPLICE_FILE, WEIGHTS_FILE, check_saved_base,
+                                   check_shape, module_prefixes, read_adapter_folder, resolve_module)
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", *, force: bool = False,
@@ -96,6 +96,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         base = module.base if hasattr(module, "adapters") else module
         if kind is None:
             raise SpliceError(f"{where}: module {name!r} is a {type(base).__name__}, which {method.name} cannot wrap")
+        if isinstance(getattr(base, "weight", None), Tensor):
+            check_saved_base(folder, src, name, base.weight.detach())
         targets.append((src, name, module, base, kind, tensors))
     try:
         prepared = folder.config.prepare([(n, b, k) for _, n, _, b, k, _ in targets], folder.shared)
@@ -142,7 +144,11 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 def check_module_tensors(method: Method, base: nn.Module, kind: str, config: AdapterConfig,
                          tensors: dict[str, Tensor], name: str, path: Path) -> None:
     """The folder's tensors for module `name` are exactly those `method` uses on `base`, with its shapes."""
-    expected = method.adapter.peft_shapes(base, kind, config)
+    try:
+        expected = method.adapter.peft_shapes(base, kind, config)
+    except (AttributeError, TypeError):  # a module this method does not know (OFT's Conv2d in a PEFT folder)
+        raise SpliceError(f"{path}: module {name!r} is a {type(base).__name__}, which splice's {method.name} cannot "
+                          "wrap") from None
     for key in tensors:
         if key not in expected:
             raise SpliceError(f"{path / WEIGHTS_FILE}: module {name!r} has tensor {key!r}, which {method.name} does "

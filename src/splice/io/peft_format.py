@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from splice.errors import SpliceError, closest
@@ -45,6 +46,9 @@ class AdapterFolder:
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # modules_to_save module → its state
     biases: dict[str, Tensor] = field(default_factory=dict)  # module → trained bias
     shared: dict[str, Tensor] = field(default_factory=dict)  # tensors shared by all modules ("vera_A")
+    # module → the base weight PEFT saved beside the adapter (`save_embedding_layers`, the default for a targeted
+    # embed_tokens / lm_head): checked against the base the folder is loaded into (`check_saved_base`).
+    base_weights: dict[str, Tensor] = field(default_factory=dict)
     fingerprint: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -99,6 +103,8 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
         owner = next((m for m in _prefixes(name) if any(m == s or m.endswith("." + s) for s in saved_names)), None)
         if owner is not None:
             folder.saved.setdefault(owner, {})[name[len(owner) + 1:]] = reader.get(key)
+        elif name.endswith(".base_layer.weight"):
+            folder.base_weights[name[: -len(".base_layer.weight")]] = reader.get(key)
         elif name.endswith(".bias") and hasattr(config, "bias"):
             # PEFT saves the trained bias of a LoRA-wrapped module under its wrapper's `base_layer`.
             module = name[: -len(".bias")].removesuffix(".base_layer")
@@ -174,8 +180,20 @@ def resolve_module(name: str, has: Callable[[str], bool], candidates: list[str],
             return name[len(p) + 1:]
         if has(f"{p}.{name}"):
             return f"{p}.{name}"
+    tied = ("; a base whose output head is tied to its input embedding stores only the embedding, and merging "
+            "into the head would change both" if name.rsplit(".", 1)[-1] == "lm_head" else "")
     raise SpliceError(f"{where}: the adapter targets {name!r}, which the base does not have"
-                      f"{closest(name, candidates)}")
+                      f"{closest(name, candidates)}{tied}")
+
+
+def check_saved_base(folder: AdapterFolder, src: str, module: str, weight: Tensor) -> None:
+    """A base weight the folder carries for module `src` (PEFT saves targeted embeddings) must be the one it is
+    loaded onto: a different one (a resized vocabulary) is the folder's own base, which splice does not swap in."""
+    saved = folder.base_weights.get(src)
+    if saved is not None and (saved.shape != weight.shape or not torch.equal(saved.to(weight.dtype), weight)):
+        raise SpliceError(f"{folder.path}: the folder carries its own base weight for {module!r} (PEFT saves "
+                          f"embedding layers beside the adapter), and it differs from this base's "
+                          f"{tuple(weight.shape)} one; load it onto the model it was saved from")
 
 
 def module_prefixes(model: nn.Module | None = None) -> list[str]:
