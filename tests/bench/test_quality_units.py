@@ -252,6 +252,19 @@ def test_a_method_run_on_the_first_task_only_is_judged_against_the_probe_there()
     assert "z (splice): mean 90.0 beats the frozen probe (75.0)" in text
     assert "x (splice): 75.0 on a beats the frozen probe there (70.0); 1 other task(s) not run yet" in text
     assert "y (splice): 65.0 on a does NOT beat the frozen probe there (70.0)" in text
+    r["data"] = {"a": {"test": 1000}}  # a 0.5-point gap is under two standard errors (2.9 points) there
+    r["adapt"]["x"] = row("x", 0.705, None)
+    assert "x (splice): 70.5 on a is within noise of the frozen probe there (70.0)" in "\n".join(_verdicts(r))
+
+
+def test_cells_computed_on_other_data_are_refused(tmp_path):
+    from splice.bench.store import Store
+
+    store = Store(tmp_path / "cells")
+    store.check_data({"a": "1111", "b": "2222"})  # the first run records the data
+    store.check_data({"a": "1111", "c": "3333"})  # the same data, and a task new to the folder, pass
+    with pytest.raises(SpliceError, match="task 'b' has other data than the finished cells were computed on"):
+        store.check_data({"a": "1111", "b": "9999"})
 
 
 def test_compute_left_costs_each_missing_cell_at_its_rows_median():
@@ -291,11 +304,13 @@ def test_merge_verdicts_say_which_merges_beat_the_probe_and_where_mergekit_diffe
              "dare_ties": {"splice": merged(0.75, 1.0, {"a": 0.7, "b": 0.8}),
                            "mergekit": {"mean": 0.76, "test": {"a": 0.72, "b": 0.8}, "max_abs_diff": 0.004}},
              "slerp": {"splice": {"error": "SpliceError: slerp takes two models"}, "mergekit": None},
+             "lines": {"splice": {**merged(0.7, None, {"a": 0.7, "b": 0.7}),  # its λ axis is the weight
+                                  "setting": {"model": {"weight": 0.3}}}, "mergekit": None},
              "tsv": {"splice": None, "mergekit": None}}}}
     lines = _merge_verdicts(r, "lora", (0.3, 0.6, 1.0))
-    assert lines[0].startswith("- 1 of the 2 merges finished so far beat the frozen probe's mean (80.0") and \
+    assert lines[0].startswith("- 1 of the 3 merges finished so far beat the frozen probe's mean (80.0") and \
         ": ties;" in lines[0] and "Best: ties, 85.0 mean" in lines[0]
-    assert "smallest λ (0.3): ties." in lines[1]
+    assert "2 of them chose the grid's smallest λ (0.3): ties, lines." in lines[1]
     assert lines[2] == ("- mergekit's merge of the same inputs with the same setting scores the same on every task "
                         "for 1 of 2 methods; it differs on dare_ties (+1.00 mean).")
     assert lines[3] == ("- Merged weights compared tensor by tensor (2 methods): bit-identical for ties; largest "

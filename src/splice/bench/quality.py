@@ -118,8 +118,29 @@ class Context:
         start = time.perf_counter()
         value = compute()
         value["cell_seconds"] = time.perf_counter() - start
+        value["versions"] = versions()  # what computed it, for a profile resumed across sessions and commits
         self.done += 1
         return self.store.put(key, value)
+
+
+def task_digest(task: Task) -> str:
+    """A digest of a task's three splits (texts and labels), so finished cells are never mixed with other data."""
+    h = hashlib.sha256()
+    for split in (task.train, task.val, task.test):
+        h.update(json.dumps([split.texts, split.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("splice", "torch", "transformers", "peft", "mergekit"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def ordered_arms() -> list[Arm]:
@@ -232,6 +253,7 @@ def run(profile: str | Profile = "smoke", *, cache: Path | None = None, work: Pa
     deadline = t0 + 60 * max_minutes if max_minutes is not None else None
     tasks = [load_task(n, cache, max_train=p.max_train, max_test=p.max_test, val=p.val, seed=p.seed)
              for n in p.tasks]
+    store.check_data({t.name: task_digest(t) for t in tasks})
     base, tokenizer = load_model("default", "encoder")
     base_dir = root / "finetunes" / "base"
     if not (base_dir / "config.json").is_file():  # saved like the fine-tunes, so every input has the same tensors

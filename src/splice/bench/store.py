@@ -47,6 +47,21 @@ class Store:
             write_json(f, runs, indent=1)
         return runs
 
+    def check_data(self, digests: dict[str, str]) -> None:
+        """Refuse cells computed on other data (a Debian package updated since, another cap): the first run writes
+        each task's digest to data.json, later runs must match it; a task new to the folder is added."""
+        from splice.errors import SpliceError
+
+        f = self.root / "data.json"
+        known = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        differ = [t for t, d in digests.items() if t in known and known[t] != d]
+        if differ:
+            raise SpliceError(f"{self.root}: task {differ[0]!r} has other data than the finished cells were computed "
+                              "on (its train/val/test digest differs); use a fresh --cells folder")
+        if any(t not in known for t in digests):
+            f.parent.mkdir(parents=True, exist_ok=True)
+            write_json(f, {**known, **digests}, indent=1, sort_keys=True)
+
     def runs(self) -> list[dict[str, Any]]:
         f = self.root / "runs.json"
         return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else []
