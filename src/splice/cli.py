@@ -33,6 +33,11 @@ def _load_yaml(path: Path | None) -> dict[str, Any]:
     for key in data:
         if key not in YAML_KEYS:
             raise SpliceError(f"{path}: unknown key {key!r}{closest(key, YAML_KEYS)}; valid: {', '.join(YAML_KEYS)}")
+    for key, value in data.items():
+        want = dict if key in ("adapter", "train") else str
+        if value is not None and not isinstance(value, want):
+            raise SpliceError(f"{path}: {key}: expected {'a mapping' if want is dict else 'a name'}, got "
+                              f"{type(value).__name__} {value!r}")
     return data
 
 
@@ -134,6 +139,8 @@ def train(
         train_fields["strategy_options"] = {**(train_fields.get("strategy_options") or {}),
                                             **_options(strategy_option, "--strategy-option")}
     tconf = config_from_dict(TrainConfig, train_fields, "train")
+    if tconf.strategy == "relora" and method != "lora":  # checked before the model loads and the probe runs
+        raise SpliceError(f"--strategy relora merges and restarts a LoRA adapter; it needs --method lora, not {method}")
     if out.exists() and not force:
         raise SpliceError(f"{out}: output folder exists; pass --force to replace it")
     kind = task or cfg.get("task") or "auto"  # the flag overrides the YAML, as every other flag does
@@ -219,10 +226,11 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (atomically)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and every input's tensors, print the "
                                                           "plan, write nothing."),
-    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="With --out-format lora: truncate each "
-                                                                      "module's merged update to this rank (SVD)."),
-    out_format: str = typer.Option("model", "--out-format", help="model, or lora when every input is a LoRA "
-                                                                 "adapter of base_model."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Write a LoRA (implies --out-format lora) "
+                                                                      "whose modules' merged updates are truncated "
+                                                                      "to this rank (SVD)."),
+    out_format: Optional[str] = typer.Option(None, "--out-format", help="model (the default), or lora when every "
+                                                                        "input is a LoRA adapter of base_model."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Data file (CSV/JSONL) or saved "
                                                                            "calibration folder, for methods that "
                                                                            "need Fisher / Gram statistics."),
@@ -235,11 +243,12 @@ def merge(
     """Merge fine-tunes of one base from a mergekit-style YAML, streaming tensor by tensor."""
     from splice.merge import merge as run_merge
 
+    out_format = out_format or ("lora" if lora_rank is not None else "model")  # as splice.merge(lora_rank=...)
     if out_format not in ("model", "lora"):
         raise SpliceError(f"--out-format: {out_format!r} is not one of model, lora"
                           f"{closest(out_format, ['model', 'lora'])}")
     if lora_rank is not None and out_format != "lora":
-        raise SpliceError("--lora-rank needs --out-format lora")
+        raise SpliceError("--lora-rank writes a LoRA; it cannot go with --out-format model")
     result = run_merge(config, out, force=force, dry_run=dry_run, progress=progress, calibration=calibration,
                        seed=seed, out_format=out_format, lora_rank=lora_rank, workers=workers)
     typer.echo(str(result) if dry_run else f"wrote {result}")
@@ -258,7 +267,8 @@ def inspect(path: Path = typer.Argument(..., help="An adapter folder, a model fo
 
 
 @app.command(epilog="Example:  splice quickstart --out splice-quickstart")
-def quickstart(out: Path = typer.Option(Path("splice-quickstart"), help="Where the adapter is written."),
+def quickstart(out: Path = typer.Option(Path("splice-quickstart"), help="Folder for the demo's output: the adapter "
+                                                                      "goes to OUT/adapter, replaced on each run."),
                epochs: float = typer.Option(3.0, help="Training epochs over 2,000 examples."),
                progress: bool = typer.Option(True, "--progress/--no-progress")) -> None:
     """Probe, LoRA-train, save, reload and re-score all-MiniLM-L6-v2 on Rotten Tomatoes (no hub needed)."""
@@ -281,7 +291,8 @@ def methods() -> None:
 
 
 @app.command(epilog="Example:  splice serve ./base-model --adapters ./adapters --port 8000 --api-key $KEY  "
-                    "(then: curl localhost:8000/v1/completions -d '{\"model\": \"my-adapter\", ...}')")
+                    "(then: curl localhost:8000/v1/completions -H \"Authorization: Bearer $KEY\" "
+                    "-H \"Content-Type: application/json\" -d '{\"model\": \"my-adapter\", \"prompt\": \"Hi\"}')")
 def serve(
     base: str = typer.Argument(..., help="Base model: a local folder, a hub id, or 'default'."),
     adapters: Optional[Path] = typer.Option(None, "--adapters", help="Folder with one adapter folder per name; "
@@ -346,7 +357,7 @@ def compress(
     block_ranks: Optional[str] = typer.Option(None, help="delta_come: vectors per block but the last, e.g. 2,30."),
     seed: int = typer.Option(0, help="Seed of the random methods (per tensor, reproducible)."),
     rows: Optional[int] = typer.Option(None, help="Print only the N tensors with the largest error."),
-    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Labelled CSV/JSONL: print the classifier's "
+    eval_file: Optional[Path] = typer.Option(None, "--eval", "--eval-file", help="Labelled CSV/JSONL: print the classifier's "
                                                                   "accuracy before and after (needs --base and "
                                                                   "the head saved in IN)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (atomically)."),
@@ -403,7 +414,7 @@ def extract(
 
 
 bench_app = typer.Typer(help="Benchmarks on real models and data (fetched at run time into a cache folder).",
-                        no_args_is_help=True)
+                        epilog="Example:  splice bench quality --profile smoke", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 
@@ -439,6 +450,10 @@ def bench_quality(
         raise SpliceError(f"--shard: expected I/N such as 0/2, got {shard!r}") from None
     if not 0 <= shard_i < shard_n:
         raise SpliceError(f"--shard: expected I/N with 0 <= I < N, got {shard!r}")
+    if threads is not None and threads < 1:
+        raise SpliceError(f"--threads: must be at least 1, got {threads}")
+    if max_minutes is not None and max_minutes <= 0:
+        raise SpliceError(f"--max-minutes: must be positive, got {max_minutes}")
     import torch
 
     from splice.bench.quality import run as run_quality

@@ -46,7 +46,10 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise SpliceError(f"{path}: no such file or folder")
-    reader = CheckpointReader(path)
+    from splice.compress.storage import DELTA_CONFIG, DELTA_WEIGHTS, is_compressed
+
+    compressed = path.is_dir() and is_compressed(path)
+    reader = CheckpointReader(path / DELTA_WEIGHTS if compressed else path)
     names = reader.keys()
     sizes = {n: _numel(reader.shape(n)) * reader.dtype(n).itemsize for n in names}
     params = sum(_numel(reader.shape(n)) for n in names)
@@ -55,7 +58,23 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
                             "bytes": sum(sizes.values()), "dtypes": dict(dtypes)}
     from splice.adapters.prompts.persist import is_prompt_folder, prompt_summary
 
-    if path.is_dir() and is_prompt_folder(path):  # virtual tokens: no rank, no wrapped modules
+    if compressed:  # `splice compress` output: per tensor, its form (dense / lowrank) and its parts' encodings
+        cfg = read_json(path / DELTA_CONFIG)
+        entries = cfg.get("tensors") if isinstance(cfg.get("tensors"), dict) else {}
+        parts = [p for e in entries.values() if isinstance(e, dict) for p in (e.get("parts") or {}).values()
+                 if isinstance(p, dict)]
+        info.update({
+            "kind": "compressed delta",
+            "format": cfg.get("format"),
+            "method": cfg.get("method"),
+            "updated_tensors": len(entries),
+            "forms": dict(Counter(e.get("kind", "?") for e in entries.values() if isinstance(e, dict))),
+            "bits": sorted({p["bits"] for p in parts if p.get("bits") is not None}),
+            "sparse_parts": sum(p.get("index", "none") != "none" for p in parts),
+            "base_model": cfg.get("base_model"),
+            "base_fingerprinted": bool(cfg.get("fingerprint")),
+        })
+    elif path.is_dir() and is_prompt_folder(path):  # virtual tokens: no rank, no wrapped modules
         info.update(prompt_summary(path))
     elif path.is_dir() and (path / CONFIG_FILE).exists():
         cfg = read_json(path / CONFIG_FILE)

@@ -76,20 +76,34 @@ def test_train_causal_lm(capsys, tmp_path, gpt2_dir, pairs_jsonl):
 
 
 def test_help_has_examples(capsys):
-    for command in ("train", "apply", "inspect", "quickstart", "methods"):
+    for command in ("train", "apply", "inspect", "quickstart", "methods", "merge", "compress", "extract", "serve",
+                    "strategies", "bench"):
         code, stdout, _ = cli(capsys, command, "--help")
         assert code == 0 and "Example" in stdout, command
+    _, serve, _ = cli(capsys, "serve", "--help")  # its curl works against the server it starts (key, JSON)
+    assert "Authorization" in serve and "Content-Type" in serve
+
+
+def test_bench_quality_bad_numbers_are_one_line(capsys):
+    for args, want in ((["--threads", "0"], "--threads: must be at least 1, got 0"),
+                       (["--max-minutes", "0"], "--max-minutes: must be positive")):
+        code, _, err = cli(capsys, "bench", "quality", *args, "--report-only")
+        assert code == 2 and want in one_error_line(err)
 
 
 @pytest.mark.parametrize("case", ["missing-data", "bad-key", "no-target", "out-exists", "bad-yaml-key",
-                                  "bad-max-steps", "task-flag-over-yaml"])
+                                  "bad-max-steps", "task-flag-over-yaml", "yaml-section-not-a-mapping",
+                                  "yaml-number-not-a-number", "relora-without-lora"])
 def test_train_errors_are_one_line(capsys, tmp_path, bert_dir, sentiment_csv, case):
     out = tmp_path / "o"
     args = ["train", bert_dir, sentiment_csv, "--out", out, *FAST]
     expect = {"missing-data": "does not exist", "bad-key": "rnk", "no-target": "matched no module",
               "out-exists": "exists; pass --force", "bad-yaml-key": "did you mean 'adapter'",
               "bad-max-steps": "max_steps: must be a whole number ≥ 1",
-              "task-flag-over-yaml": "--task: 'bogus' is not one of"}[case]
+              "task-flag-over-yaml": "--task: 'bogus' is not one of",
+              "yaml-section-not-a-mapping": "c.yaml: adapter: expected a mapping, got list [1, 2]",
+              "yaml-number-not-a-number": "lr: must be a number, got str 'fast'",
+              "relora-without-lora": "--strategy relora merges and restarts a LoRA adapter; it needs --method lora"}[case]
     if case == "missing-data":
         args[2] = tmp_path / "nope.csv"
     elif case == "bad-key":
@@ -105,6 +119,14 @@ def test_train_errors_are_one_line(capsys, tmp_path, bert_dir, sentiment_csv, ca
         args += ["--config", tmp_path / "c.yaml"]
     elif case == "bad-max-steps":
         args += ["--max-steps", "-1"]  # trained nothing and saved an untrained adapter
+    elif case == "yaml-section-not-a-mapping":  # a TypeError traceback before
+        (tmp_path / "c.yaml").write_text("adapter: [1, 2]\n")
+        args += ["--config", tmp_path / "c.yaml"]
+    elif case == "yaml-number-not-a-number":
+        (tmp_path / "c.yaml").write_text("train: {lr: fast}\n")
+        args += ["--config", tmp_path / "c.yaml"]
+    elif case == "relora-without-lora":  # refused before the model loads, not inside training
+        args += ["--method", "full", "--strategy", "relora"]
     elif case == "task-flag-over-yaml":  # flags override the YAML; the YAML's task won before
         (tmp_path / "c.yaml").write_text("task: classification\n")
         args += ["--config", tmp_path / "c.yaml", "--task", "bogus"]

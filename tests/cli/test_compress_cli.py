@@ -290,3 +290,14 @@ def test_compressing_a_non_lora_adapter_without_base_is_one_line(capsys, tmp_pat
     assert code != 0 and f"a {method} adapter's update is computed from the base weights; pass --base" in \
         one_error_line(err)
     assert not (tmp_path / "small").exists()
+
+
+def test_inspect_reads_a_compressed_delta_folder(capsys, tmp_path, bert_dir):
+    adapter = make_adapter(bert_dir, tmp_path / "adapter")
+    code, _, err = cli(capsys, "compress", adapter, tmp_path / "small", "--method", "quantize", "--bits", "4",
+                       "--no-progress")
+    assert code == 0, err
+    code, out, err = cli(capsys, "inspect", tmp_path / "small", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["kind"] == "compressed delta" and info["bits"] == [4] and info["base_fingerprinted"]
+    assert info["updated_tensors"] == len(json.loads((tmp_path / "small" / "delta_config.json").read_text())["tensors"])

@@ -362,6 +362,11 @@ def test_cli_errors_are_one_line(family, write_yaml, tmp_path, capsys):
     assert err.startswith(f"error: {path}: merge_method: unknown merge_method 'ties_merging'") and "\n" not in err
     assert cli(["merge", str(path), str(tmp_path / "out"), "--out-format", "lorra"]) == 2
     assert "did you mean 'lora'" in capsys.readouterr().err
+    good = write_yaml(ta_config(fam))  # --lora-rank implies --out-format lora, as splice.merge(lora_rank=) does
+    assert cli(["merge", str(good), str(tmp_path / "out"), "--lora-rank", "2", "--dry-run"]) == 2
+    assert "is not a LoRA adapter of base_model" in capsys.readouterr().err  # so its inputs must be LoRAs
+    assert cli(["merge", str(good), str(tmp_path / "out"), "--lora-rank", "2", "--out-format", "model"]) == 2
+    assert "--lora-rank writes a LoRA; it cannot go with --out-format model" in capsys.readouterr().err
     assert cli(["merge", "--help"]) == 0
     assert "Example:" in capsys.readouterr().out
 

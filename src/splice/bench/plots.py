@@ -60,7 +60,7 @@ def per_task(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
                  "(red) the frozen probe", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="accuracy − probe's (points)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     return path
 
 
@@ -94,7 +94,7 @@ def merges(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
     ax.set_xlabel("mean normalized accuracy (% of the individual fine-tunes)")
     ax.set_title(f"Merges ({r['profile']} profile)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     return path
 
 
@@ -128,5 +128,13 @@ def vs_params(plt: Any, r: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(f"{title}: {len(points)} arm(s)", fontsize=10)
     fig.suptitle(f"Accuracy vs trainable parameters ({r['profile']} profile)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     return path
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Through a temporary file: shards write the report side by side, and a reader never sees half a PNG."""
+    from splice.io.checkpoints import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")

@@ -10,6 +10,7 @@ from typing import Any
 from splice.bench.arms import PROBE
 from splice.bench.merge_table import method_order
 from splice.bench.quality import MERGE_INPUTS, Profile, ordered_arms
+from splice.io.checkpoints import atomic_file
 
 
 def collect(ctx: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -335,5 +336,6 @@ def write_report(r: dict[str, Any], out: Path, profile: Profile, command: str) -
     lines += ["", "## Not run", ""] + (missing or ["- nothing: every cell finished"])
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
     report = out / f"{stem}.md"
-    report.write_text("\n".join(lines), encoding="utf-8")
+    with atomic_file(report) as tmp:  # shards write it side by side
+        tmp.write_text("\n".join(lines), encoding="utf-8")
     return report

@@ -40,6 +40,10 @@ class TrainConfig:
                                            default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SpliceError(f"{name}: must be a number, got {type(value).__name__} {value!r}")
         for name in ("epochs", "batch_size", "lr"):
             if getattr(self, name) <= 0:
                 raise SpliceError(f"{name}: must be positive, got {getattr(self, name)!r}")
