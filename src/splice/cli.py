@@ -357,9 +357,9 @@ def compress(
     block_ranks: Optional[str] = typer.Option(None, help="delta_come: vectors per block but the last, e.g. 2,30."),
     seed: int = typer.Option(0, help="Seed of the random methods (per tensor, reproducible)."),
     rows: Optional[int] = typer.Option(None, help="Print only the N tensors with the largest error."),
-    eval_file: Optional[Path] = typer.Option(None, "--eval", "--eval-file", help="Labelled CSV/JSONL: print the classifier's "
-                                                                  "accuracy before and after (needs --base and "
-                                                                  "the head saved in IN)."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", "--eval-file",
+                                             help="Labelled CSV/JSONL: print the classifier's accuracy before and "
+                                                  "after (needs --base and the head saved in IN)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (atomically)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
