@@ -185,6 +185,11 @@ def test_a_group_longer_than_the_tensor_is_one_group_without_padding_to_its_leng
     assert torch.equal(huge.dequantize(), quantize(x, 4, group_size=0).dequantize())
 
 
+def test_compeft_with_a_numeric_alpha_keeps_a_one_entry_tensor_finite():
+    out, _ = compress(Dense(torch.tensor([0.5])), "compeft", density=1.0, alpha="2")  # std of one value: NaN
+    assert torch.isfinite(out.materialize()).all() and float(out.materialize()) == 0.5
+
+
 def test_delta_come_stores_an_unchanged_matrix_as_rank_zero():
     # energy picks rank 0 for an all-zero delta (a frozen embedding of a full fine-tune); it raised "needs parts".
     out, _ = compress(Dense(torch.zeros(32, 16)), "delta_come", energy=0.9, group_size=32)

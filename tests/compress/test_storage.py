@@ -122,3 +122,27 @@ def test_an_all_zero_delta_survives_every_method_and_the_round_trip(tmp_path):
         save_compressed(small, tmp_path / methods, force=True)
         back = load_compressed(tmp_path / methods)
         assert all(not back[n].materialize().any() for n in back) and report.mean_error == 0.0
+
+
+def test_repeated_sparse_positions_and_a_scaled_dense_entry_are_refused(tmp_path):
+    # Applying sums repeated positions, re-compressing overwrites them: one file, two deltas. And a dense entry's
+    # scale was silently ignored.
+    from safetensors.torch import load_file, save_file
+
+    deltas = DeltaSet({"w": Dense(torch.zeros(100, 100).index_fill_(1, torch.tensor([5, 7]), 1.0))})
+    small, _ = compress(deltas, "dare", density=0.5, seed=0)
+    out = save_compressed(small, tmp_path / "c")
+    cfg = json.loads((out / DELTA_CONFIG).read_text())
+    part = cfg["tensors"]["w"]["parts"]["w"]
+    assert part["index"] == "int32"
+    tensors = load_file(str(out / DELTA_WEIGHTS))
+    index = tensors["w::w::index"].clone()
+    index[1] = index[0]
+    save_file({**tensors, "w::w::index": index}, str(out / DELTA_WEIGHTS))
+    with pytest.raises(SpliceError, match="sparse positions are not strictly increasing"):
+        load_compressed(out)
+    save_file(tensors, str(out / DELTA_WEIGHTS))
+    cfg["tensors"]["w"]["scale"] = 2.0
+    (out / DELTA_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(SpliceError, match="tensor 'w': a dense entry has scale 2.0"):
+        load_compressed(out)

@@ -249,6 +249,9 @@ def test_fisher_equal_fishers_give_the_average():
     torch.testing.assert_close(run("fisher", thetas, extras={"fisher": [f, f, f]}), sum(thetas) / 3)
     weighted = run("fisher", thetas, extras={"fisher": [f, f, f]}, weight=[1.0, 1.0, 2.0])
     torch.testing.assert_close(weighted, (thetas[0] + thetas[1] + 2 * thetas[2]) / 4)
+    for bad in ([1.0, -1.0, 0.0], [0.0, 0.0, 0.0]):  # inf / NaN weights before, now one line
+        with pytest.raises(SpliceError, match="fisher weights must be non-negative with a positive sum"):
+            run("fisher", thetas, extras={"fisher": [f, f, f]}, weight=bad)
 
 
 def test_fisher_is_elementwise_and_floored():
@@ -547,6 +550,12 @@ def test_merge_with_calibration_texts_full_model_and_lora(tmp_path, name):
     expected = run(name, weights, extras={kind: stats})
     torch.testing.assert_close(merged[key], expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(expected, (weights[0] + weights[1]) / 2, atol=1e-4)  # not just the average
+    if name == "regmean":  # a square Conv1D weight is (in, out): the plan knows it from the architecture
+        square = key.replace("c_attn", "c_proj")
+        ws = [load_file(f / "model.safetensors")[square] for f in (ft, lora_full)]
+        assert ws[0].shape[0] == ws[0].shape[1]
+        want = run(name, ws, extras={kind: [cal.get(kind, i, square) for i in range(2)]}, layout="in_out")
+        torch.testing.assert_close(merged[square], want, atol=1e-5, rtol=1e-4)
     # a saved calibration folder serves the merge as well (its models in the config's order)
     cal.save(tmp_path / "cal")
     again = splice.merge.merge(config, tmp_path / "out2", calibration=tmp_path / "cal", progress=False)

@@ -98,8 +98,31 @@ def test_pool_evicts_least_recently_used_within_its_bytes(served):
     assert list(pool.resident()) == ["alpha", "gamma"]
     assert pool.unload("gamma") is False  # deferred while held...
     assert "gamma" in pool.resident()
+    pool.acquire("gamma")  # a new request does not cancel the pending unload (it used to)
+    pool.release("gamma")
     pool.release("gamma")  # ...and gone when the last holder is done
     assert list(pool.resident()) == ["alpha"]
+
+    pool.release("alpha")
+    pool.load("beta")  # alpha (idle) and beta resident; an adapter that can never fit must not evict them
+    pool.max_bytes = sizes["gamma"] - 1
+    with pytest.raises(PoolFull, match="'gamma'.*does not fit"):
+        pool.acquire("gamma")
+    assert sorted(pool.resident()) == ["alpha", "beta"]
+
+
+def test_pool_lists_only_named_adapters_once_its_folder_is_gone(served, tmp_path):
+    import shutil
+
+    base, adapters = served
+    copy = tmp_path / "adapters"
+    shutil.copytree(adapters / "alpha", copy / "alpha")
+    pool = AdapterPool(LlamaForCausalLM.from_pretrained(base).eval(), copy, paths={"beta": adapters / "beta"})
+    assert pool.available() == ["alpha", "beta"]
+    shutil.rmtree(copy)  # removed (or a symlink swapped) after startup: a FileNotFoundError traceback before
+    assert pool.available() == ["beta"]
+    with pytest.raises(UnknownAdapter, match="no adapter named 'alpha'"):
+        pool.acquire("alpha")
 
 
 def test_pool_names_cannot_leave_the_folder(served, tmp_path):

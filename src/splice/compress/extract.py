@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 from tqdm.auto import tqdm
 
 from splice.compress.linalg import truncated_svd
@@ -25,6 +24,7 @@ from splice.compress.pipeline import CompressReport, TensorReport
 from splice.delta.deltaset import DeltaSet
 from splice.errors import SpliceError
 from splice.io.checkpoints import atomic_output_dir, write_json
+from splice.io.models import module_kinds
 from splice.io.peft_format import CONFIG_FILE, PREFIX, SPLICE_FILE, WEIGHTS_FILE
 
 __all__ = ["extract"]
@@ -34,26 +34,6 @@ _EMBED_HINTS = ("embed", "wte", "wpe", "shared")
 
 def _is_embedding(name: str) -> bool:
     return any(h in name.rsplit(".", 1)[0].split(".")[-1] for h in _EMBED_HINTS)
-
-
-def _module_kinds(folder: Path) -> dict[str, str]:
-    """Module name → "linear" | "conv1d" | "embedding" | "other" in the base's architecture, built on the meta device
-    (no memory); empty when it cannot be built here, and then names decide (`_is_embedding`)."""
-    try:
-        import transformers
-        from transformers import AutoConfig
-        from transformers.pytorch_utils import Conv1D
-
-        config = AutoConfig.from_pretrained(folder)
-        cls = getattr(transformers, (config.architectures or [""])[0], None)
-        if cls is None:
-            return {}
-        with torch.device("meta"):
-            model = cls(config)
-    except Exception:  # noqa: BLE001 - a custom or unknown architecture: fall back to names
-        return {}
-    return {name: "embedding" if isinstance(m, nn.Embedding) else "conv1d" if isinstance(m, Conv1D)
-            else "linear" if isinstance(m, nn.Linear) else "other" for name, m in model.named_modules()}
 
 
 def _peft_config(base: str, ranks: dict[str, int], biases: bool, saved: set[str], fan_in_fan_out: bool) -> dict:
@@ -99,7 +79,7 @@ def extract(base: str, finetuned: str | Path, out: str | Path, *, rank: int | No
     _check_args(rank, energy)
     base_dir = base_folder(base)
     deltas = DeltaSet.from_checkpoints(base_dir, finetuned)
-    kinds = _module_kinds(base_dir)
+    kinds = module_kinds(base_dir)
 
     def kind_of(name: str) -> str:
         module = name.rsplit(".", 1)[0]

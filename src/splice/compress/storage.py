@@ -115,6 +115,10 @@ def _decode_part(reader: CheckpointReader, key: str, meta: Any, where: str) -> C
         raise SpliceError(f"{where}: part {key!r} has unknown index encoding {how!r}")
     if index is not None and (index.numel() != nnz or (nnz and (int(index.min()) < 0 or int(index.max()) >= numel))):
         raise SpliceError(f"{where}: part {key!r}: sparse positions do not match nnz={nnz} of shape {tuple(shape)}")
+    if index is not None and nnz > 1 and not bool((index[1:] > index[:-1]).all()):
+        # Written sorted and unique; a repeated position would be summed when applied but overwritten when
+        # re-compressed, two different deltas from one file.
+        raise SpliceError(f"{where}: part {key!r}: sparse positions are not strictly increasing")
     n = nnz if index is not None else numel
     if bits is not None:
         groups = n_scales(n, group)
@@ -148,7 +152,10 @@ def load_compressed(path: str | Path) -> DeltaSet:
     for name, entry in cfg["tensors"].items():
         try:
             parts = {p: _decode_part(reader, f"{name}::{p}", m, where) for p, m in entry["parts"].items()}
-            deltas[name] = Packed(entry["kind"], parts, entry["shape"], float(entry.get("scale", 1.0)))
+            scale = float(entry.get("scale", 1.0))
+            if entry["kind"] == "dense" and scale != 1.0:  # only a low-rank entry has a scale; a dense one ignores it
+                raise SpliceError(f"a dense entry has scale {scale}, which it cannot carry (only lowrank does)")
+            deltas[name] = Packed(entry["kind"], parts, entry["shape"], scale)
         except SpliceError as err:
             msg = str(err)
             raise SpliceError(msg if msg.startswith(where) else f"{where}: tensor {name!r}: {msg}") from None

@@ -200,3 +200,27 @@ def copy_model_files(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     if not any(name in TOKENIZER_FILES for name in copied):
         warnings.warn(f"model folder {src} has no tokenizer files; {out} will need one to be loaded", stacklevel=2)
     return copied
+
+
+def module_kinds(folder: str | Path) -> dict[str, str]:
+    """Module name → "linear" | "conv1d" | "embedding" | "other" in a model folder's architecture (config.json's
+    `architectures`), built on the meta device (no memory); empty when it cannot be built here (a custom
+    architecture), and callers fall back to what names and shapes tell."""
+    try:
+        import transformers
+        from transformers import AutoConfig
+        from transformers.pytorch_utils import Conv1D
+
+        config = AutoConfig.from_pretrained(folder)
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            return {}
+        import torch
+        from torch import nn
+
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception:  # noqa: BLE001 - a custom or unknown architecture: fall back to names
+        return {}
+    return {name: "embedding" if isinstance(m, nn.Embedding) else "conv1d" if isinstance(m, Conv1D)
+            else "linear" if isinstance(m, nn.Linear) else "other" for name, m in model.named_modules()}

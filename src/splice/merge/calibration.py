@@ -631,9 +631,11 @@ class PlanExtras:
     """
 
     def __init__(self, calibration: Calibration, models: list[Any], needs: Iterable[str],
-                 folder: Path | None = None) -> None:
+                 folder: Path | None = None, conv1d: Iterable[str] = ()) -> None:
         self.calibration, self.needs, self.folder = calibration, sorted(set(needs)), folder
         self.index = {id(m): i for i, m in enumerate(models)}
+        # Weights stored (in, out) (GPT-2's Conv1D): a square one's layout cannot be told from its shape.
+        self.conv1d = set(conv1d)
 
     @classmethod
     def build(cls, plan: Any, source: str | os.PathLike[str] | Sequence[str] | Calibration, *,
@@ -663,7 +665,10 @@ class PlanExtras:
             raise SpliceError(f"calibration {name}: holds {', '.join(cal.kinds) or 'nothing'} for "
                               f"{cal.num_models} models; merge_method {plan.method.name!r} needs "
                               f"{', '.join(needs)} for {len(models)} models")
-        return cls(cal, models, needs, folder)
+        from splice.io.models import module_kinds
+
+        kinds = module_kinds(plan.donor.folder) if getattr(plan, "donor", None) is not None else {}
+        return cls(cal, models, needs, folder, conv1d=[f"{n}.weight" for n, k in kinds.items() if k == "conv1d"])
 
     compute = build  # the earlier name
 
@@ -674,6 +679,8 @@ class PlanExtras:
             found = [self.calibration.get(kind, self.index[id(s.input)], s.name) for s in task.inputs]
             if all(t is not None for t in found):
                 out[kind] = found
+        if "gram" in out and task.name in self.conv1d:
+            out["layout"] = ["in_out"]  # read by regmean over its `layout` parameter
         return out
 
     def close(self) -> None:

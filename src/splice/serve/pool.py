@@ -118,7 +118,11 @@ class AdapterPool:
         """Every adapter name a request may use (loaded or not), sorted."""
         names = set(self.paths)
         if self.folder is not None:
-            names |= {p.name for p in self.folder.iterdir() if NAME.fullmatch(p.name) and (p / CONFIG_FILE).is_file()}
+            try:
+                names |= {p.name for p in self.folder.iterdir()
+                          if NAME.fullmatch(p.name) and (p / CONFIG_FILE).is_file()}
+            except OSError:  # the folder was removed or swapped away: only the named adapters are left
+                pass
         return sorted(names)
 
     def resident(self) -> dict[str, int]:
@@ -132,16 +136,20 @@ class AdapterPool:
 
     # -- use -----------------------------------------------------------------------------------------------------
     def acquire(self, name: str) -> None:
-        """Make adapter `name` resident (loading it if needed) and hold it until `release(name)`."""
+        """Make adapter `name` resident (loading it if needed) and hold it until `release(name)`.
+
+        An adapter an `unload` is waiting on stays marked: it goes (and the next request loads it afresh from its
+        folder) as soon as no request holds it."""
+        check_name(name)
         with self.lock:
             entry = self._resident.get(name)
             if entry is None:
                 entry = self._load(name)
             entry.holders += 1
-            entry.unload_when_idle = False
             self._resident.move_to_end(name)
 
     def release(self, name: str) -> None:
+        check_name(name)
         with self.lock:
             entry = self._resident.get(name)
             if entry is None:
@@ -182,12 +190,13 @@ class AdapterPool:
         entry = _Entry(adapter_nbytes(self.model, name))
         self._resident[name] = entry
         self.loads += 1
-        self._evict(keep=name)
-        if self.nbytes > self.max_bytes:  # what is left is held by running requests (or this one is too big)
+        held = sum(e.nbytes for n, e in self._resident.items() if n != name and e.holders)
+        if entry.nbytes + held > self.max_bytes:  # evicting the idle ones could not make room: keep them
             self._delete(name)
             alone = entry.nbytes <= self.max_bytes
             raise PoolFull(f"adapter {name!r} ({entry.nbytes} bytes) does not fit in the adapter memory "
                            f"({self.max_bytes} bytes)" + (" next to the adapters in use" if alone else ""), alone)
+        self._evict(keep=name)  # the idle ones, least recently used first, until it fits
         return entry
 
     def _evict(self, keep: str) -> None:

@@ -3,7 +3,8 @@ https://arxiv.org/abs/2311.13171
 
     Δ̃ = α · sign(topk(Δ, k))          (ternary: each entry is −α, 0 or +α)
 
-``topk`` keeps the k = ⌊density·n⌋ largest magnitudes (the TIES trim, `splice.merge.methods.sparsify.magnitude`).
+``topk`` keeps the k = int(density·n) largest magnitudes (computed in floating point, as mergekit does, so 0.29·100
+keeps 28) (the TIES trim, `splice.merge.methods.sparsify.magnitude`).
 The paper sets α = c·σ(Δ) with c tuned on validation data; with no data, the default here is the α that minimises
 ‖Δ_kept − α·sign(Δ_kept)‖₂, the mean |kept value| (``alpha: mean``); a number c gives the paper's α = c·std(Δ).
 Stored as the positions (bitmask or int32), one sign bit per kept entry and one float32 scale per tensor.
@@ -46,7 +47,7 @@ def compeft(delta: Packed, config: CompeftConfig, ctx: Context) -> Packed:
         dense = part.decode().float()
         kept = CTensor.sparse_from_dense(magnitude_prune(dense, config.density))
         q = quantize_values(kept.values, bits=1, group_size=0)  # sign bits, scale = mean |kept|
-        if config.alpha != "mean":
+        if config.alpha != "mean" and dense.numel() > 1:  # a one-entry tensor has no std: keep mean |kept|
             q = QTensor(q.codes, torch.tensor([float(config.alpha) * float(dense.std())]), 1, 0, q.numel)
         return CTensor(kept.shape, q, kept.index)
     return map_parts(delta, one)

@@ -6,7 +6,8 @@ Deltas have long-tailed singular values, so the singular vectors of the largest 
     ΔW = Σ_i s_i u_i v_iᵀ ≈ Σ_blocks Q_{b_k}(U_k √S_k) · Q_{b_k}(√S_k V_kᵀ),   b_0 > b_1 > … (bits per block)
 
 Block k holds the next ``block_ranks[k]`` singular vectors (the last block all the rest, up to ``rank`` / ``energy``),
-each factor quantized at ``block_bits[k]`` bits in groups of ``group_size`` along each singular vector. The paper
+each factor quantized at ``block_bits[k]`` bits in groups of ``group_size`` over the block's flattened factor (one
+singular vector after another, so a group spans two vectors where a layer's width is not a multiple). The paper
 quantizes with GPTQ on calibration data; this data-free version rounds to nearest (`splice.compress.codec`). The
 default split (8 bits for 2 vectors, 4 bits for the next 30, 2 bits for the rest) is ours, not the paper's.
 """

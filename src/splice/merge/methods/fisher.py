@@ -53,6 +53,8 @@ def fisher(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContext, ep
         return weighted_average(tensors, weights).to(tensors[0].dtype)
     if epsilon <= 0:
         raise SpliceError(f"fisher epsilon must be positive, got {epsilon}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:  # Σ w F would be 0 or change sign: inf / NaN weights
+        raise SpliceError(f"{ctx.name}: fisher weights must be non-negative with a positive sum, got {weights}")
     num = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     den = torch.zeros_like(num)
     for i, (t, f, w) in enumerate(zip(tensors, fishers, weights)):

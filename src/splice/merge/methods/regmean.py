@@ -23,7 +23,8 @@ Choices where the paper leaves a detail open:
   weighted average of the models' columns instead of an arbitrary value; the solve runs in float64.
 - A per-model ``weight`` multiplies G_i (how much that model's data counts) and the fallback average.
 - Layout: nn.Linear stores W as (out, in); HF `Conv1D` (GPT-2) stores (in, out). The Gram (in, in) tells the two
-  apart for non-square weights; square ones follow ``layout`` ("out_in" default, "in_out" for Conv1D models).
+  apart for non-square weights; for square ones the merge plan says which weights are Conv1D (from the model's
+  architecture), and ``layout`` ("out_in" default) decides only where it cannot tell (a custom architecture).
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ def regmean(base: Tensor | None, tensors: list[Tensor], *, ctx: TensorContext, a
     grams = calibration_extras(ctx, "gram", "Gram matrix", len(tensors))
     if grams is None or tensors[0].dim() != 2:
         return weighted_average(tensors, weights).to(tensors[0].dtype)
+    layout = (ctx.extras.get("layout") or [layout])[0]  # the plan knows which weights are Conv1D
     n_in = grams[0].shape[0]
     for i, g in enumerate(grams):
         if g.dim() != 2 or g.shape != (n_in, n_in):
