@@ -373,3 +373,14 @@ def test_peft_converted_folder_of_a_start_init_loads_in_splice(tiny, tmp_path, i
     theirs.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
     assert json.loads((tmp_path / "converted" / "adapter_config.json").read_text())["r"] == 8
     close(fam.output(splice.load_adapter(fam.build(), tmp_path / "converted")), expected)
+
+
+def test_data_driven_starts_refuse_or_skip_what_they_cannot_use():
+    from splice.adapters.inits.calibrate import token_mask
+    from splice.adapters.inits.corda import CordaConfig, corda_start
+
+    # A seq2seq batch: decoder labels are another length than the encoder's mask, and say nothing about it.
+    batch = {"attention_mask": torch.ones(2, 12, dtype=torch.long), "labels": torch.zeros(2, 5, dtype=torch.long)}
+    assert token_mask(batch, use_labels=True).shape == (2, 12)
+    with pytest.raises(splice.SpliceError, match="r: rank 4 is larger than the layer \\(32 → 2\\), which corda"):
+        corda_start(torch.randn(2, 32), torch.eye(32), 4, 1.0, CordaConfig())

@@ -307,3 +307,23 @@ def test_pissa_matches_peft_init_and_outputs(tiny, tmp_path):
     splice.save_adapter(ours, tmp_path / "pissa")
     reloaded = peft.PeftModel.from_pretrained(fam.build(), tmp_path / "pissa").eval()
     close(fam.output(reloaded), expected)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_unconverted_peft_pissa_or_olora_folder_loads_with_the_same_outputs(tiny, tmp_path, init):
+    # PEFT saves these at rank r with init_lora_weights kept, to run on W − s·B₀A₀; splice read them as a kaiming
+    # LoRA on W and lost s·B₀A₀ (an output error of the output's own size).
+    fam = tiny["bert"]
+    model = peft.get_peft_model(fam.build(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                             init_lora_weights=init))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    model.save_pretrained(tmp_path / init)
+    assert json.loads((tmp_path / init / "adapter_config.json").read_text())["init_lora_weights"] == init
+    close(fam.output(splice.load_adapter(fam.build(), tmp_path / init)), fam.output(model))
+    cfg = json.loads((tmp_path / init / "adapter_config.json").read_text())
+    (tmp_path / init / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(SpliceError, match="saved without PEFT's conversion"):  # a randomised SVD: not rebuildable
+        splice.load_adapter(fam.build(), tmp_path / init)

@@ -106,9 +106,17 @@ class LoraConfig(AdapterConfig):
                 raise SpliceError(f"{key}={cfg[key]!r} is not supported by splice")
         # rank_pattern needs nothing: each module's rank is read from its tensors' shapes (for_module).
         init = cfg.get("init_lora_weights", True)
+        if isinstance(init, str) and (init.startswith("pissa_niter") or init in ("corda", "lora_ga")):
+            # PEFT saved it unconverted: it runs on a residual base (W − s·B₀A₀) that only its own start rebuilds.
+            raise SpliceError(f"init_lora_weights={init!r}: this folder was saved without PEFT's conversion to a plain "
+                              "LoRA, and its start cannot be rebuilt exactly here; save it from PEFT with "
+                              "path_initial_model_for_weight_conversion")
+        # An unconverted PiSSA / OLoRA folder runs on W − s·B₀A₀ with B₀A₀ from the base's own SVD / QR, which the
+        # start rebuilds exactly (a kaiming start would leave out s·B₀A₀); anything else starts at B = 0.
+        keep = ("gaussian", "pissa", "olora")
         return {**super().fields_from_peft(cfg), "r": int(cfg.get("r", 8)), "lora_alpha": cfg.get("lora_alpha", 8),
                 "lora_dropout": float(cfg.get("lora_dropout", 0.0)), "use_rslora": bool(cfg.get("use_rslora", False)),
-                "bias": cfg.get("bias", "none"), "init_lora_weights": init if init in ("gaussian",) else "kaiming"}
+                "bias": cfg.get("bias", "none"), "init_lora_weights": init if init in keep else "kaiming"}
 
     def to_peft(self, *, base: str | None, kinds: set[str], adapters: list[Any]) -> dict[str, Any]:
         from splice.io.peft_format import peft_config_dict
@@ -284,9 +292,11 @@ class LoraAdapter(nn.Module):
             h = F.conv2d(xd.to(A.dtype), A, None, base.stride, base.padding, base.dilation)
             out = F.conv2d(h, B) * self.scale
         else:
-            out = (xd.to(A.dtype) @ (A * self.scale).t()) @ B.t()  # scale the (r, in) factor, not the output
-            if self.pissa:
-                out = out - (x.to(A.dtype) @ self.pissa_A0.t()) @ self.pissa_B0.t() * self.scale
+            if self.pissa:  # one rounding order for both terms, so that the start is exactly 0 in bf16 too
+                out = ((xd.to(A.dtype) @ A.t()) @ B.t() - (x.to(A.dtype) @ self.pissa_A0.t()) @ self.pissa_B0.t()) \
+                    * self.scale
+            else:
+                out = (xd.to(A.dtype) @ (A * self.scale).t()) @ B.t()  # scale the (r, in) factor, not the output
         if self.lora_bias is not None:
             shape = (-1, 1, 1) if self.kind == "conv2d" else (-1,)
             out = out + self.lora_bias.view(shape)

@@ -35,7 +35,9 @@ def token_mask(batch: Any, use_labels: bool) -> Tensor | None:
     mask = batch.get("attention_mask")
     mask = mask.bool() if mask is not None else None
     labels = batch.get("labels")
-    if use_labels and labels is not None and labels.dim() == 2:
+    # Labels mark the positions of the same sequence only in a decoder-only batch: a seq2seq batch's labels are the
+    # decoder's (another length), which says nothing about the encoder inputs the mask covers.
+    if use_labels and labels is not None and labels.dim() == 2 and (mask is None or labels.shape == mask.shape):
         keep = labels != IGNORE_INDEX
         mask = keep if mask is None else mask & keep
     return mask

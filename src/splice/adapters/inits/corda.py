@@ -47,8 +47,10 @@ def input_covariances(model: nn.Module, modules: dict[str, nn.Module], batches: 
         samples = x if x.dim() == 3 else x.unsqueeze(0)
         acc = sums.setdefault(name, [0, 0.0])
         for i, sample in enumerate(samples):  # (tokens, in)
-            if mask is not None and x.dim() == 3:
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
                 sample = sample[mask[i]]
+            if sample.shape[0] == 0:  # a sample that is all padding has no input to count
+                continue
             sample = sample.float()
             sample = sample / sample.max().abs()
             if not torch.isfinite(sample).all():
@@ -57,7 +59,7 @@ def input_covariances(model: nn.Module, modules: dict[str, nn.Module], batches: 
             acc[0] += 1
             acc[1] = acc[1] + sample.t() @ sample
     collect(model, modules, batches, observe, forward)
-    missing = [n for n in modules if n not in sums]
+    missing = [n for n in modules if n not in sums or sums[n][0] == 0]
     if missing:
         raise SpliceError(f"corda: module {missing[0]!r} saw no calibration input")
     return {n: total / count for n, (count, total) in sums.items()}
@@ -67,6 +69,9 @@ def corda_start(weight: Tensor, covariance: Tensor, r: int, scaling: float, cord
                 ) -> tuple[Tensor, Tensor]:
     """(A₀ (r, in), B₀ (out, r)) from a layer's (out, in) weight and its input covariance (in, in)."""
     W, C = weight.float(), covariance.float()
+    if r > min(W.shape):
+        raise SpliceError(f"r: rank {r} is larger than the layer ({W.shape[1]} → {W.shape[0]}), which corda "
+                          "decomposes")
     eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     damp = 0.01
     while True:  # damp until the inverse is accurate (PEFT's rule and thresholds)

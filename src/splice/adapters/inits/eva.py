@@ -108,7 +108,11 @@ def eva_starts(model: nn.Module, targets: dict[str, tuple[nn.Module, Tensor]], r
         rank = ranks[name]
         A = c.vectors[:rank]
         if eva.whiten:
-            A = A / c.singular_values[:rank].sqrt()[:, None]
+            sigma = c.singular_values[:rank]
+            if bool((sigma <= 0).any()):  # a direction no calibration input varied along: whitening divides by 0
+                raise SpliceError(f"eva: module {name!r} gets {rank} components but its inputs vary along only "
+                                  f"{int((sigma > 0).sum())} directions; lower r or turn whiten off")
+            A = A / sigma.sqrt()[:, None]
         alpha = lora_alpha * rank / r if eva.adjust_scaling_factors else lora_alpha
         out[name] = (rank, alpha, A)
     return out

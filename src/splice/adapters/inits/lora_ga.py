@@ -6,7 +6,8 @@
 so that the first step of LoRA (which moves W by s(dB A₀ + B₀ dA) with dB ∝ G A₀ᵀ, dA ∝ B₀ᵀ G) follows the top
 singular directions of the full gradient. Other directions split the first 2r components differently (ArBr:
 A the odd ones, B the even ones; A2rBr: A the second r, B the first r; random). The scale γ: "stable"
-out^¼ / √stable_gamma (the paper's choice), "weight_svd" σ₁(W) / S_B[0], "gd_scale" A and B divided by s, "unit" 1.
+out^¼ / √stable_gamma on B only, B = U·S_B, as PEFT 0.21 does it (the paper and its authors' code scale both A
+and B by out^¼/√γ and take the bare singular vectors; splice keeps PEFT's start so that the two agree), "weight_svd" σ₁(W) / S_B[0], "gd_scale" A and B divided by s, "unit" 1.
 The layer starts at s B₀ A₀ ≠ 0, which it subtracts (see splice.adapters.inits), so the model starts as the base.
 
 As in PEFT the gradient is taken in train mode. splice's SVD is exact (PEFT uses torch.svd_lowrank with q = 4r,
