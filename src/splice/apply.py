@@ -118,7 +118,11 @@ def _lora_delta(folder: AdapterFolder, src: str, t: dict[str, Tensor], weight: s
                           "(DoRA on linear layers only)")
     W = base.get(weight).float()
     W = W.t() if kind == "conv1d" else W
-    dense = dora_update(W, A, B, t["lora_magnitude_vector"], scale)
+    magnitude = t["lora_magnitude_vector"]
+    if tuple(magnitude.shape) != (W.shape[0],):
+        raise SpliceError(f"{folder.path}: module {src!r}: lora_magnitude_vector has shape {tuple(magnitude.shape)}, "
+                          f"the layer has {W.shape[0]} outputs")
+    dense = dora_update(W, A, B, magnitude, scale)
     return Dense(dense.t() if kind == "conv1d" else dense)
 
 

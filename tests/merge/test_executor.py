@@ -144,6 +144,19 @@ def test_frankenmerge_slices_renumber_layers(family, weights, tmp_path):
     assert all(torch.equal(again[k], got[k]) for k in got)
 
 
+def test_t5_blocks_are_its_layers_and_a_frankenmerge_of_two_stacks_is_refused(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from splice.merge.plan import layer_of
+
+    assert layer_of("encoder.block.3.layer.1.DenseReluDense.wi.weight").group(1) == "3"  # the block, not sub-layer
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)) \
+        .save_pretrained(tmp_path / "t5")
+    config = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(tmp_path / "t5"),
+                                                                       "layer_range": [0, 1]}]}]}
+    fails(config, tmp_path / "out", "has 2 layer stacks \\(decoder, encoder\\); a frankenmerge")
+
+
 def test_frankenmerge_takes_gpt_neox_output_head_from_the_last_slice(weights, tmp_path):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -214,6 +227,15 @@ def test_a_tokenizer_source_of_another_vocabulary_is_refused(family, tmp_path):
     assert "pick a model with the same vocabulary" in text
     nothing_written(tmp_path, tmp_path / "out")
     assert merge(ta_config(fam, tokenizer_source=str(fam.fts[0])), tmp_path / "same", dry_run=True).num_tensors
+
+
+def test_fingerprints_accept_the_same_base_stored_in_bfloat16():
+    from splice.delta.deltaset import fingerprints_match, tensor_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g) * torch.logspace(-3, 2, 64)  # heavy-tailed: entries far above the RMS
+    assert fingerprints_match(tensor_fingerprint(w), tensor_fingerprint(w.bfloat16().float()))
+    assert not fingerprints_match(tensor_fingerprint(w), tensor_fingerprint(w + 0.05 * w.std()))
 
 
 def test_existing_output_needs_force(family, tmp_path):

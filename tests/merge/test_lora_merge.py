@@ -276,3 +276,21 @@ def test_peft_linear_is_not_the_weighted_sum(family, lora, tmp_path):
     assert len(rel["cat"]) == 6
     assert min(rel["linear"]) > 0.2, rel["linear"]
     assert max(rel["cat"]) < 1e-6 and max(rel["splice"]) < 1e-6
+
+
+def test_a_lora_input_in_a_slice_of_other_layers_than_the_base_merges_as_its_dense_model(family, lora, weights,
+                                                                                          tmp_path):
+    # Its own delta is the task vector only against the same layer of the base: paired with base layer k, layer
+    # 2+k's task vector is (W_{2+k} + Δ_{2+k}) − W_k, not Δ_{2+k} (a difference of up to 5 in q_proj before).
+    fam = family("llama", n=0, layers=4)
+    adapter = lora(fam.base, tmp_path / "lora", 0, r=4, alpha=8)
+    dense = densify(fam.base, adapter, tmp_path / "dense")
+
+    def config(second: str) -> dict:
+        return {"merge_method": "task_arithmetic", "base_model": str(fam.base), "slices": [{"sources": [
+            {"model": str(fam.base), "layer_range": [0, 2]},
+            {"model": second, "layer_range": [2, 4], "parameters": {"weight": 1.0}}]}]}
+    ours = weights(merge(config(f"{fam.base}+{adapter}"), tmp_path / "from-adapter", progress=False))
+    want = weights(merge(config(str(dense)), tmp_path / "from-dense", progress=False))
+    for name in want:
+        torch.testing.assert_close(ours[name], want[name], atol=1e-5, rtol=0, msg=name)

@@ -104,7 +104,10 @@ def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
         assert base is not None  # the config check refuses a delta method without base_model
         deltas = []
         for s in task.inputs:
-            exact = s.input.delta(s.name, task.base.input) if rounding is None else None
+            # The input's own delta is the task vector only against the same tensor of its base (a slice may pair
+            # layer 2+k of a LoRA input with layer k of the base: that difference includes W_{2+k} − W_k).
+            exact = (s.input.delta(s.name, task.base.input) if rounding is None and s.name == task.base.name
+                     else None)
             deltas.append(exact.to(work) if exact is not None else prepared(s).sub_(base))
         out = method.fn(base, deltas, ctx=ctx, **task.params, **task.model_params).to(work)
         del deltas

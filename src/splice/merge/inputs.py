@@ -30,7 +30,8 @@ from splice.io.peft_format import CONFIG_FILE, read_adapter_folder
 
 __all__ = ["MergeInput", "ModelFolder", "LoraInput", "InputSet", "local_folder", "check_finite"]
 
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken",
+                 "adapter_model.bin", "pytorch_model.bin"]  # older folders: read weights-only, as local ones are
 
 
 def local_folder(path: str, revision: str | None = None, where: str = "model") -> Path:

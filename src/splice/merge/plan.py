@@ -40,8 +40,9 @@ from splice.merge.methods.registry import MergeMethod, get_merge_method
 __all__ = ["MergePlan", "TensorTask", "Source", "build_plan", "layer_of"]
 
 # Block index in a tensor name: "model.layers.3.mlp..." (Llama), "transformer.h.3..." (GPT-2),
-# "encoder.layer.3..." (BERT), "blocks.3..." (ViT and others).
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+# "encoder.layer.3..." (BERT), "blocks.3..." (ViT and others), "encoder.block.3.layer.1..." (T5: the leftmost
+# match is the block, not its sub-layer).
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 # Non-layer tensors that sit before the blocks (from the first slice in a frankenmerge); the rest sit after them
 # (GPT-NeoX's output head `embed_out` among them).
 _PRE = re.compile(r"embed(?!_out)|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|tok_embeddings|"
@@ -306,6 +307,11 @@ class _Planner:
     def _tasks(self, groups: list[_Group], opened: list[list[MergeInput]],
                ref_input: MergeInput) -> tuple[list[TensorTask], list[int]]:
         pre, layers, post = _split_names(ref_input.keys())
+        stacks = sorted({n[:m.start()] for n in ref_input.keys() if (m := layer_of(n)) is not None})
+        if self.cfg.slices and len(stacks) > 1:  # one layer count for all of them would interleave the stacks
+            raise SpliceError(f"slices: {ref_input.where} has {len(stacks)} layer stacks ({', '.join(stacks)}); "
+                              "a frankenmerge of a model with several (an encoder-decoder, a vision tower) is not "
+                              "supported, as in mergekit; merge it with models:")
         for inp in dict.fromkeys(i for row in opened for i in row):
             n = len(_split_names(inp.keys())[1])
             if n != len(layers) and self.cfg.models:
