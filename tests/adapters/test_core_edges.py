@@ -108,3 +108,34 @@ def test_all_linear_leaves_out_an_output_head_that_an_earlier_adapter_wrapped():
     splice.adapt(model, splice.LoraConfig(r=2, target_modules="ALL-LINEAR"), "b")  # any case, as PEFT reads it
     assert "b" not in model.lm_head.adapters and "a" in model.lm_head.adapters
     assert "b" in model.transformer.h[0].attn.c_attn.adapters
+
+
+def test_a_nested_mixed_batch_gives_the_outer_groups_back_and_merging_inside_is_refused():
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(8, 8))
+    for name in ("a", "b"):
+        splice.adapt(model, splice.LoraConfig(r=2, target_modules=["proj"]), name)
+        perturb(model, 0.5, (name,))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        with splice.mixed_batch(model, ["a", "b"]):
+            want = model(x)
+            with splice.mixed_batch(model, ["b"]):
+                model(x[:1])
+            torch.testing.assert_close(model(x), want)  # the outer rows, not the active adapter on every row
+            with pytest.raises(SpliceError, match="cannot merge adapter 'a' inside a mixed_batch block"):
+                splice.merge_adapter(model, "a")
+
+
+def test_modules_to_save_on_a_decoder_layer_gets_its_call_arguments():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    x = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    splice.adapt(model, splice.LoraConfig(r=2, target_modules=["lm_head"], modules_to_save=["layers.0"]))
+    with torch.no_grad():  # the layer's position embeddings reach the copy (a TypeError before)
+        torch.testing.assert_close(model(input_ids=x).logits, want, atol=1e-5, rtol=0)

@@ -270,3 +270,31 @@ def test_trainer_trains_only_the_prompt(tiny, tmp_path):
     """transformers.Trainer on the user's own model class: labels are extended through the hook like the inputs."""
     model = splice.adapt(tiny["llama"].build(), make_config("prompt_tuning", num_virtual_tokens=3))
     assert list(train_with_hf_trainer(model, tmp_path)) == ["splice_prompts.encoders.default.embedding.weight"]
+
+
+def test_prompt_tuning_leaves_classifier_labels_alone_and_a_bad_name_is_one_line(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=2))
+    splice.adapt(model, make_config("prompt_tuning", num_virtual_tokens=3))
+    out = model(input_ids=torch.randint(3, 40, (2, 6)), labels=torch.tensor([0, 1]))  # (rows,): a crash before
+    assert out.logits.shape == (2, 2) and torch.isfinite(out.loss)
+    splice.save_adapter(model, tmp_path / "p")
+    with pytest.raises(splice.SpliceError, match="adapter name 'a.b': use letters"):
+        splice.load_adapter(model, tmp_path / "p", "a.b")
+
+
+def test_p_tuning_saves_its_tokens_without_encoder_dropout(tiny, tmp_path):
+    model = tiny["bert"].build()
+    splice.adapt(model, make_config("p_tuning", num_virtual_tokens=3, encoder_reparameterization_type="LSTM",
+                                    encoder_dropout=0.5))
+    model.train()  # right after training: the LSTM encoder's dropout is on
+    splice.save_adapter(model, tmp_path / "p")
+    model.eval()
+    loaded = splice.load_adapter(tiny["bert"].build().eval(), tmp_path / "p")
+    x = torch.randint(3, 40, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).last_hidden_state, model(input_ids=x).last_hidden_state,
+                                   atol=1e-5, rtol=0)

@@ -207,3 +207,15 @@ def test_other_architectures_batch_exactly(tiny, tmp_path, family):
     with Engine(model, AdapterPool(model, tmp_path), max_batch=4) as engine:
         got = engine.generate([p for _, p in jobs], [a for a, _ in jobs], SamplingParams(max_tokens=6))
     assert got == want
+
+
+def test_the_pool_refuses_a_prompt_adapter_in_one_line(served, tmp_path):
+    # Loaded, it became the model's active adapter and every mixed batch (base and LoRA rows too) was refused.
+    base, _ = served
+    model = splice.adapt(LlamaForCausalLM.from_pretrained(base).eval(),
+                         splice.adapters.make_config("prompt_tuning", num_virtual_tokens=2))
+    splice.save_adapter(model, tmp_path / "p")
+    pool = AdapterPool(LlamaForCausalLM.from_pretrained(base).eval(), tmp_path)
+    with pytest.raises(AdapterLoadError, match="'p' is a prompt adapter"):
+        pool.acquire("p")
+    assert pool.resident() == {}

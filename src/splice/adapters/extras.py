@@ -20,6 +20,8 @@ class FullCopy(nn.Module):
         for p in self.module.parameters():
             p.requires_grad_(True)
 
+    takes_module_args = True  # the wrapped module's extra call arguments go to fused_forward
+
     def fused_forward(self, x: Tensor, base: nn.Module, *args, **kwargs) -> Tensor:
         return self.module(x, *args, **kwargs)
 

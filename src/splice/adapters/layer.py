@@ -78,10 +78,15 @@ class AdapterLayer(nn.Module):
         if self.row_groups is not None:
             return self._forward_mixed(x, *args, **kwargs)
         running = [n for n in self.active if n not in self.merged and n in self.adapters]
-        if len(running) == 1 and not args and not kwargs:
-            fused = getattr(self.adapters[running[0]], "fused_forward", None)
-            if fused is not None:
+        if len(running) == 1:
+            adapter = self.adapters[running[0]]
+            fused = getattr(adapter, "fused_forward", None)
+            if fused is not None and not args and not kwargs:
                 return fused(x, self.base)
+            # A module called with more than its input (a decoder layer's position embeddings): a full copy
+            # (modules_to_save) runs the module itself with all of it.
+            if fused is not None and getattr(adapter, "takes_module_args", False):
+                return fused(x, self.base, *args, **kwargs)
         base_out = self.base(x, *args, **kwargs)
         out = base_out
         for name in running:  # each adapter sees the base output (not the running sum), as the docstring says

@@ -169,13 +169,14 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterato
     device = next(model.parameters()).device
     index = [(n, slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1
               else torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items()]
+    outer = [(layer.row_groups, layer.row_count) for layer in layers]  # a block inside another gives them back
     for layer in layers:
         layer.row_groups, layer.row_count = index, len(row_adapters)
     try:
         yield
     finally:
-        for layer in layers:
-            layer.row_groups = None
+        for layer, (groups_before, count_before) in zip(layers, outer):
+            layer.row_groups, layer.row_count = groups_before, count_before
 
 
 def merge_adapter(model: nn.Module, name: str) -> None:
@@ -184,6 +185,8 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     refuse_prompt(model, name, configs(model)[name])
     refuse_without_delta(model, name, "merged")
     _refuse_tied(model, name)
+    if any(layer.row_groups is not None for _, layer in adapter_layers(model)):  # it would reach every row
+        raise SpliceError(f"cannot merge adapter {name!r} inside a mixed_batch block; merge before or after it")
     for _, layer in adapter_layers(model):
         layer.merge(name)
 

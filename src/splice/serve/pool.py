@@ -26,6 +26,7 @@ from torch import nn
 from splice.adapters.inject import adapter_layers
 from splice.adapters.model import configs, delete_adapter
 from splice.adapters.persist import load_adapter
+from splice.adapters.prompts.persist import is_prompt_folder
 from splice.errors import SpliceError, closest
 from splice.io.peft_format import CONFIG_FILE
 
@@ -179,6 +180,9 @@ class AdapterPool:
     # -- internals -----------------------------------------------------------------------------------------------
     def _load(self, name: str) -> _Entry:
         path = self.path_of(name)
+        if is_prompt_folder(path):  # its virtual tokens would reach every row: the engine batches weight adapters
+            raise AdapterLoadError(f"adapter {name!r} is a prompt adapter (virtual tokens), which splice serve "
+                                   "cannot batch with other requests; serve weight adapters (LoRA and the like)")
         if name in configs(self.model):
             raise AdapterLoadError(f"adapter {name!r} is already on the model but not in the pool")
         try:

@@ -134,8 +134,11 @@ class PromptAdapters(nn.Module):
             embeds = model.get_input_embeddings()(ids)
         kwargs["input_ids"] = None
         kwargs["inputs_embeds"] = torch.cat([tokens.to(embeds.dtype).unsqueeze(0).expand(rows, -1, -1), embeds], 1)
-        if kwargs.get("labels") is not None:
-            labels = kwargs["labels"]
+        labels = kwargs.get("labels")
+        # Token labels of this very sequence only: a classifier's (rows,) labels and an encoder-decoder's decoder
+        # labels do not run over the input tokens, and the virtual ones add nothing to them.
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == embeds.shape[1] and \
+                not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             kwargs["labels"] = torch.cat([labels.new_full((rows, n), IGNORE_INDEX), labels], 1)
         if kwargs.get("token_type_ids") is not None:
             kwargs["token_type_ids"] = torch.cat([kwargs["token_type_ids"].new_zeros(rows, n),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -79,7 +80,13 @@ def save_prompt(model: nn.Module, path: str | Path, name: str, config: PromptCon
 
     box = container(model)
     dims = box.dims[name]
-    tokens = box.virtual_tokens(name).detach().float().cpu().contiguous().clone()
+    was_training = box.training
+    box.eval()  # the saved tokens are the encoder's output without dropout (P-tuning's LSTM/MLP encoder)
+    try:
+        with torch.no_grad():
+            tokens = box.virtual_tokens(name).detach().float().cpu().contiguous().clone()
+    finally:
+        box.train(was_training)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_cfg = {
         "peft_type": config.peft_type, "task_type": _task_type(model), "base_model_name_or_path": base,
@@ -125,9 +132,10 @@ def load_prompt(model: nn.Module, path: str | Path, name: str, *, is_trainable: 
 
     from splice.adapters.model import configs, set_adapter
 
+    from splice.adapters.model import check_new_name
+
     path = Path(path)
-    if name in configs(model):
-        raise SpliceError(f"adapter {name!r} already exists on this model; pick another name")
+    check_new_name(model, name)
     cfg = read_json(path / CONFIG_FILE)
     config = read_prompt_config(cfg, path / CONFIG_FILE)
     if int(cfg.get("num_transformer_submodules") or 1) != 1:
