@@ -77,3 +77,20 @@ def test_rank_allocation_matches_peft_step_for_step(tiny, tmp_path):
     in_peft = peft.PeftModel.from_pretrained(fam.build(), tmp_path / "ours").eval()
     close(fam.output(in_peft), fam.output(ours))
     assert sum(d.rank for d in splice.get_delta(ours, "default").values()) == 12  # the delta drops pruned triplets
+
+
+def test_adalora_with_nothing_to_prune_trains_and_its_folder_loads(tiny, tmp_path):
+    # target_r == init_r gave kthvalue(k=0), a RuntimeError; an adapter saved before training wrote total_step 1,
+    # which neither splice nor PEFT would load (tinit + tfinal do not fit).
+    from splice.train.loop import TrainConfig, train_loop
+
+    fam = tiny["bert"]
+    model = splice.adapt(fam.build(), splice.adapters.make_config("adalora", init_r=4, target_r=4, tinit=1, tfinal=1,
+                                                                  target_modules=["query"]))
+    splice.save_adapter(model, tmp_path / "untrained")
+    splice.load_adapter(fam.build(), tmp_path / "untrained")
+    batch = fam.batch()
+    config = splice.adapters.model.configs(model)["default"]
+    train_loop(splice.trainable_parameters(model), lambda e: [batch] * 4, lambda b: fam.run(model, b).pow(2).mean(),
+               TrainConfig(epochs=1, lr=1e-3), 4, modules=[model], hooks=[config.training_hook(model, "default", 4)],
+               progress=False)

@@ -165,6 +165,7 @@ def test_dylora_rank_sampler_draws_one_seeded_uniform_rank_per_step(tiny):
 
     config = configs(model)["default"]
     seq = draws(config, 600)
+    assert {a.train_rank for a in dylora} == {None}  # after the last step: back to the full rank, not a stale b
     assert set(seq) == {2, 3, 4} and all(0.25 < seq.count(b) / len(seq) < 0.42 for b in (2, 3, 4))
     assert draws(config, 600) == seq  # seeded
     assert draws(DyLoraConfig(r=4, r_min=2, seed=4, target_modules=TARGETS["bert"]), 50) != seq[:50]

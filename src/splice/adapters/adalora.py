@@ -96,7 +96,9 @@ class AdaLoraConfig(AdapterConfig):
                 "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT, "beta1": self.beta1,
                 "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
                 # PEFT refuses a config without total_step, even to load one for inference
-                "total_step": self.total_step or 1, "rank_pattern": self.rank_pattern,
+                # and one whose schedule (tinit + tfinal) does not fit in it: never fewer steps than that.
+                "total_step": max(self.total_step or 0, self.tinit + self.tfinal + 1),
+                "rank_pattern": self.rank_pattern,
                 "fan_in_fan_out": "conv1d" in kinds, "bias": "none", "init_lora_weights": True}
 
     def training_hook(self, model: nn.Module, adapter_name: str, total_steps: int) -> "RankAllocator":
@@ -201,6 +203,11 @@ class RankAllocator:
         # A triplet's importance: its λ's score + the mean score of its row of Q and of its column of P.
         scores = {path: self.importance.triplet_scores(a.lora_A, a.lora_E, a.lora_B)
                   for path, a in self.adapters.items()}
+        if budget >= self.init_budget:  # nothing to prune (target_r = init_r, or a reloaded, pruned adapter)
+            for a in self.adapters.values():
+                a.rank_mask.fill_(True)
+            self._apply_mask()
+            return
         threshold = torch.kthvalue(torch.cat(list(scores.values())), k=self.init_budget - budget)[0].item()
         for path, a in self.adapters.items():
             a.rank_mask.copy_(scores[path] > threshold)

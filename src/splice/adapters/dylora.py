@@ -91,7 +91,7 @@ class DyLoraConfig(AdapterConfig):
 
     def training_hook(self, model: nn.Module, adapter_name: str, total_steps: int) -> "RankSampler":
         """What the training loop runs for this method: one rank draw per step for the whole adapter."""
-        return RankSampler(model, adapter_name, self)
+        return RankSampler(model, adapter_name, self, total_steps)
 
 
 @register("dylora", config=DyLoraConfig, reference="https://arxiv.org/abs/2210.07558")
@@ -185,7 +185,8 @@ def _dylora_layers(model: nn.Module, adapter_name: str) -> list[tuple[Any, DyLor
 class RankSampler:
     """DyLoRA's rank draw (the training hook): one b ~ U{r_min … r} for every module of one adapter, per step."""
 
-    def __init__(self, model: nn.Module, adapter_name: str, config: DyLoraConfig):
+    def __init__(self, model: nn.Module, adapter_name: str, config: DyLoraConfig, total_steps: int | None = None):
+        self.total_steps = total_steps
         self.adapters = [a for _, a in _dylora_layers(model, adapter_name)]
         if not self.adapters:
             raise SpliceError(f"adapter {adapter_name!r} has no DyLoRA module")
@@ -200,7 +201,12 @@ class RankSampler:
             a.train_rank = self.rank
 
     def after_step(self, step: int) -> None:
-        """Draw the rank of the next step (the loop calls this after the optimizer step)."""
+        """Draw the rank of the next step (the loop calls this after the optimizer step); after the last one, the
+        adapter goes back to its full rank r for any later forward."""
+        if self.total_steps is not None and step >= self.total_steps:
+            for a in self.adapters:
+                a.train_rank = None
+            return
         self._draw()
 
 
