@@ -45,8 +45,14 @@ def test_every_registered_merge_method_ran_and_mergekit_agrees_where_exact(smoke
     results, _, _ = smoke
     merges = results["merges"]["lora"]
     assert set(merges) == set(merge_method_names())
+    # Refusals the report shows, each for its one reason: methods of one or two models (the benchmark merges
+    # several), and fisher, whose calibration texts reach encoder folders without a task head to give a loss.
+    refused = {"slerp": "takes exactly", "nearswap": "takes exactly", "nuslerp": "takes exactly",
+               "passthrough": "takes exactly", "fisher": "no loss for the Fisher"}
     for name, cells in merges.items():
         assert cells["splice"] is not None, name
+        error = cells["splice"].get("error")
+        assert error is None or (name in refused and refused[name] in error), f"{name}: {error}"
     for name in ("task_arithmetic", "ties", "linear", "breadcrumbs_ties", "model_stock"):
         ours = merges[name]["splice"]
         assert "error" not in ours, f"{name}: {ours.get('error')}"

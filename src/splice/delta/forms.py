@@ -146,6 +146,13 @@ class LowRank:
         _check_weight(self, weight)
         if not weight.is_contiguous():  # view() needs contiguous memory; rare enough to pay for the dense path
             return weight.add_(self.materialize().to(weight.device), alpha=scale)
+        if weight.dtype not in (torch.float32, torch.float64):
+            # A half-precision weight: the product and the sum in float32, rounded once (bfloat16 factors and a
+            # bfloat16 product would round three times).
+            merged = weight.float()
+            merged.view(self.shape[0], -1).addmm_(self.B.to(weight.device, torch.float32),
+                                                  self.A.to(weight.device, torch.float32), alpha=scale * self.scale)
+            return weight.copy_(merged)
         B = self.B.to(device=weight.device, dtype=weight.dtype)
         A = self.A.to(device=weight.device, dtype=weight.dtype)
         weight.view(self.shape[0], -1).addmm_(B, A, alpha=scale * self.scale)
