@@ -414,6 +414,9 @@ def test_parallel_workers_write_the_same_bytes(family, tmp_path, monkeypatch, me
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6)
         else:
             assert torch.equal(a[key], b[key]), key
+    # The worker count alone (the same block settings) changes not one byte, whatever the method.
+    again = load_file(merge(config, tmp_path / "many-1", progress=False, seed=3, workers=1) / "model.safetensors")
+    assert all(torch.equal(again[key], b[key]) for key in b)
 
 
 def test_parallel_workers_restore_torch_threads(family, weights, tmp_path):

@@ -219,3 +219,16 @@ def test_the_pool_refuses_a_prompt_adapter_in_one_line(served, tmp_path):
     with pytest.raises(AdapterLoadError, match="'p' is a prompt adapter"):
         pool.acquire("p")
     assert pool.resident() == {}
+
+
+def test_sampling_follows_its_parameters(served, references):
+    # A server that always decoded greedily passed the seed test alone.
+    base, adapters = served
+    ids = [TOK(PROMPTS[0]).input_ids]
+    with engine_for(base, adapters) as engine:
+        runs = {s: engine.generate(ids, ["alpha"], SamplingParams(max_tokens=8, temperature=2.0, seed=s))[0]
+                for s in range(6)}
+        nucleus = engine.generate(ids, ["alpha"], SamplingParams(max_tokens=8, temperature=2.0, top_p=1e-6, seed=1,
+                                                                 stop_token_ids=(2,)))
+    assert len({tuple(v) for v in runs.values()}) > 1  # other seeds, other tokens at a high temperature
+    assert nucleus == [references[("alpha", PROMPTS[0])]]  # top_p that keeps one token is greedy
