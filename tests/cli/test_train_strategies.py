@@ -76,7 +76,8 @@ def test_strategies_lists_every_strategy_with_its_options(capsys):
     (["--method", "full", "--strategy", "lisa", "--strategy-option", "layer=1"], "unknown config key 'layer'"),
     (["--method", "full", "--strategy", "galore", "--strategy-option", "rank=0"], "galore rank: must be a positive"),
     (["--method", "full", "--r", "4"], "--method full trains every weight; adapter options do not apply: --r"),
-    (["--method", "full", "--strategy", "relora"], "relora: needs a trained LoRA adapter"),
+    (["--method", "full", "--strategy", "relora"], "--strategy relora merges and restarts a LoRA adapter; it needs "
+                                                   "--method lora, not full"),
     (["--strategy-option", "rank=2"], "strategy_options: given without a strategy"),
 ])
 def test_strategy_errors_are_one_line(capsys, tmp_path, bert_dir, sentiment_csv, args, expect):

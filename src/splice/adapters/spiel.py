@@ -155,19 +155,10 @@ class SpielAdapter(SparseEntries):
 
 def reset_slots(optimizer: torch.optim.Optimizer, param: Tensor, slots: Tensor, init: dict[str, Tensor]) -> None:
     """Give `slots` of `param` fresh optimizer state: `init[name]` for the state tensors named there (AdamW's
-    moments, as estimates of the moments themselves), 0 for every other state tensor of the parameter's shape.
-
-    AdamW divides its moments by (1 − βᵗ) with the parameter's shared step t; the seeds are multiplied by it first
-    (as SpIEL's reference code does), or a moved slot's first steps would be βᵗ-corrected twice: 0.16–0.43× the
-    learning rate at the step counts of a first index update."""
-    state_of = optimizer.state.get(param, {})
-    step = state_of.get("step")
-    t = float(step) if step is not None else 0.0
-    betas = next((g.get("betas") for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
-    correction = {"exp_avg": 1 - betas[0] ** t, "exp_avg_sq": 1 - betas[1] ** t} if betas and t > 0 else {}
-    for name, state in state_of.items():
+    moments), 0 for every other state tensor of the parameter's shape."""
+    for name, state in optimizer.state.get(param, {}).items():
         if isinstance(state, Tensor) and state.shape == param.shape:
-            state[slots] = (init[name] * correction.get(name, 1.0)).to(state.dtype) if name in init else 0
+            state[slots] = init[name].to(state.dtype) if name in init else 0
 
 
 class SpielTrainer:
