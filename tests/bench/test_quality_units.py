@@ -254,7 +254,10 @@ def test_a_method_run_on_the_first_task_only_is_judged_against_the_probe_there()
     assert "y (splice): 65.0 on a does NOT beat the frozen probe there (70.0)" in text
     r["data"] = {"a": {"test": 1000}}  # a 0.5-point gap is under two standard errors (2.9 points) there
     r["adapt"]["x"] = row("x", 0.705, None)
-    assert "x (splice): 70.5 on a is within noise of the frozen probe there (70.0)" in "\n".join(_verdicts(r))
+    text = "\n".join(_verdicts(r))
+    assert "x (splice): 70.5 on a is within noise of the frozen probe there (70.0)" in text
+    # the note quotes the threshold the verdict used: 2·sqrt(0.7·0.3/1000) = 2.9 points
+    assert "probe at 70.0, twice the standard error is 2.9 points" in text
 
 
 def test_cells_computed_on_other_data_are_refused(tmp_path):

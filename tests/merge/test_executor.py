@@ -195,6 +195,22 @@ def test_a_result_too_large_for_float16_is_refused_not_written_as_inf(family, tm
     nothing_written(tmp_path, tmp_path / "out")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_method_result_is_checked_once_and_its_fault_named(dtype):
+    from splice.errors import SpliceError
+    from splice.merge.executor import _finished
+
+    ok = torch.randn(4, 8)
+    assert torch.equal(_finished(ok, dtype, "ties", "w"), ok.to(dtype))
+    nan = ok.clone()
+    nan[1, 2] = math.nan  # the method's own NaN is named as such, whatever the output dtype
+    with pytest.raises(SpliceError, match="merge method 'ties': tensor 'w' holds NaN values"):
+        _finished(nan, dtype, "ties", "w")
+    if dtype == torch.float16:
+        with pytest.raises(SpliceError, match="has values up to 1e\\+05, beyond float16"):
+            _finished(ok * 0 + 1e5, dtype, "ties", "w")
+
 def test_a_dry_run_checks_parameter_values_and_passes_every_method_with_sane_ones(family, tmp_path):
     from splice.bench.merging import config as method_config, settings
     from splice.merge.methods.registry import get_merge_method, merge_method_names

@@ -192,13 +192,14 @@ def _verdicts(r: dict[str, Any]) -> list[str]:
     probe = _mean(probe_accs)
     majority = r["baselines"]["majority"]
     first, first_probe = tasks[0], probe_accs[0]
+    n = r["data"][first]["test"] if first in r.get("data", {}) else None
+    # Two standard errors of an accuracy at the probe's own level on the first task's test set.
+    noise = 2 * (first_probe * (1 - first_probe) / n) ** 0.5 if n and first_probe is not None else 0.0
     out, partial = [], []
     for key, row in r["adapt"].items():
         accs = arm_accuracies(row, tasks)
         mean = _mean(accs)
         if key != PROBE and mean is None and accs[0] is not None and first_probe is not None:
-            n = r["data"][first]["test"] if first in r.get("data", {}) else None
-            noise = 2 * (first_probe * (1 - first_probe) / n) ** 0.5 if n else 0.0
             word = ("is within noise of" if abs(accs[0] - first_probe) < noise else
                     "beats" if accs[0] > first_probe else "does NOT beat")
             partial.append(f"- {row['label']} ({row['impl']}): {_pct(accs[0])} on {first} {word} the frozen probe "
@@ -211,12 +212,10 @@ def _verdicts(r: dict[str, Any]) -> list[str]:
         if under:
             out.append(f"  - at or below the majority baseline on: {', '.join(under)}")
     if partial:
-        n = r["data"][first]["test"] if first in r.get("data", {}) else None
-        noise = (f" With {n:,} test examples the standard error of an accuracy near 75% is "
-                 f"{100 * (0.75 * 0.25 / n) ** 0.5:.1f} points; a difference under twice the standard error at the "
-                 "probe's accuracy is called within noise." if n else "")
+        note = (f" With {n:,} test examples and the probe at {_pct(first_probe)}, twice the standard error is "
+                f"{100 * noise:.1f} points; a difference under that is called within noise." if noise else "")
         out += [f"- Methods not yet run on every task, against the frozen probe on the first task ({first}, the "
-                f"quickstart's task).{noise}", *("  " + line for line in partial)]
+                f"quickstart's task).{note}", *("  " + line for line in partial)]
     return out
 
 

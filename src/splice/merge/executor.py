@@ -117,8 +117,7 @@ def merge_tensor(plan: MergePlan, task: TensorTask, *, seed: int = 0,
     if tuple(out.shape) != tuple(task.shape):
         raise SpliceError(f"merge method {method.name!r} returned shape {tuple(out.shape)} for tensor {task.name!r}, "
                           f"expected {tuple(task.shape)}")
-    check_finite(out, f"merge method {method.name!r}", task.name)
-    return _narrowed(out, dtype, method.name, task.name)
+    return _finished(out, dtype, method.name, task.name)
 
 
 def check_parameters(plan: MergePlan) -> None:
@@ -154,10 +153,15 @@ def check_parameters(plan: MergePlan) -> None:
             pass
 
 
-def _narrowed(t: Tensor, dtype: torch.dtype, method: str, name: str) -> Tensor:
-    """`t` in `dtype`, refusing values that a narrower dtype turns into inf (float16 ends at 65504)."""
+def _finished(t: Tensor, dtype: torch.dtype, method: str, name: str) -> Tensor:
+    """`t` in `dtype`, refusing NaN/inf from the method and values a narrower dtype turns into inf (float16 ends at
+    65504)."""
     out = t.to(dtype)
-    if out.dtype != t.dtype and out.is_floating_point() and not math.isfinite(out.sum(dtype=torch.float32).item()):
+    if out.dtype == t.dtype or not out.is_floating_point():
+        return check_finite(t, f"merge method {method!r}", name) if out.dtype == t.dtype else out
+    # One reduction over the cast result catches both; only a failure looks at `t` again to say which it was.
+    if not math.isfinite(out.sum(dtype=torch.float32).item()) and not bool(torch.isfinite(out).all()):
+        check_finite(t, f"merge method {method!r}", name)
         raise SpliceError(f"merge method {method!r}: tensor {name!r} has values up to {t.abs().max().item():.4g}, "
                           f"beyond {str(dtype).removeprefix('torch.')}; lower the weights or pick a wider out_dtype")
     return out
@@ -183,8 +187,7 @@ def _merge_blocks(plan: MergePlan, task: TensorTask, raw: dict[Source, Tensor], 
         if tuple(block.shape) != tuple(out[rows].shape):
             raise SpliceError(f"merge method {method.name!r} returned a block of shape {tuple(block.shape)} for "
                               f"rows {rows.start}:{rows.stop} of tensor {task.name!r}, expected {tuple(out[rows].shape)}")
-        check_finite(block, f"merge method {method.name!r}", task.name)
-        out[rows] = _narrowed(block, dtype, method.name, task.name)
+        out[rows] = _finished(block, dtype, method.name, task.name)
     return out
 
 
