@@ -46,13 +46,17 @@ def test_every_registered_merge_method_ran_and_mergekit_agrees_where_exact(smoke
     merges = results["merges"]["lora"]
     assert set(merges) == set(merge_method_names())
     # Refusals the report shows, each for its one reason: methods of one or two models (the benchmark merges
-    # several), and fisher, whose calibration texts reach encoder folders without a task head to give a loss.
+    # several). The data-aware ones run: fisher on each task's Fisher through its frozen head, regmean on Grams.
     refused = {"slerp": "takes exactly", "nearswap": "takes exactly", "nuslerp": "takes exactly",
-               "passthrough": "takes exactly", "fisher": "no loss for the Fisher"}
+               "passthrough": "takes exactly"}
     for name, cells in merges.items():
         assert cells["splice"] is not None, name
         error = cells["splice"].get("error")
         assert error is None or (name in refused and refused[name] in error), f"{name}: {error}"
+    for name in ("fisher", "regmean"):  # splice only (mergekit has neither)
+        ours = merges[name]["splice"]
+        assert "error" not in ours, f"{name}: {ours.get('error')}"
+        assert 0.5 < ours["normalized"] < 1.5, name
     for name in ("task_arithmetic", "ties", "linear", "breadcrumbs_ties", "model_stock"):
         ours = merges[name]["splice"]
         assert "error" not in ours, f"{name}: {ours.get('error')}"

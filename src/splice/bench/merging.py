@@ -68,9 +68,12 @@ def config(method: str, base: Path, models: list[Path], setting: dict[str, Any])
     return cfg
 
 
-def splice_merged(cfg: dict[str, Any], base: nn.Module, calibration: list[str], seed: int = 0,
+def splice_merged(cfg: dict[str, Any], base: nn.Module, calibration: Any, seed: int = 0,
                   progress: bool = False) -> nn.Module:
-    """A copy of `base` holding the merge `cfg` describes, computed tensor by tensor in memory."""
+    """A copy of `base` holding the merge `cfg` describes, computed tensor by tensor in memory.
+
+    `calibration` (for the data-aware methods): texts each input is calibrated on, or a ready `Calibration`.
+    """
     from splice.merge.config import load_config
     from splice.merge.executor import merge_tensor
     from splice.merge.plan import build_plan

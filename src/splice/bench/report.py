@@ -329,7 +329,11 @@ def write_report(r: dict[str, Any], out: Path, profile: Profile, command: str) -
                   "the grid point with the best mean normalized validation accuracy (one-point grids skip the search); "
                   "mergekit runs that same setting on the same model folders. mergekit 0.1.5 cannot plan a BERT as "
                   "it ships (a list + tuple TypeError on the pooler's aliases in mergekit/plan.py), so the benchmark "
-                  "hands it the aliases as a list while it runs; its merge math is untouched.", ""] + _merge_table(r, kind)
+                  "hands it the aliases as a list while it runs; its merge math is untouched. The data-aware "
+                  f"methods see {profile.calibration_per_task} validation texts per task: RegMean the Grams of every "
+                  "task's texts through each fine-tune; Fisher each fine-tune's diagonal Fisher on its own task's "
+                  "texts through that task's frozen head, one unit per example, with labels drawn from the model's "
+                  "prediction (no gold label read).", ""] + _merge_table(r, kind)
         lines += [""] + _merge_verdicts(r, kind, profile.lambdas)
     missing = _missing(r)
     lines += ["", "## Not run", ""] + (missing or ["- nothing: every cell finished"])
