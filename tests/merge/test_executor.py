@@ -185,6 +185,27 @@ def test_random_methods_are_reproducible_from_the_seed(family, tmp_path):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
+
+def test_buffers_an_older_base_checkpoint_saved_are_left_out_not_refused(family, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    fam = family("llama", n=2, layers=2)
+    file = fam.base / "model.safetensors"
+    tensors = load_file(file)  # as transformers < 4.31 saved a Llama: RoPE frequencies and positions in the file
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(4)
+    tensors["model.position_ids"] = torch.arange(16)[None]
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    out = merge(ta_config(fam), tmp_path / "out", progress=False)
+    got = load_file(out / "model.safetensors")
+    assert not any(k.endswith(("inv_freq", "position_ids")) for k in got)
+    assert set(got) == set(load_file(fam.fts[0] / "model.safetensors"))
+    assert "note: 2 buffer(s) that some inputs lack are not written" in capsys.readouterr().err
+    AutoModelForCausalLM.from_pretrained(out)  # loads as any checkpoint without them
+    ft = load_file(fam.fts[0] / "model.safetensors")
+    del ft["model.layers.0.self_attn.k_proj.weight"]  # a weight the base has is still refused
+    save_file(ft, str(fam.fts[0] / "model.safetensors"), metadata={"format": "pt"})
+    fails(ta_config(fam), tmp_path / "out2", "tensor 'model.layers.0.self_attn.k_proj.weight' is missing")
+
 # ----------------------------------------------------------------------------------------------- bad inputs
 def test_a_result_too_large_for_float16_is_refused_not_written_as_inf(family, tmp_path):
     fam = family("llama", n=1, layers=2)

@@ -241,11 +241,21 @@ def _check_vocabulary(folder: Path, output_config: dict[str, Any]) -> None:
                           "(mergekit's tokenizer surgery), so pick a model with the same vocabulary")
 
 
+# Buffers, not weights: derived from the config (positions, RoPE frequencies, masks), so an input that lacks one
+# loses nothing, and a merge that leaves it out loads the same.
+_BUFFERS = {"position_ids", "inv_freq", "masked_bias", "token_type_ids"}
+
+
+def _present(inp: MergeInput, name: str) -> bool:
+    return name in inp or any(a in inp for a in _TIED.get(name, ()))
+
+
 class _Planner:
     def __init__(self, cfg: MergeConfig, method: MergeMethod, inputs: InputSet) -> None:
         self.cfg, self.method, self.inputs = cfg, method, inputs
         self.notes = list(cfg.notes())
         self.with_base = base_as_input(method)
+        self.dropped: list[str] = []
 
     def plan(self) -> MergePlan:
         cfg = self.cfg
@@ -316,7 +326,7 @@ class _Planner:
             n = len(_split_names(inp.keys())[1])
             if n != len(layers) and self.cfg.models:
                 raise SpliceError(f"{inp.where}: has {n} layers, {ref_input.where} has {len(layers)}")
-        tasks: list[TensorTask] = []
+        tasks: list[TensorTask | None] = []
         layer_map: list[int] = []
         total = (len(layers) if self.cfg.models else
                  sum((r[1] - r[0]) for g in groups for r in g.ranges[:1]))  # type: ignore[index]
@@ -346,14 +356,22 @@ class _Planner:
         for name in post:
             tasks.append(self._task(groups[last], opened[last], ref_input, name, [name] * len(opened[last]),
                                     None, total, 0.0))
+        if self.dropped:
+            self.notes.append(f"{len(self.dropped)} buffer(s) that some inputs lack are not written (transformers "
+                              f"rebuilds them on load), e.g. {self.dropped[0]!r}")
+        tasks = [t for t in tasks if t is not None]
         extra = sorted({n for row in opened for i in row for n in i.keys()} - set(ref_input.keys()))
         if extra and self.cfg.models:
             self.notes.append(f"{len(extra)} tensor(s) that {ref_input.where} lacks are not merged, e.g. {extra[0]!r}")
-        return tasks, layer_map
+        return tasks, layer_map  # type: ignore[return-value]  # the Nones are gone
 
     def _task(self, g: _Group, row: list[MergeInput], ref: MergeInput, out_name: str, src_names: list[str],
-              layer: int | None, total: int, t: float, ref_name: str | None = None) -> TensorTask:
+              layer: int | None, total: int, t: float, ref_name: str | None = None) -> TensorTask | None:
         ref_name = ref_name or out_name
+        if ref_name.rsplit(".", 1)[-1] in _BUFFERS and any(not _present(inp, n) for inp, n in zip(row, src_names)):
+            # Older checkpoints saved these; newer ones do not, and mergekit leaves them out too.
+            self.dropped.append(out_name)
+            return None
         sources = [self._source(inp, name, ref, ref_name) for inp, name in zip(row, src_names)]
         base_pos = g.refs.index(g.base) if g.base is not None and g.base in g.refs else None
         base = sources[base_pos] if base_pos is not None else None
