@@ -1,6 +1,7 @@
 """`splice train / apply / inspect` end to end on tiny models, and their one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -196,6 +197,9 @@ def test_every_method_trains_then_applies(capsys, tmp_path, bert_dir, sentiment_
     small = {k: v for k, v in {"r": 2, "n_frequency": 16, "reduction_factor": 4}.items() if k in fields}
     if "oft_block_size" in fields:  # OFT's r is derived from its block size (32 does not divide 16)
         small = {"oft_block_size": 4}
+    own = {f.name: f.default for f in dataclasses.fields(splice.adapters.get_method(method).config)}
+    if own.get("init_weights") is False:  # FourierFT draws its start from N(0, 1), as PEFT: start it at ΔW = 0
+        small["init_weights"] = True
     config = tmp_path / "small.yaml"
     config.write_text(f"adapter: {json.dumps(small)}\n")
     code, stdout, err = cli(capsys, "train", bert_dir, sentiment_csv, "--out", out, "--method", method, "-c", config,
@@ -206,8 +210,13 @@ def test_every_method_trains_then_applies(capsys, tmp_path, bert_dir, sentiment_
     with torch.no_grad():
         base = AutoModel.from_pretrained(bert_dir).eval()(input_ids=x).last_hidden_state
         adapted = splice.load_adapter(AutoModel.from_pretrained(bert_dir).eval(), out)(input_ids=x).last_hidden_state
-    # Three steps moved the adapter off the identity it starts at (AdaLoRA's λ starts at 0 and its update stays
-    # ~1e-5 after three steps at this learning rate, so any threshold would be arbitrary).
+    # Every method starts at the identity (checked here on an untrained adapter of the same config), so a trained
+    # output that differs from the base's means the three steps moved it (AdaLoRA's λ starts at 0 and its update
+    # stays ~1e-5 after three steps at this learning rate, so any threshold would be arbitrary).
+    fresh = splice.adapt(AutoModel.from_pretrained(bert_dir).eval(), splice.adapters.registry.make_config(
+        method, **small))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=x).last_hidden_state, base, atol=1e-5, rtol=1e-5)
     assert (adapted - base).abs().max() > 0
     code, stdout, _ = cli(capsys, "inspect", out, "--json")
     info = json.loads(stdout)
