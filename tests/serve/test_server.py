@@ -230,3 +230,31 @@ def test_a_small_adapter_memory_evicts_and_waits_but_loses_nothing(served, refer
         info = httpx.get(url + "/admin/adapters").json()
     assert got == [text_of(references[job]) for job in jobs]
     assert info["evictions"] >= 1 and info["bytes"] <= budget and len(info["resident"]) <= 2
+
+
+def test_a_request_waits_for_adapter_memory_held_by_others_then_gets_503(served, references):
+    from splice.io.models import load_model
+    from splice.serve import AdapterPool, Engine, create_app
+
+    base, adapters = served
+    model, tokenizer = load_model(str(base), "causal-lm")
+    probe = AdapterPool(load_model(str(base), "causal-lm")[0], adapters)
+    for name in ("alpha", "beta"):
+        probe.load(name)
+    sizes = probe.resident()
+    pool = AdapterPool(model, adapters, max_bytes=sum(sizes.values()) - 1)  # one at a time
+    app = create_app(Engine(model, pool, "causal-lm", max_batch=8), tokenizer, model_name="tiny",
+                     limits=ServeLimits(max_tokens=32, adapter_wait_s=1.0))
+    with ServerThread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        pool.acquire("alpha")  # as a long request would: alpha stays resident and cannot be evicted
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as info:
+            complete(client, "beta", PROMPTS[0])
+        waited = time.monotonic() - t0
+        assert info.value.status_code == 503 and "does not fit" in info.value.message
+        assert waited >= 1.0  # it waited for room (adapter_wait_s) before giving up
+        # Room made while a request waits is taken: the request succeeds, late, instead of failing.
+        threading.Timer(0.3, pool.release, ["alpha"]).start()
+        assert complete(client, "beta", PROMPTS[0]) == text_of(references[("beta", PROMPTS[0])])
+        assert "alpha" not in httpx.get(url + "/admin/adapters").json()["resident"]  # evicted for beta

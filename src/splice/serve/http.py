@@ -213,9 +213,10 @@ class _Api:
             try:
                 return await run_in_threadpool(self.pool.acquire, adapter)
             except PoolFull as exc:
-                if not exc.retry or time.monotonic() + pause > deadline:
+                left = deadline - time.monotonic()
+                if not exc.retry or left <= 0:
                     raise
-            await asyncio.sleep(pause)
+            await asyncio.sleep(min(pause, left))  # the last try falls on the deadline, not up to a pause before it
             pause = min(2 * pause, 0.5)
 
     async def models(self) -> dict:
