@@ -19,7 +19,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import splice
@@ -327,3 +327,25 @@ def test_an_unconverted_peft_pissa_or_olora_folder_loads_with_the_same_outputs(t
     (tmp_path / init / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa_niter_4"}))
     with pytest.raises(SpliceError, match="saved without PEFT's conversion"):  # a randomised SVD: not rebuildable
         splice.load_adapter(fam.build(), tmp_path / init)
+
+
+def test_boft_on_a_cpu_only_peft_uses_one_butterfly_factor_and_splice_reads_what_it_used(tiny, tmp_path,
+                                                                                        monkeypatch):
+    """The README's claim: where PEFT's CUDA extension cannot be built it quietly uses one butterfly factor, and
+    a folder it saves still says two; splice reads the factor count from the tensors and gives PEFT's outputs. A
+    splice folder with two factors does not load into such a PEFT (shapes differ): an error, not wrong outputs."""
+    import peft.tuners.boft.layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: None)  # a CPU-only machine: no extension
+    row = next(r for r in ROWS if r.id == "boft-bert-butterfly-2")
+    fam = tiny[row.model]
+    reference = peft_model(tiny, row)
+    reference.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["boft_n_butterfly_factor"] == 2
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert {t.shape[0] for k, t in saved.items() if "boft_R" in k} == {1}  # (factors, blocks, b, b)
+    ours = splice.load_adapter(fam.build(), tmp_path / "peft")
+    close(fam.output(ours), fam.output(reference))
+    splice.save_adapter(splice_model(tiny, row), tmp_path / "splice")  # two factors, in plain torch
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft.PeftModel.from_pretrained(fam.build(), tmp_path / "splice")
