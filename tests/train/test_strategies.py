@@ -123,6 +123,38 @@ def test_galore_update_lies_in_the_gradient_subspace_and_the_projection_refreshe
     assert torch.equal(projectors[2], projectors[3]) and not torch.equal(projectors[3], projectors[4])
 
 
+
+@pytest.mark.parametrize("shape", [(24, 16), (10, 30)])  # tall: right singular vectors; wide: left ones
+def test_galore_follows_the_papers_algorithm_with_the_gradients_top_singular_subspace(shape):
+    """Algorithm 2 of the paper written out plainly: at every refresh the projector spans the top-r singular
+    subspace of that step's gradient (checked as a subspace, signs being arbitrary), Adam runs on the projected
+    gradient with its moments carried across refreshes, and the step is −η α (projected back) − η λ W."""
+    torch.manual_seed(0)
+    rank, gap, lr, alpha, wd, eps, (b1, b2) = 3, 2, 0.05, 0.5, 0.1, 1e-8, (0.9, 0.999)
+    w = nn.Parameter(torch.randn(*shape, dtype=torch.float64))
+    ref = w.detach().clone()
+    opt = GaLoreAdamW([{"params": [w], "rank": rank, "update_proj_gap": gap, "scale": alpha}], lr=lr,
+                      weight_decay=wd, eps=eps)
+    tall = shape[0] >= shape[1]
+    m = v = None
+    for t in range(1, 6):
+        g = torch.randn(*shape, dtype=torch.float64)
+        w.grad = g.clone()
+        opt.step()
+        if (t - 1) % gap == 0:
+            U, _, Vh = torch.linalg.svd(g, full_matrices=False)
+            basis = Vh[:rank].t() if tall else U[:, :rank]
+            got = opt.state[w]["projector"]
+            # the SVD runs in float32 whatever the weight's dtype: the subspace agrees to float32 precision
+            torch.testing.assert_close(got @ got.t(), basis @ basis.t(), atol=1e-5, rtol=0)
+            proj = got.clone()  # its basis (signs included) is what the moments are kept in
+        r = g @ proj if tall else proj.t() @ g
+        m = (1 - b1) * r if m is None else b1 * m + (1 - b1) * r
+        v = (1 - b2) * r * r if v is None else b2 * v + (1 - b2) * r * r
+        n = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+        ref = ref * (1 - lr * wd) - lr * alpha * (n @ proj.t() if tall else proj @ n)
+        torch.testing.assert_close(w.detach(), ref, atol=1e-10, rtol=0)
+
 def test_galore_unprojected_parameters_step_exactly_like_torch_adamw():
     torch.manual_seed(0)
     a = [nn.Parameter(torch.randn(5, 7)), nn.Parameter(torch.randn(7))]
