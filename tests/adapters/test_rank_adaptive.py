@@ -398,3 +398,29 @@ def test_truncate_and_set_rank_refuse_other_methods_and_bad_ranks(tiny):
     splice.merge_adapter(model, "default")
     with pytest.raises(splice.SpliceError, match="merged"):
         set_dylora_rank(model, 2)
+
+
+@pytest.mark.parametrize("method", ["adalora", "increlora"])
+def test_a_config_reused_for_a_second_run_takes_that_runs_schedule(tiny, method):
+    """total_step (and IncreLoRA's derived deltaT/tinit) are written into the config for the saved folder; a second
+    run with the same config object derives them from its own length instead of keeping the first run's, while a
+    value the user set is kept."""
+    fam = tiny["bert"]
+    fields = dict(target_modules=["query", "value"], **({"init_r": 4, "target_r": 2, "tfinal": 2}
+                                                           if method == "adalora" else {"r": 2}))
+    config = make_config(method, **fields)
+    for steps in (40, 400):
+        model = splice.adapt(fam.build(), config)
+        configs(model)["default"].training_hook(model, "default", steps)
+        assert configs(model)["default"].total_step == steps
+    if method == "increlora":
+        derived = dict(config.__dict__)
+        fresh = make_config(method, **fields)
+        model = splice.adapt(fam.build(), fresh)
+        configs(model)["default"].training_hook(model, "default", 400)
+        assert (derived["deltaT"], derived["tinit"]) == (fresh.deltaT, fresh.tinit)  # as a config used once
+    fixed = make_config(method, **fields, total_step=50)
+    for steps in (40, 400):
+        model = splice.adapt(fam.build(), fixed)
+        configs(model)["default"].training_hook(model, "default", steps)
+        assert configs(model)["default"].total_step == 50

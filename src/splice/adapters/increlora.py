@@ -99,6 +99,8 @@ class IncreLoraConfig(AdapterConfig):
     total_step: int | None = doc("Training steps (None: those of the run, set by `splice train`).", default=None)
     rank_pattern: dict[str, int] | None = doc("Each module's rank (filled in by training).", default=None)
 
+    # Fields a run filled in (total_step, deltaT, tinit): recorded for the saved folder, re-derived by the next run.
+    _from_run: ClassVar[frozenset[str]] = frozenset()
     params_formula: ClassVar[str] = ("max_r·(in + out + 1) allocated (max_r = 2r by default), rank·(in + out + 1) "
                                      "in use: r·(in + out + 1) per module on average once grown")
 
@@ -142,8 +144,9 @@ class IncreLoraConfig(AdapterConfig):
 
     def training_hook(self, model: nn.Module, adapter_name: str, total_steps: int) -> "RankGrower":
         """What the training loop runs for this method: the regulariser, and the growth after each step."""
-        if self.total_step is None:
-            self.total_step = total_steps
+        if self.total_step is None or "total_step" in self._from_run:
+            # Recorded for the saved folder; a later run reusing this config object takes its own (as AdaLoRA).
+            self.total_step, self._from_run = total_steps, set(self._from_run) | {"total_step"}
         return RankGrower(model, adapter_name, self)
 
 
@@ -275,12 +278,17 @@ class RankGrower:
         n = len(self.adapters)
         self.budget = config.r * n
         self.top_h = config.top_h or math.ceil(n / 8)
-        if config.deltaT is None:  # growth ends GROWTH_END into the run: tinit (= deltaT) + one deltaT per round
+        derived = set(config._from_run)
+        if config.deltaT is None or "deltaT" in derived:
+            # growth ends GROWTH_END into the run: tinit (= deltaT) + one deltaT per round
             per_round = self.top_h * config.step_size
             rounds = max(1, math.ceil((self.budget - self.total) / per_round))
             config.deltaT = max(1, int(GROWTH_END * (config.total_step or 1)) // (rounds + 1))
-        if config.tinit is None:
+            derived.add("deltaT")
+        if config.tinit is None or "tinit" in derived:
             config.tinit = config.deltaT
+            derived.add("tinit")
+        config._from_run = derived  # recorded values a later run re-derives instead of keeping
         self.importance = Sensitivity(config.beta1, config.beta2)
         self.done = self.total >= self.budget
         self._record()
