@@ -157,6 +157,29 @@ def test_t5_blocks_are_its_layers_and_a_frankenmerge_of_two_stacks_is_refused(tm
     fails(config, tmp_path / "out", "has 2 layer stacks \\(decoder, encoder\\); a frankenmerge")
 
 
+
+def test_gradient_parameters_run_along_each_layer_stack_on_its_own_depth(tmp_path):
+    # A 2-layer encoder beside a 4-layer decoder: a gradient [1, 0] ends at the last block of each stack, as
+    # mergekit plans each module on its own; one index space for both would stop the encoder at t = 1/3.
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                            num_decoder_layers=4, num_heads=2)).save_pretrained(tmp_path / f"m{seed}")
+        paths.append(tmp_path / f"m{seed}")
+    config = {"merge_method": "linear", "models": [{"model": str(paths[0]), "parameters": {"weight": [1.0, 0.0]}},
+                                                   {"model": str(paths[1]), "parameters": {"weight": [0.0, 1.0]}}]}
+    got = load_file(merge(config, tmp_path / "out", progress=False) / "model.safetensors")
+    a, b = (load_file(p / "model.safetensors") for p in paths)
+    name = "encoder.block.{}.layer.0.SelfAttention.q.weight"
+    torch.testing.assert_close(got[name.format(0)], a[name.format(0)])  # t = 0: the first model alone
+    torch.testing.assert_close(got[name.format(1)], b[name.format(1)])  # t = 1 at the encoder's last block
+    dec = "decoder.block.{}.layer.0.SelfAttention.q.weight"
+    torch.testing.assert_close(got[dec.format(3)], b[dec.format(3)])
+    torch.testing.assert_close(got[dec.format(1)], (2 * a[dec.format(1)] + b[dec.format(1)]) / 3)  # t = 1/3
+
 def test_frankenmerge_takes_gpt_neox_output_head_from_the_last_slice(weights, tmp_path):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 

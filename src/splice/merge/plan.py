@@ -326,6 +326,8 @@ class _Planner:
             n = len(_split_names(inp.keys())[1])
             if n != len(layers) and self.cfg.models:
                 raise SpliceError(f"{inp.where}: has {n} layers, {ref_input.where} has {len(layers)}")
+        depth = {st: len({int(m.group(1)) for n in ref_input.keys() if (m := layer_of(n)) is not None
+                          and n[:m.start()] == st}) for st in stacks}
         tasks: list[TensorTask | None] = []
         layer_map: list[int] = []
         total = (len(layers) if self.cfg.models else
@@ -349,7 +351,11 @@ class _Planner:
                 for ref_name, m in names:
                     out_name = _renumber(ref_name, m, out_layer)
                     src_names = [_renumber(ref_name, m, (r or (0, 0))[0] + k) for r in g.ranges]
-                    tasks.append(self._task(g, row, ref, out_name, src_names, out_layer, total, t,
+                    n, t_here = total, t
+                    if len(stacks) > 1:  # models: only; each stack (encoder, decoder, vision tower) on its own depth
+                        n = depth[ref_name[:m.start()]]
+                        t_here = src_layer / (n - 1) if n > 1 else 1.0
+                    tasks.append(self._task(g, row, ref, out_name, src_names, out_layer, n, t_here,
                                             ref_name=ref_name))
                 layer_map.append(src_layer)
                 out_layer += 1
