@@ -157,8 +157,10 @@ def _finished(t: Tensor, dtype: torch.dtype, method: str, name: str) -> Tensor:
     """`t` in `dtype`, refusing NaN/inf from the method and values a narrower dtype turns into inf (float16 ends at
     65504)."""
     out = t.to(dtype)
-    if out.dtype == t.dtype or not out.is_floating_point():
-        return check_finite(t, f"merge method {method!r}", name) if out.dtype == t.dtype else out
+    if out.dtype == t.dtype:
+        return check_finite(out, f"merge method {method!r}", name)
+    if not out.is_floating_point():
+        return out
     # One reduction over the cast result catches both; only a failure looks at `t` again to say which it was.
     if not math.isfinite(out.sum(dtype=torch.float32).item()) and not bool(torch.isfinite(out).all()):
         check_finite(t, f"merge method {method!r}", name)
