@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from splice.errors import SpliceError
-from splice.merge.calibration import Calibration, calibrate, compute_fisher, compute_gram
+from splice.merge.calibration import Calibration, calibrate, compute_fisher, compute_gram, sampled_label_loss
 from splice.merge.methods.darex import darex_drop, darex_q
 from splice.merge.methods.lines import lines_scale
 from splice.merge.methods.pcb import pcb_weights
@@ -399,6 +399,27 @@ def test_compute_fisher_equals_mean_squared_gradients_by_hand():
     assert all(p.grad is None for p in net.parameters())
     with pytest.raises(SpliceError, match="no calibration batches"):
         compute_fisher(net, [], loss_fn)
+
+
+def test_sampled_label_loss_draws_labels_from_the_prediction_for_tensor_or_hf_outputs():
+    net = nn.Linear(3, 4)
+    x = torch.randn(6, 3, generator=g(1))
+
+    class WithLogits(nn.Module):  # an HF-style output object
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return type("Out", (), {"logits": self.net(x)})()
+
+    plain, wrapped = sampled_label_loss(7)(net, x), sampled_label_loss(7)(WithLogits(), x)
+    logits = net(x)
+    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(plain, nn.functional.cross_entropy(logits, y.squeeze(-1)))
+    torch.testing.assert_close(wrapped, plain)  # same seed, same draw, either output form
+    one = sampled_label_loss(7)
+    assert not torch.equal(torch.stack([one(net, x) for _ in range(5)]), plain.expand(5))  # one generator, fresh draws
 
 
 def test_compute_fisher_uses_the_model_loss(tiny):

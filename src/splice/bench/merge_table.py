@@ -67,42 +67,31 @@ def run_merges(ctx: Any) -> None:
                 merge_cell(ctx, kind, method, folders, individual)
 
 
-def _calibration(ctx: Any) -> list[str]:
-    n = ctx.profile.calibration_per_task
-    return [text for t in ctx.tasks for text in t.val.texts[:n]]
-
-
 def task_statistics(ctx: Any, folders: list, kinds: set[str]) -> Any:
-    """Each fine-tune's calibration statistics on its own task, through that task's frozen head: the Fisher of
-    Matena & Raffel (one unit per example, labels drawn from the model's own prediction, so no gold label is
-    read), over the same validation texts of that task that RegMean's Grams see.
+    """Each fine-tune's calibration statistics on its own task's validation texts, through that task's frozen
+    head: the Fisher of Matena & Raffel (one unit per example, labels drawn from the model's own prediction, so no
+    gold label is read) and RegMean's Grams (each model's own data, as Jin et al. compute them).
 
-    `splice merge` takes a Fisher from a model's own loss; these fine-tunes are bare encoders whose heads live
-    beside the cells, so the benchmark computes it here and hands the merge a ready `Calibration`.
+    `splice merge` takes a Fisher from a model's own loss and Grams from one shared text list; these fine-tunes are
+    bare encoders whose heads live beside the cells, each with its own task, so the benchmark computes both here
+    and hands the merge a ready `Calibration`.
     """
-    import torch
-    import torch.nn.functional as F
-
     from splice.bench.cells import classifier
     from splice.io.models import load_model
-    from splice.merge.calibration import Calibration, compute_fisher, compute_gram
+    from splice.merge.calibration import Calibration, compute_fisher, compute_gram, sampled_label_loss
     from splice.train.data import ClassificationCollator, batches
 
     collate = ClassificationCollator(ctx.tokenizer, ctx.profile.max_length)
-    gen = torch.Generator().manual_seed(ctx.profile.seed)
-
-    def sampled_label_loss(model: Any, batch: dict[str, Any]) -> Any:
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        y = torch.multinomial(torch.softmax(logits.detach().float(), -1), 1, generator=gen).squeeze(-1)
-        return F.cross_entropy(logits.float(), y)
-
+    loss = sampled_label_loss(ctx.profile.seed)
     per_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in sorted(kinds)}
     for folder, task in zip(folders, ctx.tasks):
         encoder, _ = load_model(str(folder), "encoder")
         model = classifier(encoder, task, ctx.head(task.name))
-        chosen = [collate(b) for b in batches(list(task.val)[:ctx.profile.calibration_per_task], 8)]
-        stats = {"fisher": lambda: compute_fisher(model, chosen, sampled_label_loss, per_example=True),
-                 "gram": lambda: compute_gram(model, [{k: v for k, v in b.items() if k != "labels"} for b in chosen])}
+        examples = list(task.val)[:ctx.profile.calibration_per_task]
+        # Labels stay out: the Fisher draws its own and the Grams need none.
+        chosen = [{k: v for k, v in collate(b).items() if k != "labels"} for b in batches(examples, 8)]
+        stats = {"fisher": lambda: compute_fisher(model, chosen, loss, per_example=True),
+                 "gram": lambda: compute_gram(model, chosen)}
         for k in per_kind:
             # The head is frozen and holds no merged tensor; the encoder's names lose the wrapper's prefix.
             per_kind[k].append({n.removeprefix("encoder."): t for n, t in stats[k]().items()
@@ -121,19 +110,18 @@ def merge_cell(ctx: Any, kind: str, name: str, folders: list, individual: dict[s
 
     p = ctx.profile
     heads = {t.name: ctx.head(t.name) for t in ctx.tasks}
-    grid = settings(get_merge_method(name), p.lambdas, p.densities)
-    texts = _calibration(ctx)
-    fisher = "fisher" in get_merge_method(name).needs
+    method = get_merge_method(name)
+    grid = settings(method, p.lambdas, p.densities)
     statistics: dict[str, Any] = {}  # computed on first use: a cached cell needs none
     kept: dict[int, Any] = {}  # the best merged encoder of this run's grid, kept to score it on test
 
     def merged(setting: dict[str, Any]) -> Any:
-        calibration: Any = texts
-        if fisher:
+        calibration = None
+        if method.needs:
             from splice.merge.calibration import Calibration
 
             if not statistics:
-                statistics["cal"] = task_statistics(ctx, folders, get_merge_method(name).needs)
+                statistics["cal"] = task_statistics(ctx, folders, set(method.needs))
             calibration = Calibration(data=dict(statistics["cal"].data))  # the merge closes (empties) its copy
         return splice_merged(config(name, ctx.base_dir, folders, setting), ctx.base, calibration, seed=p.seed,
                              progress=ctx.progress)

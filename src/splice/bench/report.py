@@ -330,10 +330,10 @@ def write_report(r: dict[str, Any], out: Path, profile: Profile, command: str) -
                   "mergekit runs that same setting on the same model folders. mergekit 0.1.5 cannot plan a BERT as "
                   "it ships (a list + tuple TypeError on the pooler's aliases in mergekit/plan.py), so the benchmark "
                   "hands it the aliases as a list while it runs; its merge math is untouched. The data-aware "
-                  f"methods see {profile.calibration_per_task} validation texts per task: RegMean the Grams of every "
-                  "task's texts through each fine-tune; Fisher each fine-tune's diagonal Fisher on its own task's "
-                  "texts through that task's frozen head, one unit per example, with labels drawn from the model's "
-                  "prediction (no gold label read).", ""] + _merge_table(r, kind)
+                  f"methods see {profile.calibration_per_task} validation texts of each fine-tune's own task, "
+                  "through that task's frozen head: RegMean the Grams of each linear layer's inputs (each model's "
+                  "own data, as the paper computes them); Fisher the diagonal Fisher, one unit per example, with "
+                  "labels drawn from the model's prediction (no gold label read).", ""] + _merge_table(r, kind)
         lines += [""] + _merge_verdicts(r, kind, profile.lambdas)
     missing = _missing(r)
     lines += ["", "## Not run", ""] + (missing or ["- nothing: every cell finished"])

@@ -456,13 +456,15 @@ class _TextCollator:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def _sampled_label_loss(seed: int) -> Callable[[nn.Module, Batch], Tensor]:
+def sampled_label_loss(seed: int) -> Callable[[nn.Module, Batch], Tensor]:
     """Cross-entropy against labels drawn from the model's own prediction: the Fisher of the paper (an
-    expectation over the model's p(y|x)), for classifiers calibrated on unlabelled texts."""
+    expectation over the model's p(y|x)), for classifiers calibrated on unlabelled texts. The model returns logits,
+    as a tensor or as an output with ``.logits``; one generator serves every call, so draws follow call order."""
     gen = torch.Generator().manual_seed(seed)
 
     def loss(model: nn.Module, batch: Batch) -> Tensor:
-        logits = _forward(model, batch).logits
+        out = _forward(model, batch)
+        logits = out if isinstance(out, Tensor) else out.logits
         y = torch.multinomial(torch.softmax(logits.detach().float().cpu(), -1), 1, generator=gen).squeeze(-1)
         return nn.functional.cross_entropy(logits.float(), y.to(logits.device))
     return loss
@@ -514,7 +516,7 @@ def calibrate_model(model: nn.Module, tokenizer: Any, items: Sequence[Any], kind
             raise SpliceError(f"{where}: a model without a task head has no loss for the Fisher; pass loss_fn or "
                               f"calibrate only 'gram'")
         if loss_fn is None and arch == "sequence-classification" and not labelled:
-            loss_fn = _sampled_label_loss(seed)
+            loss_fn = sampled_label_loss(seed)
         out["fisher"] = compute_fisher(model, chosen, loss_fn, per_example=per_example)
     return out
 
