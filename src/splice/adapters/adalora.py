@@ -56,7 +56,8 @@ class AdaLoraConfig(AdapterConfig):
         default=None)
 
     peft_type: ClassVar[str | None] = "ADALORA"
-    _run_total_step: ClassVar[bool] = False  # set on an instance whose total_step came from a run, not the user
+    # Fields a run filled in (total_step): recorded for the saved folder, re-derived by the next run (as IncreLoRA).
+    _from_run: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,10 +105,10 @@ class AdaLoraConfig(AdapterConfig):
 
     def training_hook(self, model: nn.Module, adapter_name: str, total_steps: int) -> "RankAllocator":
         """What the training loop runs for this method: the regulariser and the rank allocation after each step."""
-        if self.total_step is None or self._run_total_step:
+        if self.total_step is None or "total_step" in self._from_run:
             # Recorded on the config (a saved folder needs it, PEFT refuses one without), and taken afresh from the
             # next run that reuses this config object rather than kept from this one.
-            self.total_step, self._run_total_step = total_steps, True
+            self.total_step, self._from_run = total_steps, set(self._from_run) | {"total_step"}
             self.__post_init__()  # tinit/tfinal against the steps now known
         return RankAllocator(model, adapter_name, self)
 

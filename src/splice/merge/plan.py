@@ -317,7 +317,11 @@ class _Planner:
     def _tasks(self, groups: list[_Group], opened: list[list[MergeInput]],
                ref_input: MergeInput) -> tuple[list[TensorTask], list[int]]:
         pre, layers, post = _split_names(ref_input.keys())
-        stacks = sorted({n[:m.start()] for n in ref_input.keys() if (m := layer_of(n)) is not None})
+        layer_ids: dict[str, set[int]] = {}  # each layer stack (encoder, decoder, vision tower) → its layer numbers
+        for n in ref_input.keys():
+            if (m := layer_of(n)) is not None:
+                layer_ids.setdefault(n[:m.start()], set()).add(int(m.group(1)))
+        stacks = sorted(layer_ids)
         if self.cfg.slices and len(stacks) > 1:  # one layer count for all of them would interleave the stacks
             raise SpliceError(f"slices: {ref_input.where} has {len(stacks)} layer stacks ({', '.join(stacks)}); "
                               "a frankenmerge of a model with several (an encoder-decoder, a vision tower) is not "
@@ -326,8 +330,6 @@ class _Planner:
             n = len(_split_names(inp.keys())[1])
             if n != len(layers) and self.cfg.models:
                 raise SpliceError(f"{inp.where}: has {n} layers, {ref_input.where} has {len(layers)}")
-        depth = {st: len({int(m.group(1)) for n in ref_input.keys() if (m := layer_of(n)) is not None
-                          and n[:m.start()] == st}) for st in stacks}
         tasks: list[TensorTask | None] = []
         layer_map: list[int] = []
         total = (len(layers) if self.cfg.models else
@@ -353,7 +355,7 @@ class _Planner:
                     src_names = [_renumber(ref_name, m, (r or (0, 0))[0] + k) for r in g.ranges]
                     n, t_here = total, t
                     if len(stacks) > 1:  # models: only; each stack (encoder, decoder, vision tower) on its own depth
-                        n = depth[ref_name[:m.start()]]
+                        n = len(layer_ids[ref_name[:m.start()]])
                         t_here = src_layer / (n - 1) if n > 1 else 1.0
                     tasks.append(self._task(g, row, ref, out_name, src_names, out_layer, n, t_here,
                                             ref_name=ref_name))
