@@ -107,8 +107,10 @@ def train_loop(
         steps_per_epoch: batches per epoch, for the schedule and the progress bar.
         modules: modules put in train mode during the loop and back in eval mode after it.
         hooks: what a method adds to training (AdaLoRA's rank allocator): each may have `loss()`, a term added to
-            the loss, `after_step(step)`, run after the optimizer step (1-based) while the gradients are there, and
-            `bind_optimizer(optimizer)`, called once with the optimizer before the first step.
+            the loss, `after_step(step)`, run after the optimizer step (1-based) while the gradients are there,
+            `make_optimizer(params, lr, weight_decay)`, the run's optimizer when no strategy brings one (SpIEL's
+            per-element-age AdamW), and `bind_optimizer(optimizer)`, called once with the optimizer before the
+            first step.
 
     `config.strategy` (GaLore, LISA, HFT, ReLoRA) is built here over `params` and `modules` and called at its hooks:
     see `splice.train.optim.registry.TrainStrategy`.
@@ -120,6 +122,11 @@ def train_loop(
     warmup = int(config.warmup_ratio * total)
     strategy = _strategy(config, params, modules, total)
     opt = strategy.optimizer(params, config.lr, config.weight_decay) if strategy else None
+    makers = [h.make_optimizer for h in hooks if hasattr(h, "make_optimizer")]
+    if opt is None and len(makers) > 1:
+        raise SpliceError(f"{len(makers)} training hooks each bring their own optimizer; train one such method at "
+                          "a time")
+    opt = opt or (makers[0](params, config.lr, config.weight_decay) if makers else None)
     opt = opt or torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     for hook in hooks:  # a method that moves optimizer state (SpIEL's index updates) needs the optimizer
         if hasattr(hook, "bind_optimizer"):
