@@ -24,6 +24,7 @@ from splice.adapters.inject import adapter_layers
 from splice.adapters.lora import LoraAdapter, LoraConfig, module_dims
 from splice.adapters.model import configs
 from splice.train.loop import TrainConfig, train_loop
+from splice.train.optim import ElementAgeAdamW
 
 TARGETS = {"bert": ["query", "value", "intermediate.dense"], "gpt2": ["c_attn", "c_fc"]}
 
@@ -319,6 +320,48 @@ def test_increlora_grows_on_schedule_to_the_budget_and_never_beyond(tiny, advanc
     assert all(a.reserve == 0 for a in increlora.values())
     assert sum(config.rank_pattern.values()) == budget
     assert len({a.rank for a in increlora.values()}) > 1  # the ranks were allocated, not spread evenly
+
+
+@pytest.mark.parametrize("advance", [True, False], ids=["advance-learning", "no-advance"])
+def test_increlora_grown_components_start_their_adam_state_afresh(tiny, advance):
+    """As the authors add a grown component's new tensors to the optimizer: its λ (and, entering the forward, its
+    P and Q) restart at age 0 while every other entry keeps counting the run's steps."""
+    fam = tiny["bert"]
+    config = IncreLoraConfig(r=4, init_r=1, rank_step=2, top_h=2, tinit=2, deltaT=2, lora_alpha=8,
+                             advance_learning=advance, target_modules=TARGETS["bert"])
+    model = splice.adapt(fam.build(), config)
+    increlora = adapters_of(model, IncreLoraAdapter)
+    hook = config.training_hook(model, "default", 20)
+    opt = hook.make_optimizer(splice.trainable_parameters(model), 1e-2, 0.0)
+    hook.bind_optimizer(opt)
+    assert isinstance(opt, ElementAgeAdamW)
+    restarted = {id(t): torch.zeros(t.shape) for a in increlora.values() for t in (a.lora_A, a.lora_E, a.lora_B)}
+    growths = 0
+    for step in range(1, 21):
+        (weighted_loss(fam, model, step) + hook.loss()).backward()
+        opt.step()
+        before = {p: (a.rank, a.in_use) for p, a in increlora.items()}
+        hook.after_step(step)
+        opt.zero_grad(set_to_none=True)
+        for p, a in increlora.items():
+            rank0, used0 = before[p]
+            ages = {"A": opt.state[a.lora_A]["age"], "E": opt.state[a.lora_E]["age"],
+                    "B": opt.state[a.lora_B]["age"].t()}  # B's components are its columns
+            fresh = {name: (age == 0).all(dim=-1).nonzero().flatten().tolist() for name, age in ages.items()}
+            if a.rank == rank0:
+                assert fresh == {"A": [], "E": [], "B": []}, (step, p)
+                continue
+            growths += 1
+            assert fresh["E"] == list(range(rank0, a.rank)), (step, p)
+            entered = (list(range(used0, used0 + min(2, a.capacity - a.rank))) if advance
+                       else list(range(rank0, a.rank)))
+            assert fresh["A"] == fresh["B"] == entered, (step, p)
+            for t in (a.lora_A, a.lora_E, a.lora_B):  # the others count on from their own start
+                age = opt.state[t]["age"]
+                expected = step - restarted[id(t)]
+                assert torch.equal(age[age != 0], expected[age != 0])
+                restarted[id(t)] = torch.where(age == 0, float(step), restarted[id(t)])
+    assert growths > 0 and hook.done
 
 
 def test_increlora_trains_inside_the_training_loop_then_saves_and_merges(tiny, tmp_path):

@@ -56,7 +56,7 @@ def test_a_restarted_entry_steps_as_one_that_saw_those_gradients_from_the_start(
         second.step()
     with torch.no_grad():
         late.copy_(early)
-    second.restart(late, torch.tensor([0, 1]), c, c * c, steps=4)
+    second.restart(late, torch.tensor([0, 1]), 4, c, c * c)
     torch.testing.assert_close(second.state[late]["age"], torch.full((2,), 4.0))
     torch.testing.assert_close(second.state[late]["exp_avg"], first.state[early]["exp_avg"])
     torch.testing.assert_close(second.state[late]["exp_avg_sq"], first.state[early]["exp_avg_sq"])
@@ -72,10 +72,10 @@ def test_restart_is_refused_outside_an_element_age_group():
     p = nn.Parameter(torch.zeros(3))
     opt = ElementAgeAdamW([p], lr=0.1)
     with pytest.raises(ValueError, match="element_age=True"):
-        opt.restart(p, torch.tensor([0]), torch.zeros(1), torch.zeros(1), steps=2)
+        opt.restart(p, torch.tensor([0]), 2)
     opt = ElementAgeAdamW([p], lr=0.1, element_age=True)
-    with pytest.raises(ValueError, match="at least 1"):
-        opt.restart(p, torch.tensor([0]), torch.zeros(1), torch.zeros(1), steps=0)
+    with pytest.raises(ValueError, match="at least 0"):
+        opt.restart(p, torch.tensor([0]), -1)
 
 
 def test_the_loop_refuses_two_hooks_that_each_bring_an_optimizer():
@@ -88,3 +88,24 @@ def test_the_loop_refuses_two_hooks_that_each_bring_an_optimizer():
     with pytest.raises(SpliceError, match="2 training hooks each bring their own optimizer"):
         train_loop([p], lambda e: [None], lambda b: p.sum(), TrainConfig(max_steps=1), 1, hooks=[Maker(), Maker()],
                    progress=False)
+
+
+def test_a_fresh_restart_steps_as_a_parameter_added_to_the_optimizer_now():
+    """steps=0: columns 1–2 of a trained matrix restart as the authors' IncreLoRA adds a new tensor to the
+    optimizer, so from then on they move exactly as a new parameter with the same values and gradients does."""
+    old = nn.Parameter(torch.randn(3, 4, generator=g(1)))
+    opt = ElementAgeAdamW([{"params": [old], "element_age": True}], lr=0.1, weight_decay=0.0)
+    for step in range(7):
+        old.grad = torch.randn(3, 4, generator=g(10 + step))
+        opt.step()
+    cols = (slice(None), slice(1, 3))
+    opt.restart(old, cols, 0)
+    new = nn.Parameter(old.detach()[cols].clone())
+    fresh = ElementAgeAdamW([new], lr=0.1, weight_decay=0.0)
+    for step in range(4):
+        grad = torch.randn(3, 4, generator=g(30 + step))
+        old.grad, new.grad = grad, grad[cols].clone()
+        opt.step()
+        fresh.step()
+        torch.testing.assert_close(old.detach()[cols], new.detach())
+    assert (opt.state[old]["age"][:, 0] == 11).all() and (opt.state[old]["age"][cols] == 4).all()

@@ -38,7 +38,12 @@ IncreLoRA), stated:
   adapted model equals the base exactly at the start.
 - The authors' code scores a module from its product ΔW (Σ|ΔW ⊙ ∂L/∂ΔW| / √(out·in), smoothed the same way), which
   needs each module's out × in gradient every step; splice scores the factors P, Λ, Q exactly as AdaLoRA does.
-- `max_r` is splice's: the authors append new tensors as modules grow, which a fixed optimizer cannot see.
+- `max_r` is splice's: the authors append new tensors as modules grow, which a fixed optimizer cannot see. Their
+  new tensors join the optimizer with fresh Adam state; here the run's optimizer (`make_optimizer`: AdamW with a
+  per-element age, `splice.train.optim.element_age`) restarts the grown components' state at age 0, the same
+  thing. Under an optimizer with one step count (a strategy's, or yours via `bind_optimizer` without
+  `make_optimizer`) they start with zero moments at the run's step, whose bias correction makes their first steps
+  up to several times the rate.
 - Not done: the paper's "restart warm-up" of the learning rate after each growth (the one training loop owns the
   schedule; a hook does not).
 
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
+from splice.train.optim.element_age import ElementAgeAdamW
 from splice.adapters.importance import Sensitivity, check_importance_fields, orthogonality
 from splice.adapters.lora import linear_weight, lora_update, module_dims
 from splice.adapters.ops import lora_linear
@@ -234,15 +241,23 @@ class IncreLoraAdapter(nn.Module):
 
     # -- growth --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def grow(self, n: int) -> None:
+    def grow(self, n: int) -> tuple[slice, slice]:
         """Activate the next `n` components without changing the function: a reserve component's fixed λ becomes
-        its trained λ's start, any other starts at λ = 0; a fresh reserve follows."""
+        its trained λ's start, any other starts at λ = 0; a fresh reserve follows.
+
+        Returns:
+            the components whose λ starts training, and those whose P and Q enter the forward now (a new reserve,
+            or new active ones without one): as the authors add these to the optimizer when they grow.
+        """
         n = min(n, self.capacity - self.rank)
         was_reserve = min(n, self.reserve)
+        used = self.in_use
         self.lora_E[self.rank:self.rank + was_reserve] = RESERVE_LAMBDA
         self.lora_E[self.rank + was_reserve:self.rank + n] = 0.0
+        started = slice(self.rank, self.rank + n)
         self.rank += n
         self.reserve = self._reserve_size()
+        return started, slice(used, self.in_use)
 
     def drop_reserve(self) -> None:
         self.reserve = 0
@@ -290,8 +305,20 @@ class RankGrower:
             derived.add("tinit")
         config._from_run = derived  # recorded values a later run re-derives instead of keeping
         self.importance = Sensitivity(config.beta1, config.beta2)
+        self.optimizer: torch.optim.Optimizer | None = None
         self.done = self.total >= self.budget
         self._record()
+
+    def make_optimizer(self, params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> ElementAgeAdamW:
+        """AdamW over `params` with a per-element age for the IncreLoRA factors (the training loop calls this)."""
+        mine = {id(p) for a in self.adapters.values() for p in (a.lora_A, a.lora_E, a.lora_B)}
+        groups = [{"params": [p for p in params if id(p) in mine], "element_age": True},
+                  {"params": [p for p in params if id(p) not in mine]}]
+        return ElementAgeAdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer that steps the factors: growth restarts the grown components' state in it."""
+        self.optimizer = optimizer
 
     @property
     def total(self) -> int:
@@ -321,8 +348,12 @@ class RankGrower:
                 break
             adapter = self.adapters[path]
             n = min(self.config.step_size, adapter.capacity - adapter.rank, left)
-            adapter.grow(n)
+            trained_lambda, entered = adapter.grow(n)
             left -= n
+            if isinstance(self.optimizer, ElementAgeAdamW):  # what just started training starts its Adam afresh
+                self.optimizer.restart(adapter.lora_E, trained_lambda, 0)
+                self.optimizer.restart(adapter.lora_A, entered, 0)
+                self.optimizer.restart(adapter.lora_B, (slice(None), entered), 0)
         if left <= 0 or all(a.rank >= a.capacity for a in self.adapters.values()):
             self.done = True  # the budget is spent (or no module can grow): drop the reserves, keep the ranks
             for a in self.adapters.values():

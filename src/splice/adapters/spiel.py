@@ -155,7 +155,7 @@ class SpielAdapter(SparseEntries):
         if optimizer is not None:
             mean, mean_sq = self.grad_sum[new] / self.grad_count, self.grad_sq[new] / self.grad_count
             if isinstance(optimizer, ElementAgeAdamW) and _element_age(optimizer, values):
-                optimizer.restart(values, slots, mean, mean_sq, self.grad_count)
+                optimizer.restart(values, slots, self.grad_count, mean, mean_sq)
             else:
                 reset_slots(optimizer, values, slots, {"exp_avg": mean, "exp_avg_sq": mean_sq})
         return slots

@@ -66,20 +66,22 @@ class ElementAgeAdamW(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def restart(self, param: Tensor, entries: Tensor, mean: Tensor, mean_sq: Tensor, steps: int) -> None:
-        """Give `entries` of `param` moments standing for `steps` steps of gradients with mean `mean` and mean
-        square `mean_sq`: after the restart their bias-corrected moments are exactly those statistics.
+    def restart(self, param: Tensor, entries: Any, steps: int, mean: Tensor | float = 0.0,
+                mean_sq: Tensor | float = 0.0) -> None:
+        """Give `entries` of `param` (any index: slots, rows, ``(slice(None), columns)``) moments standing for
+        `steps` steps of gradients with mean `mean` and mean square `mean_sq`: their bias-corrected moments are
+        then exactly those statistics. ``steps=0`` is a fresh start, as a parameter added to the optimizer now.
 
         Raises:
-            ValueError: `param` is not in a group with ``element_age=True``, or `steps` < 1.
+            ValueError: `param` is not in a group with ``element_age=True``, or `steps` < 0.
         """
         group = next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
         if group is None or not group["element_age"]:
             raise ValueError("ElementAgeAdamW.restart: the parameter is not in a group with element_age=True")
-        if steps < 1:
-            raise ValueError(f"ElementAgeAdamW.restart: steps must be at least 1, got {steps}")
+        if steps < 0:
+            raise ValueError(f"ElementAgeAdamW.restart: steps must be at least 0, got {steps}")
         state = self._state(param, True)
         beta1, beta2 = group["betas"]
         state["age"][entries] = float(steps)
-        state["exp_avg"][entries] = (mean * (1 - beta1 ** steps)).to(state["exp_avg"].dtype)
-        state["exp_avg_sq"][entries] = (mean_sq * (1 - beta2 ** steps)).to(state["exp_avg_sq"].dtype)
+        for name, value, beta in (("exp_avg", mean, beta1), ("exp_avg_sq", mean_sq, beta2)):
+            state[name][entries] = torch.as_tensor(value * (1 - beta ** steps)).to(state[name].dtype)
