@@ -64,13 +64,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
-from splice.train.optim.element_age import ElementAgeAdamW
 from splice.adapters.importance import Sensitivity, check_importance_fields, orthogonality
 from splice.adapters.lora import linear_weight, lora_update, module_dims
 from splice.adapters.ops import lora_linear
 from splice.adapters.registry import register
 from splice.delta.forms import Delta
 from splice.errors import SpliceError
+from splice.train.optim.element_age import ElementAgeAdamW
 
 KINDS = ("linear", "conv1d")
 KEY_A, KEY_E, KEY_B = "increlora_A", "increlora_E", "increlora_B"
@@ -311,10 +311,8 @@ class RankGrower:
 
     def make_optimizer(self, params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> ElementAgeAdamW:
         """AdamW over `params` with a per-element age for the IncreLoRA factors (the training loop calls this)."""
-        mine = {id(p) for a in self.adapters.values() for p in (a.lora_A, a.lora_E, a.lora_B)}
-        groups = [{"params": [p for p in params if id(p) in mine], "element_age": True},
-                  {"params": [p for p in params if id(p) not in mine]}]
-        return ElementAgeAdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+        factors = [p for a in self.adapters.values() for p in (a.lora_A, a.lora_E, a.lora_B)]
+        return ElementAgeAdamW.aging(params, factors, lr, weight_decay)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer that steps the factors: growth restarts the grown components' state in it."""

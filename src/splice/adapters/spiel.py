@@ -189,10 +189,7 @@ class SpielTrainer:
 
     def make_optimizer(self, params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> ElementAgeAdamW:
         """AdamW over `params` whose SpIEL values are bias-corrected per element (the training loop calls this)."""
-        mine = {id(adapter.values) for _, adapter in self.modules}
-        groups = [{"params": [p for p in params if id(p) in mine], "element_age": True},
-                  {"params": [p for p in params if id(p) not in mine]}]
-        return ElementAgeAdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+        return ElementAgeAdamW.aging(params, [adapter.values for _, adapter in self.modules], lr, weight_decay)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer that steps the adapter's values (the training loop calls this once it has built it)."""

@@ -10,11 +10,11 @@ is torch.optim.AdamW's.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class ElementAgeAdamW(torch.optim.Optimizer):
@@ -32,6 +32,15 @@ class ElementAgeAdamW(torch.optim.Optimizer):
                              f"weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                                   "element_age": element_age})
+
+    @classmethod
+    def aging(cls, params: Sequence[nn.Parameter], aged: Iterable[Tensor], lr: float,
+              weight_decay: float) -> "ElementAgeAdamW":
+        """An optimizer over `params` whose members in `aged` keep an age per element, the rest one per tensor."""
+        ids = {id(p) for p in aged}
+        groups = [{"params": [p for p in params if id(p) in ids], "element_age": True},
+                  {"params": [p for p in params if id(p) not in ids]}]
+        return cls([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
