@@ -265,14 +265,18 @@ def test_increlora_grows_the_most_important_module(tiny):
     assert configs(model)["default"].rank_pattern[top] == 2
 
 
-@pytest.mark.parametrize("advance", [True, False], ids=["advance-learning", "no-advance"])
-def test_increlora_grows_on_schedule_to_the_budget_and_never_beyond(tiny, advance):
-    fam = tiny["bert"]
+def growing(fam, advance: bool) -> tuple:
+    """A BERT whose 6 modules grow from rank 1 to a budget of 24 over 20 steps (rank_step 2, every 2 steps)."""
     config = IncreLoraConfig(r=4, init_r=1, rank_step=2, top_h=2, tinit=2, deltaT=2, lora_alpha=8,
                              advance_learning=advance, target_modules=TARGETS["bert"])
     model = splice.adapt(fam.build(), config)
-    increlora = adapters_of(model, IncreLoraAdapter)
-    hook = config.training_hook(model, "default", 20)
+    return config, model, adapters_of(model, IncreLoraAdapter), config.training_hook(model, "default", 20)
+
+
+@pytest.mark.parametrize("advance", [True, False], ids=["advance-learning", "no-advance"])
+def test_increlora_grows_on_schedule_to_the_budget_and_never_beyond(tiny, advance):
+    fam = tiny["bert"]
+    config, model, increlora, hook = growing(fam, advance)
     budget = 4 * len(increlora)
     assert hook.budget == budget == 24 and hook.total == 6
     opt = torch.optim.AdamW(splice.trainable_parameters(model), lr=1e-2, weight_decay=0.0)
@@ -327,11 +331,7 @@ def test_increlora_grown_components_start_their_adam_state_afresh(tiny, advance)
     """As the authors add a grown component's new tensors to the optimizer: its λ (and, entering the forward, its
     P and Q) restart at age 0 while every other entry keeps counting the run's steps."""
     fam = tiny["bert"]
-    config = IncreLoraConfig(r=4, init_r=1, rank_step=2, top_h=2, tinit=2, deltaT=2, lora_alpha=8,
-                             advance_learning=advance, target_modules=TARGETS["bert"])
-    model = splice.adapt(fam.build(), config)
-    increlora = adapters_of(model, IncreLoraAdapter)
-    hook = config.training_hook(model, "default", 20)
+    config, model, increlora, hook = growing(fam, advance)
     opt = hook.make_optimizer(splice.trainable_parameters(model), 1e-2, 0.0)
     hook.bind_optimizer(opt)
     assert isinstance(opt, ElementAgeAdamW)
@@ -353,8 +353,8 @@ def test_increlora_grown_components_start_their_adam_state_afresh(tiny, advance)
                 continue
             growths += 1
             assert fresh["E"] == list(range(rank0, a.rank)), (step, p)
-            entered = (list(range(used0, used0 + min(2, a.capacity - a.rank))) if advance
-                       else list(range(rank0, a.rank)))
+            # advance learning: P, Q of the new reserve (up to rank_step past the new rank), the rest already trained
+            entered = (list(range(used0, min(a.rank + 2, a.capacity))) if advance else list(range(rank0, a.rank)))
             assert fresh["A"] == fresh["B"] == entered, (step, p)
             for t in (a.lora_A, a.lora_E, a.lora_B):  # the others count on from their own start
                 age = opt.state[t]["age"]
