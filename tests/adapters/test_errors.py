@@ -43,6 +43,36 @@ def test_target_matching_nothing_lists_close_names(bert):
     assert state(bert) == before
 
 
+@pytest.mark.parametrize("family, wrapped", [
+    ("bert", {"query", "value"}), ("llama", {"q_proj", "v_proj"}), ("gpt2", {"c_attn"})])
+def test_unset_targets_are_the_architectures_query_and_value_projections(tiny, tmp_path, family, wrapped):
+    """As PEFT resolves target_modules=None by model type; the saved folder records what was wrapped."""
+    from splice.adapters.inject import adapter_layers
+
+    model = tiny[family].build()
+    config = splice.LoraConfig(r=2)
+    assert config.target_modules is None
+    splice.adapt(model, config)
+    assert {n.rsplit(".", 1)[-1] for n, _ in adapter_layers(model)} == wrapped
+    folder = splice.save_adapter(model, tmp_path / "a")
+    assert set(json.loads((folder / "adapter_config.json").read_text())["target_modules"]) == wrapped
+    other = "gpt2" if family != "gpt2" else "bert"  # the same config object on another architecture: its own
+    splice.adapt(tiny[other].build(), config)
+    assert set(config.target_modules) == ({"c_attn"} if other == "gpt2" else {"query", "value"})
+    named = splice.LoraConfig(r=2, target_modules=["query"])  # a value the user set is kept
+    splice.adapt(tiny["bert"].build(), named)
+    splice.adapt(tiny["bert"].build(), named)
+    assert named.target_modules == ["query"]
+
+
+def test_unset_targets_on_an_unknown_architecture_name_the_modules(tiny):
+    cnn = tiny["cnn"].build()
+    before = state(cnn)
+    msg = error(splice.adapt, cnn, splice.LoraConfig(r=2))
+    assert "target_modules: not set" in msg and "no default" in msg and "all-linear" in msg and "conv1" in msg
+    assert state(cnn) == before
+
+
 def test_regex_target_matching_nothing(gpt2):
     msg = error(splice.adapt, gpt2, splice.LoraConfig(target_modules=r".*\.c_atn"))
     assert "c_atn" in msg and "c_attn" in msg

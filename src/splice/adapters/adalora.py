@@ -56,8 +56,6 @@ class AdaLoraConfig(AdapterConfig):
         default=None)
 
     peft_type: ClassVar[str | None] = "ADALORA"
-    # Fields a run filled in (total_step): recorded for the saved folder, re-derived by the next run (as IncreLoRA).
-    _from_run: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -25,11 +25,16 @@ class AdapterConfig:
     # Whether the update is a weight delta (`delta()` returns it). A bottleneck adapter with a non-linearity is
     # not: merge, get_delta, apply, compress and merge-of-folders refuse it with `not_a_delta`'s one line.
     has_delta: ClassVar[bool] = True
+    # Fields splice filled in (target_modules from the model; AdaLoRA's total_step from the run): recorded for the
+    # saved folder, and derived afresh when the config object is used again rather than kept from the last use.
+    _from_run: ClassVar[frozenset[str]] = frozenset()
 
-    target_modules: list[str] | str = doc(
+    target_modules: list[str] | str | None = doc(
         "Modules to wrap: a list of name suffixes (['query', 'value']), one regex matched against the full module "
-        "name, or 'all-linear' (every linear layer except the output head).",
-        default_factory=lambda: ["query", "value"],
+        "name, or 'all-linear' (every linear layer except the output head). None: the architecture's attention "
+        "query and value projections (query,value for BERT, q_proj,v_proj for Llama, c_attn for GPT-2, ...; "
+        "`splice.adapters.targets`), recorded on the config when it is first used on a model.",
+        default=None,
     )
     exclude_modules: list[str] | str | None = doc(
         "Modules never to wrap, same syntax as target_modules.", default=None
@@ -114,7 +119,7 @@ def not_a_delta(method: str, action: str = "merged") -> SpliceError:
 def _targets(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return sorted(value)
-    return value or ["query", "value"]
+    return value or None  # PEFT's null: the architecture's own, resolved on the model
 
 
 def pattern_value(module: str, patterns: dict[str, Any] | None, default: Any) -> Any:

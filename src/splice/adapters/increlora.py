@@ -106,8 +106,6 @@ class IncreLoraConfig(AdapterConfig):
     total_step: int | None = doc("Training steps (None: those of the run, set by `splice train`).", default=None)
     rank_pattern: dict[str, int] | None = doc("Each module's rank (filled in by training).", default=None)
 
-    # Fields a run filled in (total_step, deltaT, tinit): recorded for the saved folder, re-derived by the next run.
-    _from_run: ClassVar[frozenset[str]] = frozenset()
     params_formula: ClassVar[str] = ("max_r·(in + out + 1) allocated (max_r = 2r by default), rank·(in + out + 1) "
                                      "in use: r·(in + out + 1) per module on average once grown")
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterLayer
+from splice.adapters.targets import default_targets, model_type
 from splice.errors import SpliceError, closest
 
 try:  # GPT-2 style layers; transformers is a dependency, but keep the import local to this table
@@ -64,8 +65,24 @@ def plain_modules(model: nn.Module):
         yield name, module
 
 
+def resolve_targets(model: nn.Module, config: AdapterConfig) -> None:
+    """Fill in an unset `config.target_modules` from `model`'s architecture (recorded on the config, and derived
+    again when the config is used on another model), or refuse in one line naming the modules there are."""
+    if config.target_modules is not None and "target_modules" not in config._from_run:
+        return
+    found = default_targets(model)
+    if found is None:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in plain_modules(model) if n and module_kind(m)})
+        raise SpliceError(f"target_modules: not set, and splice has no default for model type "
+                          f"{model_type(model)!r} ({type(model).__name__}); name the modules (wrappable: "
+                          f"{', '.join(leaves[:20])}) or use 'all-linear'")
+    config.target_modules, config._from_run = found, set(config._from_run) | {"target_modules"}
+
+
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, kind) for each module `config.target_modules` selects, or a SpliceError naming close names."""
+    """(name, module, kind) for each module `config.target_modules` selects, or a SpliceError naming close names.
+    An unset target_modules is first filled in from the architecture (`resolve_targets`)."""
+    resolve_targets(model, config)
     head = _output_head(model)
     saved = list(getattr(config, "modules_to_save", None) or [])
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"

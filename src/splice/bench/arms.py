@@ -53,11 +53,16 @@ class Arm:
         from dataclasses import fields as dc_fields
 
         from splice.adapters.registry import get_method, make_config
+        from splice.adapters.targets import QUERY_VALUE
 
         own = {f.name: f.default for f in dc_fields(get_method(self.method).config)}
         # r=8 only where the method sizes itself by a rank: OFT's r defaults to 0 (its block size decides instead).
         defaults = {k: v for k, v in {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}.items()
                     if k in own and not (k == "r" and own[k] == 0)}
+        if "target_modules" in own and own["target_modules"] is None:
+            # Named, not left to the architecture: PEFT's twin of the arm gets the same modules (PEFT's own
+            # default differs per method, e.g. IA3's key, value and output.dense).
+            defaults["target_modules"] = list(QUERY_VALUE["bert"])
         return make_config(self.method, **{**defaults, **self.fields})
 
 
