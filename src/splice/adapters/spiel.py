@@ -9,8 +9,7 @@ gradient of the dense weight over the `selection_accumulation_steps` steps befor
 
     drop:  the n = ⌊p · k⌋ entries of η with the smallest |Δ|; their Δ is reset to 0 (W returns to W₀ there)
     grow:  the n entries outside the kept set with the largest |Σ_t ∂L/∂W_t|; their Δ starts at 0 and their
-           optimizer state as if Adam had seen the a accumulated steps: age a, bias-corrected moments equal to the
-           accumulated statistics (mean gradient, mean squared gradient)
+           optimizer moments at the accumulated statistics (mean gradient, mean squared gradient)
     p = 1 at the first update (the whole initial random set is re-chosen by gradient), then
     p = initial_reselection_rate · (1 − step / total_steps)
 
@@ -27,22 +26,15 @@ gradient autograd forms before gathering it at η; a tensor hook adds it into tw
 accumulation window only (the reference keeps a candidate subset instead; this keeps whole matrices for those
 steps). The paper's other growth criterion (SM3 momenta) is not implemented.
 
-The trainer brings the run's optimizer (`make_optimizer`): AdamW with a per-element age for the SpIEL values
-(`splice.train.optim.element_age`), as the reference's `SftAdamW` keeps, so a regrown slot is bias-corrected by its
-own age; one step count for all (torch's AdamW) would overestimate its second moment by up to 1 / (1 − β₂ᵗ) and
-shrink its steps for hundreds of steps. The reference stores the raw means with age a, so its first corrected
-moments are the means ÷ (1 − βᵃ); here the moments are stored as an EMA from zero would hold them after a steps,
-so the corrected ones are exactly the means. In a loop of one's own, build the optimizer with
-`hook.make_optimizer(params, lr, weight_decay)`, or hand yours to `hook.bind_optimizer(optimizer)` (a torch AdamW:
-the moved slots get the raw means under its one step count); without either the index set still moves and only
-the state reset is skipped.
+The training loop hands its optimizer to the trainer (`bind_optimizer`), which resets the moved slots' state in
+it. In a loop of one's own, call `hook.bind_optimizer(optimizer)` once; without it the index set still moves and
+only the state reset is skipped.
 
 Wraps nn.Linear and HF Conv1D (positions in the weight as stored). Saved as `spiel_values` and `spiel_indices`;
 PEFT has no SpIEL (`peft_type: null`, `splice_method: spiel`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -54,7 +46,6 @@ from splice.adapters.registry import register
 from splice.adapters.sparse import (SeedPerModule, SparseEntries, adapters_of, check_fraction, check_int, check_kind,
                                     check_positive_int, count_of, random_flat_positions, seed_of)
 from splice.errors import SpliceError
-from splice.train.optim.element_age import ElementAgeAdamW
 
 
 @dataclass
@@ -153,19 +144,13 @@ class SpielAdapter(SparseEntries):
         index[slots] = new
         values[slots] = 0.0
         if optimizer is not None:
-            mean, mean_sq = self.grad_sum[new] / self.grad_count, self.grad_sq[new] / self.grad_count
-            if isinstance(optimizer, ElementAgeAdamW) and _element_age(optimizer, values):
-                optimizer.restart(values, slots, self.grad_count, mean, mean_sq)
-            else:
-                reset_slots(optimizer, values, slots, {"exp_avg": mean, "exp_avg_sq": mean_sq})
+            mean = self.grad_sum[new] / self.grad_count
+            reset_slots(optimizer, values, slots, {"exp_avg": mean,
+                                                   "exp_avg_sq": self.grad_sq[new] / self.grad_count})
         return slots
 
     def extra_repr(self) -> str:
         return f"k={self.values.numel()}"
-
-
-def _element_age(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
-    return any(g.get("element_age") and any(p is param for p in g["params"]) for g in optimizer.param_groups)
 
 
 def reset_slots(optimizer: torch.optim.Optimizer, param: Tensor, slots: Tensor, init: dict[str, Tensor]) -> None:
@@ -186,10 +171,6 @@ class SpielTrainer:
         self.config, self.total = config, total_steps
         self.optimizer: torch.optim.Optimizer | None = None
         self._accumulate(self._in_window(1))
-
-    def make_optimizer(self, params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> ElementAgeAdamW:
-        """AdamW over `params` whose SpIEL values are bias-corrected per element (the training loop calls this)."""
-        return ElementAgeAdamW.aging(params, [adapter.values for _, adapter in self.modules], lr, weight_decay)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer that steps the adapter's values (the training loop calls this once it has built it)."""

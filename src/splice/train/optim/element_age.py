@@ -1,12 +1,10 @@
 """AdamW whose bias correction counts steps per element.
 
 torch.optim.AdamW corrects a parameter's moments by one step count, so an entry whose optimizer state restarts
-mid-run (SpIEL's regrown slots, whose moments start at the statistics accumulated before they were grown) is
-corrected as if it had been there from the first step: its second moment, divided by 1 − β₂ᵗ of the run's step t
-rather than of its own, is overestimated and its steps are too small for hundreds of steps. Here a parameter group
-with ``element_age=True`` keeps an ``age`` per element (the reference SpIEL code's `SftAdamW` does the same);
-other groups keep one age per tensor. While no state is restarted, every age equals the step count and the update
-is torch.optim.AdamW's.
+mid-run (an IncreLoRA component that starts training when its module grows) is corrected as if it had been there
+from the first step. Here a parameter group with ``element_age=True`` keeps an ``age`` per element (the reference
+SpIEL code's `SftAdamW` does the same); other groups keep one age per tensor. While no state is restarted, every
+age equals the step count and the update is torch.optim.AdamW's.
 """
 from __future__ import annotations
 
