@@ -27,7 +27,7 @@ QUERY_VALUE: dict[str, list[str]] = {
 
 
 def model_type(model: nn.Module) -> str | None:
-    """The transformers ``model_type`` of `model` (or of the model a wrapper holds), or None."""
+    """The transformers ``model_type`` of `model` (from its ``config``), or None for a model without one."""
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None)
 
