@@ -318,3 +318,14 @@ def test_merge_verdicts_say_which_merges_beat_the_probe_and_where_mergekit_diffe
                         "for 1 of 2 methods; it differs on dare_ties (+1.00 mean).")
     assert lines[3] == ("- Merged weights compared tensor by tensor (2 methods): bit-identical for ties; largest "
                         "|Δw| elsewhere: dare_ties 4.0e-03.")
+
+
+def test_merge_verdict_names_no_others_when_every_merge_beats_the_probe():
+    from splice.bench.report import _merge_verdicts
+
+    r = {"tasks": ["a"], "adapt": {"probe": {"cells": {"a": {"accuracy": 0.8}}}},
+         "merges": {"full": {m: {"splice": {"mean": v, "normalized": v / 0.9, "test": {"a": v}, "setting": {}},
+                                 "mergekit": None} for m, v in (("ties", 0.85), ("della", 0.86))}}}
+    first = _merge_verdicts(r, "full", (0.3, 1.0))[0]
+    assert first.startswith("- 2 of the 2 merges finished so far beat the frozen probe's mean (80.0")
+    assert "others" not in first and "Best: della, 86.0 mean" in first

@@ -118,7 +118,8 @@ def _merge_verdicts(r: dict[str, Any], kind: str, lambdas: Sequence[float]) -> l
     beat = [m for m, c in done.items() if c["mean"] > probe]
     best = max(done, key=lambda m: done[m]["normalized"])
     out = [f"- {len(beat)} of the {len(done)} merges finished so far beat the frozen probe's mean ({_pct(probe)}, "
-           f"the base encoder with the task heads){': ' + ', '.join(beat) if beat else ''}; the others do NOT. "
+           f"the base encoder with the task heads){': ' + ', '.join(beat) if beat else ''}"
+           f"{'; the others do NOT' if len(beat) < len(done) else ''}. "
            f"Best: {best}, {_pct(done[best]['mean'])} mean, {_pct(done[best]['normalized'])} normalized."]
     def scale(c: dict[str, Any]) -> float | None:  # the λ axis: the method's lambda, or its weight where it has none
         return c["setting"].get("parameters", {}).get("lambda", c["setting"].get("model", {}).get("weight"))
