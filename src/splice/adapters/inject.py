@@ -65,6 +65,11 @@ def plain_modules(model: nn.Module):
         yield name, module
 
 
+def _wrappable_leaves(model: nn.Module) -> list[str]:
+    """The last name parts of the modules an adapter can wrap, for error messages."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in plain_modules(model) if n and module_kind(m)})
+
+
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> None:
     """Fill in an unset `config.target_modules` from `model`'s architecture (recorded on the config, and derived
     again when the config is used on another model), or refuse in one line naming the modules there are."""
@@ -72,7 +77,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> None:
         return
     found = default_targets(model)
     if found is None:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in plain_modules(model) if n and module_kind(m)})
+        leaves = _wrappable_leaves(model)
         raise SpliceError(f"target_modules: not set, and splice has no default for model type "
                           f"{model_type(model)!r} ({type(model).__name__}); name the modules (wrappable: "
                           f"{', '.join(leaves[:20])}) or use 'all-linear'")
@@ -86,11 +91,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     head = _output_head(model)
     saved = list(getattr(config, "modules_to_save", None) or [])
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
-    found, names = [], []
+    found = []
     for name, module in plain_modules(model):
         if not name:
             continue
-        names.append(name)
         kind = module_kind(module)
         if all_linear:
             plain = module.base if isinstance(module, AdapterLayer) else module
@@ -107,7 +111,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
             found.append((name, module, kind))
     if not found:
         wanted = config.target_modules
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if module_kind(model.get_submodule(n))})
+        leaves = _wrappable_leaves(model)
         probe = wanted if isinstance(wanted, str) else wanted[0]
         raise SpliceError(f"target_modules {wanted!r} matched no module of {type(model).__name__}"
                           f"{closest(probe.rsplit('.', 1)[-1], leaves)}; wrappable modules: {', '.join(leaves[:20])}")
