@@ -364,6 +364,22 @@ def test_increlora_grown_components_start_their_adam_state_afresh(tiny, advance)
     assert growths > 0 and hook.done
 
 
+def test_increlora_growth_leaves_an_optimizer_without_per_element_ages_as_it_is(tiny):
+    """A user's own ElementAgeAdamW with no element_age group steps the factors as torch's AdamW does: growth has
+    no ages to restart there, and must not stop the run."""
+    fam = tiny["bert"]
+    config, model, increlora, hook = growing(fam, True)
+    opt = ElementAgeAdamW(splice.trainable_parameters(model), lr=1e-2, weight_decay=0.0)
+    hook.bind_optimizer(opt)
+    assert not opt.ages(next(iter(increlora.values())).lora_E)
+    for step in range(1, 21):
+        (weighted_loss(fam, model, step) + hook.loss()).backward()
+        opt.step()
+        hook.after_step(step)
+        opt.zero_grad(set_to_none=True)
+    assert hook.done and all(opt.state[a.lora_E]["age"].item() == 20 for a in increlora.values())
+
+
 def test_increlora_trains_inside_the_training_loop_then_saves_and_merges(tiny, tmp_path):
     fam = tiny["bert"]
     encoder = splice.adapt(fam.build(), IncreLoraConfig(r=2, target_modules=TARGETS["bert"]))

@@ -346,7 +346,9 @@ class RankGrower:
             n = min(self.config.step_size, adapter.capacity - adapter.rank, left)
             trained_lambda, entered = adapter.grow(n)
             left -= n
-            if isinstance(self.optimizer, ElementAgeAdamW):  # what just started training starts its Adam afresh
+            # What just started training starts its Adam afresh, where the optimizer keeps ages per element (any
+            # other optimizer, or one built without the factors' element_age group, keeps its state as it is).
+            if isinstance(self.optimizer, ElementAgeAdamW) and self.optimizer.ages(adapter.lora_E):
                 self.optimizer.restart(adapter.lora_E, trained_lambda, 0)
                 self.optimizer.restart(adapter.lora_A, entered, 0)
                 self.optimizer.restart(adapter.lora_B, (slice(None), entered), 0)

@@ -64,6 +64,14 @@ class ElementAgeAdamW(torch.optim.Optimizer):
                 p.addcdiv_(exp_avg / correction1, denom, value=-lr)
         return loss
 
+    def ages(self, param: Tensor) -> bool:
+        """Whether `param` keeps an age per element here (and so can be `restart`-ed)."""
+        group = self._group(param)
+        return group is not None and group["element_age"]
+
+    def _group(self, param: Tensor) -> dict[str, Any] | None:
+        return next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
+
     def _state(self, p: Tensor, element_age: bool) -> dict[str, Tensor]:
         state = self.state[p]
         if not state:
@@ -82,13 +90,12 @@ class ElementAgeAdamW(torch.optim.Optimizer):
         Raises:
             ValueError: `param` is not in a group with ``element_age=True``, or `steps` < 0.
         """
-        group = next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
-        if group is None or not group["element_age"]:
+        if not self.ages(param):
             raise ValueError("ElementAgeAdamW.restart: the parameter is not in a group with element_age=True")
         if steps < 0:
             raise ValueError(f"ElementAgeAdamW.restart: steps must be at least 0, got {steps}")
         state = self._state(param, True)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = self._group(param)["betas"]
         state["age"][entries] = float(steps)
         for name, value, beta in (("exp_avg", mean, beta1), ("exp_avg_sq", mean_sq, beta2)):
             state[name][entries] = torch.as_tensor(value * (1 - beta ** steps)).to(state[name].dtype)
