@@ -5,11 +5,6 @@ from splice.delta import FORMS, Delta, Dense, Kron, LowRank, Scale, Sparse
 from splice.errors import SpliceError
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def _check_apply(form, weight, scale, base=None):
     expected = weight + scale * form.materialize(weight if base is None else base)
     w = weight.clone()
