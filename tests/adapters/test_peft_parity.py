@@ -110,9 +110,10 @@ ROWS = [
     Row("ia3-bert-modules-to-save", "bert",
         dict(target_modules=["query", "intermediate.dense"], feedforward_modules=["intermediate.dense"],
              modules_to_save=["pooler.dense"]), "ia3"),
-    # No feedforward_modules: PEFT then picks its per-architecture default (BERT: output.dense), splice none; each
-    # library's folder must still load the same in the other.
+    # No feedforward_modules: both libraries pick the architecture's (BERT: output.dense), here among the targets.
     Row("ia3-bert-feedforward-unset", "bert", dict(target_modules=["value", "output.dense"]), "ia3"),
+    Row("ia3-llama-unset", "llama", {}, "ia3"),
+    Row("ia3-gpt2-unset", "gpt2", dict(**GPT2), "ia3"),
     Row("ia3-llama", "llama",
         dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), "ia3"),
     Row("ia3-gpt2-conv1d", "gpt2",
@@ -276,6 +277,45 @@ def test_merge_and_unload_gives_peft_weights(tiny, row, tmp_path):
     assert changed, "the merge changed nothing"
     for k in base:
         torch.testing.assert_close(ours[k], theirs[k], atol=ATOL, rtol=0, msg=f"merged {k}")
+
+
+@pytest.mark.parametrize("model, fields", [
+    ("bert", {}), ("llama", {}), ("gpt2", GPT2), ("bert", dict(target_modules=["value", "output.dense"])),
+    ("llama", dict(target_modules=["q_proj", "down_proj"])), ("bert", dict(target_modules=".*value"))],
+    ids=["bert", "llama", "gpt2", "bert-targets", "llama-targets", "bert-regex"])
+def test_ia3_unset_fields_resolve_as_peft_resolves_them(tiny, model, fields):
+    """IA3Config() wraps the modules PEFT's IA3Config() wraps, each with the same vector (its shape says whether
+    the input or the output is rescaled)."""
+    from splice.adapters.inject import adapter_layers
+
+    theirs = {n.removeprefix("base_model.model.").removesuffix(".ia3_l.default"): tuple(p.shape)
+              for n, p in peft.get_peft_model(tiny[model].build(), peft.IA3Config(**fields)).named_parameters()
+              if "ia3_l" in n}
+    fields = {k: v for k, v in fields.items() if k != "fan_in_fan_out"}
+    ours = {n: tuple(layer.adapters["default"].ia3_l.shape)
+            for n, layer in adapter_layers(splice.adapt(tiny[model].build(), splice.IA3Config(**fields)))}
+    assert ours == theirs and theirs
+
+
+def test_ia3_feedforward_default_keeps_a_saved_folder_loadable_where_peft_s_own_is_not(tiny, tmp_path):
+    """PEFT fills an unset feedforward_modules with the whole per-architecture list, so its folder for targets
+    query,value lists output.dense as feed-forward and its own subset check then refuses to load it."""
+    fam = tiny["bert"]
+    reference = peft.get_peft_model(fam.build(), peft.IA3Config(target_modules=["query", "value"]))
+    reference.save_pretrained(tmp_path / "peft")
+    with pytest.raises(ValueError, match="subset"):
+        peft.PeftModel.from_pretrained(fam.build(), tmp_path / "peft")
+    config = splice.IA3Config(target_modules=["query", "value"])
+    ours = splice_model_from(fam, config)
+    assert config.feedforward_modules == []
+    splice.save_adapter(ours, tmp_path / "splice")
+    close(fam.output(peft.PeftModel.from_pretrained(fam.build(), tmp_path / "splice").eval()), fam.output(ours))
+
+
+def splice_model_from(fam, config) -> nn.Module:
+    model = splice.adapt(fam.build(), config)
+    randomise(splice.trainable_parameters(model, "default"), 0)
+    return model.eval()
 
 
 def test_pissa_matches_peft_init_and_outputs(tiny, tmp_path):

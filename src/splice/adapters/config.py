@@ -28,12 +28,15 @@ class AdapterConfig:
     # Fields splice filled in (target_modules from the model; AdaLoRA's total_step from the run): recorded for the
     # saved folder, and derived afresh when the config object is used again rather than kept from the last use.
     _from_run: ClassVar[frozenset[str]] = frozenset()
+    # Fields whose None `architecture_defaults` fills in on the model (then recorded in `_from_run`).
+    architecture_fields: ClassVar[tuple[str, ...]] = ("target_modules",)
 
     target_modules: list[str] | str | None = doc(
         "Modules to wrap: a list of name suffixes (['query', 'value']), one regex matched against the full module "
         "name, or 'all-linear' (every linear layer except the output head). None: the architecture's attention "
         "query and value projections (query,value for BERT, q_proj,v_proj for Llama, c_attn for GPT-2, ...; "
-        "`splice.adapters.targets`), recorded on the config when it is first used on a model.",
+        "`splice.adapters.targets`; IA3 keeps PEFT's own table), recorded on the config when it is first used on a "
+        "model.",
         default=None,
     )
     exclude_modules: list[str] | str | None = doc(
@@ -58,6 +61,14 @@ class AdapterConfig:
         """Whether this config starts its adapters from calibration data (LoRA's eva / lora_ga / corda, LoRA-SB):
         `splice train` then passes its first training batches to `adapt(..., calibration=...)`."""
         return False
+
+    def architecture_defaults(self, model_type: str | None, unset: set[str]) -> dict[str, Any] | None:
+        """Values for the `unset` fields that follow the model's architecture (by transformers' `model_type`):
+        `target_modules`, the attention query and value projections. None: no default for this architecture."""
+        from splice.adapters.targets import QUERY_VALUE
+
+        names = QUERY_VALUE.get(model_type or "")
+        return {"target_modules": list(names)} if names else None
 
     def prepare(self, targets: list[tuple[str, Any, str]], shared: dict[str, Any] | None) -> "AdapterConfig":
         """The config every module of one adapter is built with, given all its (name, module, kind) targets and

@@ -14,6 +14,11 @@ Several *active* IA3 adapters on one module add their updates, like every other 
 y = base + Σ_a (l_a − 1) ∘ base. PEFT multiplies their vectors instead (y = l_a ∘ l_b ∘ base); the two differ by
 the second-order term (l_a − 1)(l_b − 1). A single adapter, merged or not, is the same in both.
 
+Unset target_modules and feedforward_modules follow PEFT's (IA)³ table, not LoRA's: the attention keys and values
+and the feed-forward output layer, rescaled at its input (BERT: key, value, output.dense; Llama: k_proj, v_proj,
+down_proj; `splice.adapters.targets.IA3_TARGETS`). PEFT sets an unset feedforward_modules to that layer even when the
+targets do not name it, and then refuses to load its own folder; here it keeps only the targets' own.
+
 Wraps nn.Linear, HF Conv1D and nn.Conv2d (groups = 1) with PEFT's tensor `ia3_l`: (out, 1) or (1, in) for a linear
 layer, (1, out|in, 1, 1) for a convolution.
 """
@@ -31,6 +36,7 @@ from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.inject import _matches
 from splice.adapters.lora import module_dims
 from splice.adapters.registry import register
+from splice.adapters.targets import IA3_FEEDFORWARD, IA3_TARGETS
 from splice.delta.forms import Delta, Scale
 from splice.errors import SpliceError
 
@@ -43,10 +49,13 @@ class IA3Config(AdapterConfig):
 
     feedforward_modules: list[str] | str | None = doc(
         "Modules whose *input* is rescaled (the paper's feed-forward layers), same syntax as target_modules; "
-        "the other targets have their output rescaled. Must be among target_modules.", default=None)
+        "the other targets have their output rescaled. Must be among target_modules. None: the architecture's "
+        "feed-forward output layer, as PEFT's (BERT: output.dense, Llama: down_proj), kept only where "
+        "target_modules names it.", default=None)
     init_ia3_weights: bool = doc("Start the vectors at 1 (the identity); false draws them from N(0, 1).", default=True)
 
     peft_type: ClassVar[str | None] = "IA3"
+    architecture_fields: ClassVar[tuple[str, ...]] = ("target_modules", "feedforward_modules")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,6 +68,23 @@ class IA3Config(AdapterConfig):
                                       f"{self.target_modules}")
         if not isinstance(self.init_ia3_weights, bool):
             raise SpliceError(f"init_ia3_weights: must be true or false, got {self.init_ia3_weights!r}")
+
+    def architecture_defaults(self, model_type: str | None, unset: set[str]) -> dict[str, Any] | None:
+        """PEFT's (IA)³ defaults: unset targets are the keys, values and feed-forward output layer
+        (`splice.adapters.targets.IA3_TARGETS`); unset feedforward_modules the feed-forward layer among them."""
+        out: dict[str, Any] = {}
+        if "target_modules" in unset:
+            if model_type not in IA3_TARGETS:
+                return None
+            out["target_modules"] = list(IA3_TARGETS[model_type])
+        if "feedforward_modules" in unset:
+            feedforward = IA3_FEEDFORWARD.get(model_type or "", [])
+            targets = out.get("target_modules", self.target_modules)
+            # PEFT sets its whole list whatever the targets are, and then its own check refuses to load the folder
+            # it saved when the list is not among them: keep the ones named (any, for a regex or 'all-linear').
+            out["feedforward_modules"] = ([f for f in feedforward if f in targets] if isinstance(targets, list)
+                                          else list(feedforward))
+        return out
 
     def for_target(self, name: str) -> "IA3Config":
         config = copy.copy(self)

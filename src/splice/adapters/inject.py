@@ -7,7 +7,7 @@ from torch import nn
 
 from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterLayer
-from splice.adapters.targets import default_targets, model_type
+from splice.adapters.targets import model_type
 from splice.errors import SpliceError, closest
 
 try:  # GPT-2 style layers; transformers is a dependency, but keep the import local to this table
@@ -71,17 +71,20 @@ def _wrappable_leaves(model: nn.Module) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> None:
-    """Fill in an unset `config.target_modules` from `model`'s architecture (recorded on the config, and derived
-    again when the config is used on another model), or refuse in one line naming the modules there are."""
-    if config.target_modules is not None and "target_modules" not in config._from_run:
+    """Fill in the config's unset architecture fields (`target_modules`; IA3's `feedforward_modules`) from
+    `model`'s architecture (recorded on the config, and derived again when the config is used on another model),
+    or refuse in one line naming the modules there are."""
+    unset = {f for f in config.architecture_fields if getattr(config, f) is None or f in config._from_run}
+    if not unset:
         return
-    found = default_targets(model)
+    found = config.architecture_defaults(model_type(model), unset)
     if found is None:
-        leaves = _wrappable_leaves(model)
         raise SpliceError(f"target_modules: not set, and splice has no default for model type "
                           f"{model_type(model)!r} ({type(model).__name__}); name the modules (wrappable: "
-                          f"{', '.join(leaves[:20])}) or use 'all-linear'")
-    config.target_modules, config._from_run = found, set(config._from_run) | {"target_modules"}
+                          f"{', '.join(_wrappable_leaves(model)[:20])}) or use 'all-linear'")
+    for name, value in found.items():
+        setattr(config, name, value)
+    config._from_run = set(config._from_run) | set(found)
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, str]]:
