@@ -279,6 +279,25 @@ def test_merge_and_unload_gives_peft_weights(tiny, row, tmp_path):
         torch.testing.assert_close(ours[k], theirs[k], atol=ATOL, rtol=0, msg=f"merged {k}")
 
 
+@pytest.mark.parametrize("method", sorted(set(PEFT_CONFIGS) - {"ln_tuning"}))  # LN tuning: its own regex
+def test_unset_targets_use_peft_s_table_for_the_method(method):
+    """Every architecture in PEFT's per-method table gets the same modules (regex entries aside)."""
+    from peft.utils import constants
+
+    theirs = getattr(constants, f"TRANSFORMERS_MODELS_TO_{'LORA' if method == 'dora' else method.upper()}"
+                                f"_TARGET_MODULES_MAPPING")
+    config = make_config(method)
+    for model_type, names in theirs.items():
+        if isinstance(names, list):
+            assert config.architecture_defaults(model_type, {"target_modules"}) == {"target_modules": names}, \
+                model_type
+    if method == "ia3":
+        feedforward = constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+        for model_type, names in feedforward.items():
+            got = config.architecture_defaults(model_type, {"target_modules", "feedforward_modules"})
+            assert got["feedforward_modules"] == names, model_type
+
+
 @pytest.mark.parametrize("model, fields", [
     ("bert", {}), ("llama", {}), ("gpt2", GPT2), ("bert", dict(target_modules=["value", "output.dense"])),
     ("llama", dict(target_modules=["q_proj", "down_proj"])), ("bert", dict(target_modules=".*value"))],

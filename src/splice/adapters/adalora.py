@@ -29,6 +29,7 @@ from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.importance import Sensitivity, check_importance_fields, orthogonality
 from splice.adapters.lora import lora_update, module_dims
 from splice.adapters.registry import register
+from splice.adapters.targets import ADALORA_TARGETS
 from splice.delta.forms import Delta
 from splice.errors import SpliceError
 
@@ -56,6 +57,7 @@ class AdaLoraConfig(AdapterConfig):
         default=None)
 
     peft_type: ClassVar[str | None] = "ADALORA"
+    target_table: ClassVar[dict[str, list[str]]] = ADALORA_TARGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from splice.adapters.targets import QUERY_VALUE
 from splice.errors import SpliceError, closest
 
 
@@ -28,8 +29,10 @@ class AdapterConfig:
     # Fields splice filled in (target_modules from the model; AdaLoRA's total_step from the run): recorded for the
     # saved folder, and derived afresh when the config object is used again rather than kept from the last use.
     _from_run: ClassVar[frozenset[str]] = frozenset()
-    # Fields whose None `architecture_defaults` fills in on the model (then recorded in `_from_run`).
+    # Fields whose None `architecture_defaults` fills in on the model (then recorded in `_from_run`), and the
+    # model_type → target_modules table it reads (`splice.adapters.targets`).
     architecture_fields: ClassVar[tuple[str, ...]] = ("target_modules",)
+    target_table: ClassVar[dict[str, list[str]]] = QUERY_VALUE
 
     target_modules: list[str] | str | None = doc(
         "Modules to wrap: a list of name suffixes (['query', 'value']), one regex matched against the full module "
@@ -64,10 +67,10 @@ class AdapterConfig:
 
     def architecture_defaults(self, model_type: str | None, unset: set[str]) -> dict[str, Any] | None:
         """Values for the `unset` fields that follow the model's architecture (by transformers' `model_type`):
-        `target_modules`, the attention query and value projections. None: no default for this architecture."""
-        from splice.adapters.targets import QUERY_VALUE
-
-        names = QUERY_VALUE.get(model_type or "")
+        `target_modules` from `target_table`. None: no default for this architecture."""
+        if "target_modules" not in unset:
+            return {}
+        names = self.target_table.get(model_type or "")
         return {"target_modules": list(names)} if names else None
 
     def prepare(self, targets: list[tuple[str, Any, str]], shared: dict[str, Any] | None) -> "AdapterConfig":

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from splice.adapters.config import AdapterConfig, doc, pattern_value
 from splice.adapters.lora import module_dims
 from splice.adapters.registry import register
+from splice.adapters.targets import FOURIERFT_TARGETS
 from splice.delta.forms import Delta, Dense
 from splice.errors import SpliceError
 
@@ -40,6 +41,7 @@ class FourierFTConfig(AdapterConfig):
     init_weights: bool = doc("Start the coefficients at 0 (ΔW = 0); false draws them from N(0, 1).", default=False)
 
     peft_type: ClassVar[str | None] = "FOURIERFT"
+    target_table: ClassVar[dict[str, list[str]]] = FOURIERFT_TARGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()

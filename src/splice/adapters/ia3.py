@@ -56,6 +56,7 @@ class IA3Config(AdapterConfig):
 
     peft_type: ClassVar[str | None] = "IA3"
     architecture_fields: ClassVar[tuple[str, ...]] = ("target_modules", "feedforward_modules")
+    target_table: ClassVar[dict[str, list[str]]] = IA3_TARGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,11 +73,9 @@ class IA3Config(AdapterConfig):
     def architecture_defaults(self, model_type: str | None, unset: set[str]) -> dict[str, Any] | None:
         """PEFT's (IA)³ defaults: unset targets are the keys, values and feed-forward output layer
         (`splice.adapters.targets.IA3_TARGETS`); unset feedforward_modules the feed-forward layer among them."""
-        out: dict[str, Any] = {}
-        if "target_modules" in unset:
-            if model_type not in IA3_TARGETS:
-                return None
-            out["target_modules"] = list(IA3_TARGETS[model_type])
+        out = super().architecture_defaults(model_type, unset)
+        if out is None:
+            return None
         if "feedforward_modules" in unset:
             feedforward = IA3_FEEDFORWARD.get(model_type or "", [])
             targets = out.get("target_modules", self.target_modules)

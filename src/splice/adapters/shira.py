@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.registry import register
+from splice.adapters.targets import ATTENTION_ONLY_TARGETS
 from splice.adapters.sparse import entries_matrix, layer_forward, random_flat_positions, with_entries
 from splice.delta.forms import Delta, Sparse
 from splice.errors import SpliceError
@@ -39,6 +40,7 @@ class ShiraConfig(AdapterConfig):
     init_weights: bool = doc("Start the values at 0 (ΔW = 0); false draws them from N(0, 1).", default=True)
 
     peft_type: ClassVar[str | None] = "SHIRA"
+    target_table: ClassVar[dict[str, list[str]]] = ATTENTION_ONLY_TARGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from splice.adapters.config import AdapterConfig, doc
 from splice.adapters.lora import lora_update, module_dims
 from splice.adapters.registry import register
+from splice.adapters.targets import ATTENTION_ONLY_TARGETS
 from splice.delta.forms import Delta
 from splice.errors import SpliceError
 
@@ -46,6 +47,7 @@ class VeraConfig(AdapterConfig):
                              default=True)
 
     peft_type: ClassVar[str | None] = "VERA"
+    target_table: ClassVar[dict[str, list[str]]] = ATTENTION_ONLY_TARGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()
