@@ -20,6 +20,7 @@ from splice.adapters import make_config
 from splice.adapters.inject import adapter_layers
 from splice.adapters.model import configs
 from splice.train.loop import TrainConfig, train_loop
+from splice.train.optim import ElementAgeAdamW
 
 METHODS = ["sara", "spiel", "s2ft", "paca", "nola"]
 
@@ -203,13 +204,18 @@ def test_spiel_keeps_exactly_k_entries_through_index_updates_and_resets_moved_on
         stats = {p: (a.grad_sum.clone(), a.grad_sq.clone(), a.grad_count) for p, _, a in layers(model)}
         before = {p: a.index.clone() for p, _, a in layers(model)}
         n = original_update(step)
-        moved[step] = {"stats": stats, "before": before, "n": n, "optimizer": spiel.optimizer}
+        state = spiel.optimizer.state
+        moved[step] = {"stats": stats, "before": before, "n": n, "optimizer": spiel.optimizer,
+                       "age": {p: state[a.values]["age"].clone() for p, _, a in layers(model)},
+                       "exp_avg": {p: state[a.values]["exp_avg"].clone() for p, _, a in layers(model)},
+                       "exp_avg_sq": {p: state[a.values]["exp_avg_sq"].clone() for p, _, a in layers(model)}}
         return n
 
     spiel.update = update
     train(model, tiny, steps=11, lr=0.05, hooks=[spiel, watch])
     assert sorted(moved) == [2, 6, 10]  # the end of each accumulation window (steps 1–2, 5–6, 9–10)
-    assert all(isinstance(m["optimizer"], torch.optim.AdamW) for m in moved.values())  # found the loop's own
+    # the loop took SpIEL's own optimizer: AdamW with an age per value, as the reference's SftAdamW
+    assert all(isinstance(m["optimizer"], ElementAgeAdamW) for m in moved.values())
     for path, base, adapter in layers(model):
         k = adapter.values.numel()
         first = moved[2]
@@ -217,6 +223,9 @@ def test_spiel_keeps_exactly_k_entries_through_index_updates_and_resets_moved_on
         grad_sum = first["stats"][path][0]
         assert set(watch.history[1][path][0].tolist()) == set(torch.topk(grad_sum.abs(), k).indices.tolist())
         assert not torch.equal(watch.history[1][path][0].sort().values, initial[path])
+        # per slot, the step it last restarted at: 2 for the slots the first update moved; a slot kept since the
+        # start counts every step (as if restarted at 1 with no age)
+        restarted_at = torch.where(initial[path] != watch.history[1][path][0], 2, 1)
         for step in (6, 10):
             before, after = moved[step]["before"][path], watch.history[step - 1][path][0]
             changed = before != after
@@ -224,6 +233,14 @@ def test_spiel_keeps_exactly_k_entries_through_index_updates_and_resets_moved_on
             assert int(changed.sum()) <= int(k * rate)
             # the moved slots start again from 0 (their old delta is reset: W is back to W₀ there)
             assert (watch.history[step - 1][path][1][changed] == 0).all()
+            # ... with the reference's state: the raw accumulated means, aged by the window's 2 steps (stored as
+            # 1, the next step counting first), while the others count on from their last restart
+            restarted_at = torch.where(changed, step, restarted_at)
+            torch.testing.assert_close(moved[step]["age"][path], (step - restarted_at + 1).float())
+            grad_sum, grad_sq, count = moved[step]["stats"][path]
+            assert count == 2
+            torch.testing.assert_close(moved[step]["exp_avg"][path][changed], grad_sum[after[changed]] / count)
+            torch.testing.assert_close(moved[step]["exp_avg_sq"][path][changed], grad_sq[after[changed]] / count)
         assert len(set(adapter.index.tolist())) == k
     assert moved[6]["n"] > 0
 

@@ -26,23 +26,22 @@ gradient autograd forms before gathering it at η; a tensor hook adds it into tw
 accumulation window only (the reference keeps a candidate subset instead; this keeps whole matrices for those
 steps). The paper's other growth criterion (SM3 momenta) is not implemented.
 
-The training loop hands its optimizer to the trainer (`bind_optimizer`), which resets the moved slots' state in
-it. In a loop of one's own, call `hook.bind_optimizer(optimizer)` once; without it the index set still moves and
-only the state reset is skipped.
-
-Differs from the reference: its `SftAdamW` keeps an age per entry, so a regrown slot's moments are bias-corrected
-by the steps they stand for; torch's AdamW corrects every entry by the run's one step count, which inflates a
-regrown slot's second moment by up to 1 / (1 − β₂ᵗ) (200× at step 5, where the first update re-chooses every
-slot; still ~2× at the end of a 200-step run) and so shrinks its steps. Swapping in the per-element-age optimizer
-(`splice.train.optim.element_age`) at the same learning rate takes correspondingly larger steps: at 1e-3 on these
-raw weight entries it fell below the majority class on a sentiment task, so that change waits for a SpIEL learning
-rate chosen with it (the reference tunes SpIEL over the same grid as LoRA, 3e-6 to 1e-4 on LLaMA 2).
+The trainer brings the run's optimizer (`make_optimizer`): AdamW with an age per SpIEL value
+(`splice.train.optim.element_age`), as the reference's `SftAdamW` keeps. A regrown slot's state is the reference's:
+the accumulated mean gradient and mean squared gradient as they are, aged by the window's steps, so its next step
+is bias-corrected as the window's step count (at the window of 5 steps, 1 / (1 − β₂⁵) ≈ 200 on the second moment:
+a regrown slot starts with small steps that grow as it ages). In a loop of one's own, build the optimizer with
+`hook.make_optimizer(params, lr, weight_decay)`, or hand yours to `hook.bind_optimizer(optimizer)`: a torch AdamW
+gets the same moments under its one step count: about the reference's correction at the first update (the run's
+step 6 against the window's 5), and larger steps after the later ones (step t corrects by 1 / (1 − β₂ᵗ), 40 at
+t = 25); without either the index set still moves and only the state reset is skipped.
 
 Wraps nn.Linear and HF Conv1D (positions in the weight as stored). Saved as `spiel_values` and `spiel_indices`;
 PEFT has no SpIEL (`peft_type: null`, `splice_method: spiel`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -54,6 +53,7 @@ from splice.adapters.registry import register
 from splice.adapters.sparse import (SeedPerModule, SparseEntries, adapters_of, check_fraction, check_int, check_kind,
                                     check_positive_int, count_of, random_flat_positions, seed_of)
 from splice.errors import SpliceError
+from splice.train.optim.element_age import ElementAgeAdamW
 
 
 @dataclass
@@ -152,9 +152,13 @@ class SpielAdapter(SparseEntries):
         index[slots] = new
         values[slots] = 0.0
         if optimizer is not None:
-            mean = self.grad_sum[new] / self.grad_count
-            reset_slots(optimizer, values, slots, {"exp_avg": mean,
-                                                   "exp_avg_sq": self.grad_sq[new] / self.grad_count})
+            mean, mean_sq = self.grad_sum[new] / self.grad_count, self.grad_sq[new] / self.grad_count
+            if isinstance(optimizer, ElementAgeAdamW) and optimizer.ages(values):
+                # The reference's SftAdamW state: the raw means, aged by the window's steps (its age is the step
+                # the next update corrects by; ours counts the step first).
+                optimizer.assign(values, slots, self.grad_count - 1, mean, mean_sq)
+            else:
+                reset_slots(optimizer, values, slots, {"exp_avg": mean, "exp_avg_sq": mean_sq})
         return slots
 
     def extra_repr(self) -> str:
@@ -179,6 +183,11 @@ class SpielTrainer:
         self.config, self.total = config, total_steps
         self.optimizer: torch.optim.Optimizer | None = None
         self._accumulate(self._in_window(1))
+
+    def make_optimizer(self, params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> ElementAgeAdamW:
+        """AdamW over `params` with an age per SpIEL value, as the reference's `SftAdamW` (the training loop calls
+        this)."""
+        return ElementAgeAdamW.aging(params, [adapter.values for _, adapter in self.modules], lr, weight_decay)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer that steps the adapter's values (the training loop calls this once it has built it)."""

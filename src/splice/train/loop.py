@@ -108,9 +108,9 @@ def train_loop(
         modules: modules put in train mode during the loop and back in eval mode after it.
         hooks: what a method adds to training (AdaLoRA's rank allocator): each may have `loss()`, a term added to
             the loss, `after_step(step)`, run after the optimizer step (1-based) while the gradients are there,
-            `make_optimizer(params, lr, weight_decay)`, the run's optimizer when no strategy brings one (IncreLoRA's
-            per-element-age AdamW), and `bind_optimizer(optimizer)`, called once with the optimizer before the
-            first step.
+            `make_optimizer(params, lr, weight_decay)`, the run's optimizer when no strategy brings one (SpIEL's
+            and IncreLoRA's per-element-age AdamW), and `bind_optimizer(optimizer)`, called once with the optimizer
+            before the first step.
 
     `config.strategy` (GaLore, LISA, HFT, ReLoRA) is built here over `params` and `modules` and called at its hooks:
     see `splice.train.optim.registry.TrainStrategy`.

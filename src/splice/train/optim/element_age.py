@@ -1,8 +1,8 @@
 """AdamW whose bias correction counts steps per element.
 
 torch.optim.AdamW corrects a parameter's moments by one step count, so an entry whose optimizer state restarts
-mid-run (an IncreLoRA component that starts training when its module grows) is corrected as if it had been there
-from the first step. Here a parameter group with ``element_age=True`` keeps an ``age`` per element (the reference
+mid-run (an IncreLoRA component that starts training when its module grows, a regrown SpIEL entry) is corrected as
+if it had been there from the first step. Here a parameter group with ``element_age=True`` keeps an ``age`` per element (the reference
 SpIEL code's `SftAdamW` does the same); other groups keep one age per tensor. While no state is restarted, every
 age equals the step count and the update is torch.optim.AdamW's.
 """
@@ -90,12 +90,23 @@ class ElementAgeAdamW(torch.optim.Optimizer):
         Raises:
             ValueError: `param` is not in a group with ``element_age=True``, or `steps` < 0.
         """
+        beta1, beta2 = self._group(param)["betas"] if self.ages(param) else (0.0, 0.0)
+        self.assign(param, entries, steps, mean * (1 - beta1 ** steps), mean_sq * (1 - beta2 ** steps))
+
+    @torch.no_grad()
+    def assign(self, param: Tensor, entries: Any, age: int, exp_avg: Tensor | float,
+               exp_avg_sq: Tensor | float) -> None:
+        """Write `entries` of `param`'s state as given: the raw moments, and `age`, the steps they count (the next
+        step corrects them as step ``age + 1``). `restart` writes the moments of given statistics through this.
+
+        Raises:
+            ValueError: `param` is not in a group with ``element_age=True``, or `age` < 0.
+        """
         if not self.ages(param):
-            raise ValueError("ElementAgeAdamW.restart: the parameter is not in a group with element_age=True")
-        if steps < 0:
-            raise ValueError(f"ElementAgeAdamW.restart: steps must be at least 0, got {steps}")
+            raise ValueError("ElementAgeAdamW: the parameter is not in a group with element_age=True")
+        if age < 0:
+            raise ValueError(f"ElementAgeAdamW: an age must be at least 0, got {age}")
         state = self._state(param, True)
-        beta1, beta2 = self._group(param)["betas"]
-        state["age"][entries] = float(steps)
-        for name, value, beta in (("exp_avg", mean, beta1), ("exp_avg_sq", mean_sq, beta2)):
-            state[name][entries] = torch.as_tensor(value * (1 - beta ** steps)).to(state[name].dtype)
+        state["age"][entries] = float(age)
+        for name, value in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            state[name][entries] = torch.as_tensor(value).to(state[name].dtype)
