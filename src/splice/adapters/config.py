@@ -38,8 +38,8 @@ class AdapterConfig:
         "Modules to wrap: a list of name suffixes (['query', 'value']), one regex matched against the full module "
         "name, or 'all-linear' (every linear layer except the output head). None: the architecture's attention "
         "query and value projections (query,value for BERT, q_proj,v_proj for Llama, c_attn for GPT-2, ...; "
-        "`splice.adapters.targets`; IA3 keeps PEFT's own table), recorded on the config when it is first used on a "
-        "model.",
+        "`splice.adapters.targets`; a method PEFT gives other defaults, such as IA3 or AdaLoRA, uses PEFT's), "
+        "recorded on the config when it is first used on a model.",
         default=None,
     )
     exclude_modules: list[str] | str | None = doc(

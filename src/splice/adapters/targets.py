@@ -32,7 +32,8 @@ QUERY_VALUE: dict[str, list[str]] = {
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
-# AdaLoRA: every attention and feed-forward projection on the encoder-decoders and OPT (as PEFT's table).
+# AdaLoRA: every attention and feed-forward projection on the encoder-decoders and OPT, and the keys and dense
+# layers too on RoBERTa and DeBERTa-v2 (as PEFT's table).
 ADALORA_TARGETS: dict[str, list[str]] = QUERY_VALUE | {
     "t5": ["q", "k", "v", "o", "wi", "wo"],
     "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
