@@ -2,9 +2,9 @@
 
 torch.optim.AdamW corrects a parameter's moments by one step count, so an entry whose optimizer state restarts
 mid-run (an IncreLoRA component that starts training when its module grows, a regrown SpIEL entry) is corrected as
-if it had been there from the first step. Here a parameter group with ``element_age=True`` keeps an ``age`` per element (the reference
-SpIEL code's `SftAdamW` does the same); other groups keep one age per tensor. While no state is restarted, every
-age equals the step count and the update is torch.optim.AdamW's.
+if it had been there from the first step. Here a parameter group with ``element_age=True`` keeps an ``age`` per
+element (the reference SpIEL code's `SftAdamW` does the same); other groups keep one age per tensor. While no state
+is restarted, every age equals the step count and the update is torch.optim.AdamW's.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class ElementAgeAdamW(torch.optim.Optimizer):
         return loss
 
     def ages(self, param: Tensor) -> bool:
-        """Whether `param` keeps an age per element here (and so can be `restart`-ed)."""
+        """Whether `param` keeps an age per element here (so its entries can be `restart`-ed or `assign`-ed)."""
         group = self._group(param)
         return group is not None and group["element_age"]
 
