@@ -1,9 +1,9 @@
 """`splice apply`: base model + adapter folder → a complete HF model folder with the adapter merged in.
 
 Streams: the base is read one tensor at a time (memory-mapped), the adapter's delta for that tensor is added in
-float32, and the result goes to a shard. For LoRA (its factors) and compressed deltas, peak memory is one tensor
-plus the adapter, never the whole model; the other methods' updates are built first, in float32, for every module
-they touch (a weight-dependent update such as OFT's or IA3's is dense), so they hold those modules once more.
+float32, and the result goes to a shard. Peak memory is one tensor and one module's update plus the adapter, never
+the whole model: LoRA's factors are kept, and an update computed from the base weight (DoRA's, OFT's, IA3's, ...)
+is computed when its tensor is written (`adapter_deltaset`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from splice.adapters.dora import dora_update
 from splice.adapters.lora import lora_update
-from splice.delta.deltaset import DeltaSet, fingerprints_match, tensor_fingerprint
+from splice.delta.deltaset import DeltaSet, GroupedLazyDeltaSet, fingerprints_match, tensor_fingerprint
 from splice.delta.forms import Delta, Dense
 from splice.errors import SpliceError
 from splice.io.checkpoints import CheckpointReader, atomic_output_dir, read_json, save_safetensors_sharded, write_json
@@ -45,45 +45,66 @@ def base_folder(name_or_path: str) -> Path:
 
 
 def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
-    """The adapter's deltas keyed by the base checkpoint's tensor names, shapes and fingerprints checked."""
+    """The adapter's deltas keyed by the base checkpoint's tensor names, shapes and fingerprints checked.
+
+    LoRA's factors are kept as they are; an update as large as its weight (DoRA's, or any other method's, which is
+    computed from the base weight) is computed once here to check it, then again, a module at a time, when it is
+    read, so that no more than one module's update and base weight are in memory at once.
+    """
     refuse_without_delta(folder)
     names = sorted({k.rsplit(".", 1)[0] for k in base.keys()})
     has = lambda m: f"{m}.weight" in base  # noqa: E731
     where = str(folder.path)
-    deltas: dict[str, Delta] = {}
     lora = folder.config.method in ("lora", "dora")
     resolved = {src: resolve_module(src, has, names, module_prefixes(), where) for src in folder.modules}
-    standins = {} if lora else _stand_ins(folder, resolved, base)
-    prepared = None if lora else folder.config.prepare([(m, *standins[s]) for s, m in resolved.items()],
-                                                       folder.shared)
+    prepared = None if lora else folder.config.prepare(_prepare_stand_ins(folder, resolved, base), folder.shared)
+
+    def module_deltas(src: str) -> dict[str, Delta]:
+        module, t = resolved[src], folder.modules[src]
+        weight = f"{module}.weight"
+        if lora:
+            return {weight: _lora_delta(folder, src, t, weight, base)}  # checks shapes first: the clearer message
+        standin, kind = _stand_in_of(folder, src, module, base)
+        return {f"{module}.{p}": d for p, d in _method_delta(folder, prepared, src, t, module, standin, kind).items()}
+
+    entries: dict[str, Delta | str] = {}
+    shapes: dict[str, torch.Size] = {}
     for src, t in folder.modules.items():
         module = resolved[src]
         weight = f"{module}.weight"
         if src in folder.base_weights:
             check_saved_base(folder, src, module, base.get(weight))
-        if lora:
-            deltas[weight] = _lora_delta(folder, src, t, weight, base)  # checks shapes first: the clearer message
+        computed = module_deltas(src)
+        _check_shapes(computed, base, where)
+        if lora and "lora_magnitude_vector" not in t:
+            entries.update(computed)  # the factors: small
         else:
-            deltas.update({f"{module}.{p}": d
-                           for p, d in _method_delta(folder, prepared, src, t, module, *standins[src]).items()})
+            entries.update(dict.fromkeys(computed, src))
+            shapes.update({name: d.shape for name, d in computed.items()})
+        del computed
         expected = folder.fingerprint.get(f"{src}.weight")
         if expected and not fingerprints_match(tensor_fingerprint(base.get(weight)), expected):
             raise SpliceError(f"{where}: this adapter was made for another base model: tensor {weight} differs")
     for src, bias in folder.biases.items():
         module = resolve_module(src, has, names, module_prefixes(), where)
-        deltas[f"{module}.bias"] = Dense(bias.float() - base.get(f"{module}.bias").float())
+        entries[f"{module}.bias"] = Dense(bias.float() - base.get(f"{module}.bias").float())
     for src, state in folder.saved.items():
         module = resolve_module(src, has, names, module_prefixes(), where)
         for pname, value in state.items():
             name = f"{module}.{pname}"
             if name not in base:
                 raise SpliceError(f"{where}: modules_to_save tensor {name!r} is not in the base")
-            deltas[name] = Dense(value.float() - base.get(name).float())
+            entries[name] = Dense(value.float() - base.get(name).float())
+    _check_shapes({n: d for n, d in entries.items() if not isinstance(d, str)}, base, where)
+    return GroupedLazyDeltaSet(entries, shapes, module_deltas, base=str(base.path), method=folder.config.method,
+                               config=folder.config.to_dict())
+
+
+def _check_shapes(deltas: dict[str, Delta], base: CheckpointReader, where: str) -> None:
     for name, d in deltas.items():
         if tuple(d.shape) != tuple(base.shape(name)):
             raise SpliceError(f"{where}: the update of {name} has shape {tuple(d.shape)}, the base tensor "
                               f"{tuple(base.shape(name))}")
-    return DeltaSet(deltas, base=str(base.path), method=folder.config.method, config=folder.config.to_dict())
 
 
 def refuse_without_delta(folder: AdapterFolder) -> None:
@@ -144,16 +165,32 @@ def _stand_in(weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> tupl
     return module, kind
 
 
-def _stand_ins(folder: AdapterFolder, resolved: dict[str, str], base: CheckpointReader) -> dict[str, tuple]:
-    """Folder module → (stand-in module, kind) holding the base tensors it updates."""
-    out = {}
-    for src, module in resolved.items():
-        bias = base.get(f"{module}.bias").float() if f"{module}.bias" in base else None
-        try:
-            out[src] = _stand_in(base.get(f"{module}.weight").float(), bias,
-                                 bool(folder.peft_config.get("fan_in_fan_out")))
-        except SpliceError as err:
-            raise SpliceError(f"{folder.path}: module {src!r}: {err}") from None
+def _stand_in_of(folder: AdapterFolder, src: str, module: str, base: CheckpointReader) -> tuple[nn.Module, str]:
+    """(stand-in module holding the base tensors in float32, kind) for folder module `src` (base `module`)."""
+    bias = base.get(f"{module}.bias").float() if f"{module}.bias" in base else None
+    try:
+        return _stand_in(base.get(f"{module}.weight").float(), bias, bool(folder.peft_config.get("fan_in_fan_out")))
+    except SpliceError as err:
+        raise SpliceError(f"{folder.path}: module {src!r}: {err}") from None
+
+
+def _prepare_stand_ins(folder: AdapterFolder, resolved: dict[str, str],
+                       base: CheckpointReader) -> list[tuple[str, nn.Module, str]]:
+    """The (name, module, kind) targets `config.prepare` takes: it reads their shapes, and the first one's weight
+    for the device and dtype of what it builds, so only that one holds data (the others are on the meta device)."""
+    out = []
+    for i, (src, module) in enumerate(resolved.items()):
+        if i == 0:
+            standin, kind = _stand_in_of(folder, src, module, base)
+        else:
+            meta = torch.empty(tuple(base.shape(f"{module}.weight")), device="meta")
+            bias = torch.empty(tuple(base.shape(f"{module}.bias")), device="meta") if f"{module}.bias" in base \
+                else None
+            try:
+                standin, kind = _stand_in(meta, bias, bool(folder.peft_config.get("fan_in_fan_out")))
+            except SpliceError as err:
+                raise SpliceError(f"{folder.path}: module {src!r}: {err}") from None
+        out.append((module, standin, kind))
     return out
 
 

@@ -92,3 +92,38 @@ def test_a_peft_folder_carrying_its_embedding_base_loads_and_applies(tmp_path):
         other.model.embed_tokens.weight.add_(1.0)  # not the base the folder carries
     with pytest.raises(splice.SpliceError, match="carries its own base weight for 'model.embed_tokens'"):
         splice.load_adapter(other, tmp_path / "adapter")
+
+
+def test_apply_computes_a_weight_sized_update_one_module_at_a_time(tmp_path, bert_dir, monkeypatch):
+    """An update computed from the base weight (IA3 with biases: weight and bias of a module) is computed once to
+    check it and once more when its tensors are written, a module at a time, never held for the whole model."""
+    import splice
+    import splice.apply as apply_module
+    from splice.io.checkpoints import CheckpointReader
+    from splice.io.peft_format import read_adapter_folder
+
+    model = AutoModel.from_pretrained(bert_dir).eval()
+    splice.adapt(model, splice.IA3Config(target_modules=["query", "value", "output.dense"]))
+    with torch.no_grad():
+        for p in splice.trainable_parameters(model):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    splice.save_adapter(model, tmp_path / "adapter")
+    expected = splice.merge_and_unload(model).state_dict()
+
+    calls = []
+    real = apply_module._method_delta
+    monkeypatch.setattr(apply_module, "_method_delta", lambda folder, prepared, src, *a: calls.append(src) or
+                        real(folder, prepared, src, *a))
+    reader = CheckpointReader(bert_dir)
+    deltas = apply_module.adapter_deltaset(read_adapter_folder(tmp_path / "adapter"), reader)
+    modules = list(dict.fromkeys(calls))
+    assert calls == modules and len(modules) == 8  # checked once each: 2 layers x (query, value, 2 output.dense)
+    assert {n.rsplit(".", 1)[-1] for n in deltas} == {"weight", "bias"}  # IA3 rescales an output's bias too
+    calls.clear()
+    for name in deltas:  # in order, as `apply` reads them: weight then bias of one module, then the next
+        deltas[name].apply_to(w := reader.get(name).float())
+        torch.testing.assert_close(w, expected[name], atol=1e-5, rtol=0, msg=name)
+    assert calls == modules  # once more each, as its tensors are read
+    out = apply_adapter(str(bert_dir), tmp_path / "adapter", tmp_path / "merged", progress=False)
+    for name, tensor in load_file(out / "model.safetensors").items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0, msg=name)

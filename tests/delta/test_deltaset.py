@@ -137,3 +137,26 @@ def test_lazy_diff_mismatches_are_named(tmp_path, base_state):
     ds = DeltaSet.from_checkpoints(tmp_path / "base.safetensors", tmp_path / "base.safetensors")
     with pytest.raises(KeyError):
         ds["nope"]
+
+
+def test_grouped_lazy_deltaset_computes_a_group_when_read_and_keeps_only_the_last():
+    from splice.delta import Dense, GroupedLazyDeltaSet
+
+    calls = []
+
+    def compute(group):
+        calls.append(group)
+        return {f"{group}.weight": Dense(torch.ones(2, 3)), f"{group}.bias": Dense(torch.ones(2))}
+
+    eager = Dense(torch.zeros(4))
+    ds = GroupedLazyDeltaSet({"a.weight": "a", "a.bias": "a", "n.weight": eager, "b.weight": "b", "b.bias": "b"},
+                             {"a.weight": torch.Size([2, 3]), "a.bias": torch.Size([2]),
+                              "b.weight": torch.Size([2, 3]), "b.bias": torch.Size([2])}, compute, method="ia3")
+    assert list(ds) == ["a.weight", "a.bias", "n.weight", "b.weight", "b.bias"] and len(ds) == 5
+    assert ds.delta_shape("b.weight") == (2, 3) and ds.delta_shape("n.weight") == (4,) and calls == []
+    assert ds["n.weight"] is eager and calls == []
+    assert ds["a.weight"].shape == (2, 3) and ds["a.bias"].shape == (2,) and calls == ["a"]  # one computation
+    ds["b.bias"], ds["a.weight"]
+    assert calls == ["a", "b", "a"]  # only the last group is kept
+    with pytest.raises(KeyError, match="'a.wieght'.*a.weight"):
+        ds["a.wieght"]

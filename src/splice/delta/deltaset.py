@@ -16,7 +16,7 @@ from torch import Tensor
 from splice.delta.forms import Delta, Dense
 from splice.errors import SpliceError, closest
 
-__all__ = ["DeltaSet", "LazyDiffDeltaSet", "fingerprints_match", "tensor_fingerprint"]
+__all__ = ["DeltaSet", "GroupedLazyDeltaSet", "LazyDiffDeltaSet", "fingerprints_match", "tensor_fingerprint"]
 
 _SAMPLES = 8
 
@@ -239,3 +239,53 @@ class LazyDiffDeltaSet(DeltaSet):
     def nbytes(self) -> int:
         """Bytes the dense fp32 deltas would take, computed from the headers without reading data."""
         return sum(4 * self.base_reader.shape(n).numel() for n in self._keys)
+
+
+class GroupedLazyDeltaSet(DeltaSet):
+    """A DeltaSet some of whose deltas are computed when looked up, a group at a time (an adapter's module: its
+    weight's and bias's deltas come from one computation). The last group's deltas are kept, so reading a module's
+    tensors in turn computes them once; memory holds one group's deltas, not the whole model's.
+
+    Args:
+        deltas: tensor name → its Delta, or the name of the group that computes it.
+        shapes: tensor name → shape, for every name `deltas` maps to a group (answered without computing).
+        compute: group name → that group's deltas by tensor name.
+        **kwargs: `DeltaSet`'s base, fingerprint, method and config.
+    """
+
+    def __init__(self, deltas: Mapping[str, Delta | str], shapes: Mapping[str, torch.Size],
+                 compute: Callable[[str], Mapping[str, Delta]], **kwargs: Any) -> None:
+        import threading
+
+        super().__init__(**kwargs)
+        self._entries = dict(deltas)
+        self._shapes = dict(shapes)
+        self._compute = compute
+        self._last: tuple[str, Mapping[str, Delta]] | None = None
+        self._lock = threading.Lock()  # the merge executor reads from several threads
+
+    def __getitem__(self, name: str) -> Delta:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise KeyError(f"no delta for tensor {name!r}{closest(name, self._entries)}")
+        if not isinstance(entry, str):
+            return entry
+        with self._lock:
+            if self._last is None or self._last[0] != entry:
+                self._last = (entry, self._compute(entry))
+            return self._last[1][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def delta_shape(self, name: str) -> torch.Size:
+        entry = self._entries.get(name)
+        if isinstance(entry, str):
+            return self._shapes[name]
+        return self[name].shape
