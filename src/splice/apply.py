@@ -1,9 +1,9 @@
 """`splice apply`: base model + adapter folder → a complete HF model folder with the adapter merged in.
 
 Streams: the base is read one tensor at a time (memory-mapped), the adapter's delta for that tensor is added in
-float32, and the result goes to a shard. Peak memory is one tensor and one module's update plus the adapter, never
-the whole model: LoRA's factors are kept, and an update computed from the base weight (DoRA's, OFT's, IA3's, ...)
-is computed when its tensor is written (`adapter_deltaset`).
+float32, and the result goes to a shard. LoRA's factors are kept; an update computed from the base weight (DoRA's,
+OFT's, IA3's, ...) is kept up to 1 GiB in all and past that computed again when its tensor is written
+(`adapter_deltaset`), so a large model's updates are never all in memory at once.
 """
 from __future__ import annotations
 
@@ -44,12 +44,17 @@ def base_folder(name_or_path: str) -> Path:
                           f"({type(exc).__name__})") from None
 
 
+# Weight-sized updates kept from `adapter_deltaset`'s check (1 GiB); the rest are computed again when read.
+KEEP_COMPUTED_BYTES = 1 << 30
+
+
 def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
     """The adapter's deltas keyed by the base checkpoint's tensor names, shapes and fingerprints checked.
 
-    LoRA's factors are kept as they are; an update as large as its weight (DoRA's, or any other method's, which is
-    computed from the base weight) is computed once here to check it, then again, a module at a time, when it is
-    read, so that no more than one module's update and base weight are in memory at once.
+    LoRA's factors are kept as they are. An update as large as its weight (DoRA's, or any other method's, which is
+    computed from the base weight) is computed here to check it and kept while the kept updates fit in
+    `KEEP_COMPUTED_BYTES`; past that, it is computed again, a module at a time, when it is read, so that a large
+    model's updates are never all in memory at once.
     """
     refuse_without_delta(folder)
     names = sorted({k.rsplit(".", 1)[0] for k in base.keys()})
@@ -69,6 +74,7 @@ def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
 
     entries: dict[str, Delta | str] = {}
     shapes: dict[str, torch.Size] = {}
+    kept = 0
     for src, t in folder.modules.items():
         module = resolved[src]
         weight = f"{module}.weight"
@@ -76,8 +82,10 @@ def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
             check_saved_base(folder, src, module, base.get(weight))
         computed = module_deltas(src)
         _check_shapes(computed, base, where)
-        if lora and "lora_magnitude_vector" not in t:
-            entries.update(computed)  # the factors: small
+        size = sum(d.nbytes for d in computed.values())
+        if (lora and "lora_magnitude_vector" not in t) or kept + size <= KEEP_COMPUTED_BYTES:
+            entries.update(computed)  # LoRA's factors (small), or within the budget: no second computation
+            kept += size
         else:
             entries.update(dict.fromkeys(computed, src))
             shapes.update({name: d.shape for name, d in computed.items()})

@@ -95,8 +95,9 @@ def test_a_peft_folder_carrying_its_embedding_base_loads_and_applies(tmp_path):
 
 
 def test_apply_computes_a_weight_sized_update_one_module_at_a_time(tmp_path, bert_dir, monkeypatch):
-    """An update computed from the base weight (IA3 with biases: weight and bias of a module) is computed once to
-    check it and once more when its tensors are written, a module at a time, never held for the whole model."""
+    """Past the budget of kept updates (here 0 bytes), an update computed from the base weight (IA3 with biases:
+    weight and bias of a module) is computed once to check it and once more when its tensors are written, a module
+    at a time, never held for the whole model."""
     import splice
     import splice.apply as apply_module
     from splice.io.checkpoints import CheckpointReader
@@ -110,6 +111,7 @@ def test_apply_computes_a_weight_sized_update_one_module_at_a_time(tmp_path, ber
     splice.save_adapter(model, tmp_path / "adapter")
     expected = splice.merge_and_unload(model).state_dict()
 
+    monkeypatch.setattr(apply_module, "KEEP_COMPUTED_BYTES", 0)
     calls = []
     real = apply_module._method_delta
     monkeypatch.setattr(apply_module, "_method_delta", lambda folder, prepared, src, *a: calls.append(src) or
@@ -121,9 +123,15 @@ def test_apply_computes_a_weight_sized_update_one_module_at_a_time(tmp_path, ber
     assert {n.rsplit(".", 1)[-1] for n in deltas} == {"weight", "bias"}  # IA3 rescales an output's bias too
     calls.clear()
     for name in deltas:  # in order, as `apply` reads them: weight then bias of one module, then the next
-        deltas[name].apply_to(w := reader.get(name).float())
+        deltas[name].apply_to(w := reader.get(name).to(torch.float32, copy=True))
         torch.testing.assert_close(w, expected[name], atol=1e-5, rtol=0, msg=name)
     assert calls == modules  # once more each, as its tensors are read
     out = apply_adapter(str(bert_dir), tmp_path / "adapter", tmp_path / "merged", progress=False)
     for name, tensor in load_file(out / "model.safetensors").items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0, msg=name)
+    monkeypatch.setattr(apply_module, "KEEP_COMPUTED_BYTES", 1 << 30)  # within the budget: computed once, kept
+    calls.clear()
+    deltas = apply_module.adapter_deltaset(read_adapter_folder(tmp_path / "adapter"), reader)
+    for name in deltas:
+        deltas[name]
+    assert calls == modules
