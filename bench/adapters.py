@@ -486,8 +486,12 @@ class Trainer:
 
             config = make_strategy_config(STRATEGY_KINDS[spec.kind][1])  # the strategy's defaults
             self.strategy = build_strategy(config, params, [self.model], total_steps=10**9, seed=SEED)
-        made = self.strategy.optimizer(params, 1e-4, 1e-2) if self.strategy else None
-        self.opt = made or torch.optim.AdamW(params, lr=1e-4)  # torch's default weight decay 1e-2 in both
+        # As the training loop: a strategy's optimizer, else a method hook's own (SpIEL's and IncreLoRA's AdamW
+        # with an age per element), else torch's AdamW; torch's default weight decay 1e-2 in all.
+        makers = [h.make_optimizer for h in self.hooks if hasattr(h, "make_optimizer")]
+        made = (self.strategy.optimizer(params, 1e-4, 1e-2) if self.strategy
+                else makers[0](params, 1e-4, 1e-2) if makers else None)
+        self.opt = made or torch.optim.AdamW(params, lr=1e-4)
         for hook in self.hooks:  # a method that moves optimizer state (SpIEL's index updates) needs the optimizer
             if hasattr(hook, "bind_optimizer"):
                 hook.bind_optimizer(self.opt)
