@@ -173,11 +173,16 @@ def _stand_in(weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> tupl
     return module, kind
 
 
-def _stand_in_of(folder: AdapterFolder, src: str, module: str, base: CheckpointReader) -> tuple[nn.Module, str]:
-    """(stand-in module holding the base tensors in float32, kind) for folder module `src` (base `module`)."""
-    bias = base.get(f"{module}.bias").float() if f"{module}.bias" in base else None
+def _stand_in_of(folder: AdapterFolder, src: str, module: str, base: CheckpointReader,
+                 meta: bool = False) -> tuple[nn.Module, str]:
+    """(stand-in module holding the base tensors in float32, kind) for folder module `src` (base `module`); with
+    `meta`, tensors of the same shapes on the meta device, read from the checkpoint's header only."""
+    def tensor(name: str) -> Tensor:
+        return torch.empty(tuple(base.shape(name)), device="meta") if meta else base.get(name).float()
+
+    bias = tensor(f"{module}.bias") if f"{module}.bias" in base else None
     try:
-        return _stand_in(base.get(f"{module}.weight").float(), bias, bool(folder.peft_config.get("fan_in_fan_out")))
+        return _stand_in(tensor(f"{module}.weight"), bias, bool(folder.peft_config.get("fan_in_fan_out")))
     except SpliceError as err:
         raise SpliceError(f"{folder.path}: module {src!r}: {err}") from None
 
@@ -186,20 +191,8 @@ def _prepare_stand_ins(folder: AdapterFolder, resolved: dict[str, str],
                        base: CheckpointReader) -> list[tuple[str, nn.Module, str]]:
     """The (name, module, kind) targets `config.prepare` takes: it reads their shapes, and the first one's weight
     for the device and dtype of what it builds, so only that one holds data (the others are on the meta device)."""
-    out = []
-    for i, (src, module) in enumerate(resolved.items()):
-        if i == 0:
-            standin, kind = _stand_in_of(folder, src, module, base)
-        else:
-            meta = torch.empty(tuple(base.shape(f"{module}.weight")), device="meta")
-            bias = torch.empty(tuple(base.shape(f"{module}.bias")), device="meta") if f"{module}.bias" in base \
-                else None
-            try:
-                standin, kind = _stand_in(meta, bias, bool(folder.peft_config.get("fan_in_fan_out")))
-            except SpliceError as err:
-                raise SpliceError(f"{folder.path}: module {src!r}: {err}") from None
-        out.append((module, standin, kind))
-    return out
+    return [(module, *_stand_in_of(folder, src, module, base, meta=i > 0))
+            for i, (src, module) in enumerate(resolved.items())]
 
 
 def _method_delta(folder: AdapterFolder, prepared: Any, src: str, tensors: dict[str, Tensor], module: str,

@@ -257,17 +257,14 @@ class GroupedLazyDeltaSet(DeltaSet):
                  compute: Callable[[str], Mapping[str, Delta]], **kwargs: Any) -> None:
         import threading
 
-        super().__init__(**kwargs)
-        self._entries = dict(deltas)
+        super().__init__(deltas, **kwargs)  # a group's name stands in `_deltas` for the deltas it computes
         self._shapes = dict(shapes)
         self._compute = compute
         self._last: tuple[str, Mapping[str, Delta]] | None = None
         self._lock = threading.Lock()  # the merge executor reads from several threads
 
     def __getitem__(self, name: str) -> Delta:
-        entry = self._entries.get(name)
-        if entry is None:
-            raise KeyError(f"no delta for tensor {name!r}{closest(name, self._entries)}")
+        entry = super().__getitem__(name)
         if not isinstance(entry, str):
             return entry
         with self._lock:
@@ -275,17 +272,5 @@ class GroupedLazyDeltaSet(DeltaSet):
                 self._last = (entry, self._compute(entry))
             return self._last[1][name]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
     def delta_shape(self, name: str) -> torch.Size:
-        entry = self._entries.get(name)
-        if isinstance(entry, str):
-            return self._shapes[name]
-        return self[name].shape
+        return self._shapes[name] if isinstance(self._deltas.get(name), str) else self[name].shape

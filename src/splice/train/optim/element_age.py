@@ -72,6 +72,13 @@ class ElementAgeAdamW(torch.optim.Optimizer):
     def _group(self, param: Tensor) -> dict[str, Any] | None:
         return next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
 
+    def _aging_group(self, param: Tensor) -> dict[str, Any]:
+        """`param`'s group, which must keep ages per element."""
+        group = self._group(param)
+        if group is None or not group["element_age"]:
+            raise ValueError("ElementAgeAdamW: the parameter is not in a group with element_age=True")
+        return group
+
     def _state(self, p: Tensor, element_age: bool) -> dict[str, Tensor]:
         state = self.state[p]
         if not state:
@@ -90,7 +97,7 @@ class ElementAgeAdamW(torch.optim.Optimizer):
         Raises:
             ValueError: `param` is not in a group with ``element_age=True``, or `steps` < 0.
         """
-        beta1, beta2 = self._group(param)["betas"] if self.ages(param) else (0.0, 0.0)
+        beta1, beta2 = self._aging_group(param)["betas"]
         self.assign(param, entries, steps, mean * (1 - beta1 ** steps), mean_sq * (1 - beta2 ** steps))
 
     @torch.no_grad()
@@ -102,8 +109,7 @@ class ElementAgeAdamW(torch.optim.Optimizer):
         Raises:
             ValueError: `param` is not in a group with ``element_age=True``, or `age` < 0.
         """
-        if not self.ages(param):
-            raise ValueError("ElementAgeAdamW: the parameter is not in a group with element_age=True")
+        self._aging_group(param)
         if age < 0:
             raise ValueError(f"ElementAgeAdamW: an age must be at least 0, got {age}")
         state = self._state(param, True)
