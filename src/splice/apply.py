@@ -48,13 +48,14 @@ def base_folder(name_or_path: str) -> Path:
 KEEP_COMPUTED_BYTES = 1 << 30
 
 
-def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
+def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader, keep_modules: int = 1) -> DeltaSet:
     """The adapter's deltas keyed by the base checkpoint's tensor names, shapes and fingerprints checked.
 
     LoRA's factors are kept as they are. An update as large as its weight (DoRA's, or any other method's, which is
     computed from the base weight) is computed here to check it and kept while the kept updates fit in
     `KEEP_COMPUTED_BYTES`; past that, it is computed again, a module at a time, when it is read, so that a large
-    model's updates are never all in memory at once.
+    model's updates are never all in memory at once. `keep_modules` of those recomputed modules are kept at a time
+    (one for a reader that goes a module at a time; the merge executor's workers read several interleaved).
     """
     refuse_without_delta(folder)
     names = sorted({k.rsplit(".", 1)[0] for k in base.keys()})
@@ -104,8 +105,8 @@ def adapter_deltaset(folder: AdapterFolder, base: CheckpointReader) -> DeltaSet:
                 raise SpliceError(f"{where}: modules_to_save tensor {name!r} is not in the base")
             entries[name] = Dense(value.float() - base.get(name).float())
     _check_shapes({n: d for n, d in entries.items() if not isinstance(d, str)}, base, where)
-    return GroupedLazyDeltaSet(entries, shapes, module_deltas, base=str(base.path), method=folder.config.method,
-                               config=folder.config.to_dict())
+    return GroupedLazyDeltaSet(entries, shapes, module_deltas, keep=keep_modules, base=str(base.path),
+                               method=folder.config.method, config=folder.config.to_dict())
 
 
 def _check_shapes(deltas: dict[str, Delta], base: CheckpointReader, where: str) -> None:

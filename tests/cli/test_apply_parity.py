@@ -129,6 +129,15 @@ def test_apply_computes_a_weight_sized_update_one_module_at_a_time(tmp_path, ber
     out = apply_adapter(str(bert_dir), tmp_path / "adapter", tmp_path / "merged", progress=False)
     for name, tensor in load_file(out / "model.safetensors").items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0, msg=name)
+    from splice.merge import merge
+
+    calls.clear()  # the merge executor's 4 workers read modules' weights and biases interleaved: each kept for all
+    config = {"merge_method": "task_arithmetic", "base_model": str(bert_dir),
+              "models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}}]}
+    merged = merge(config, tmp_path / "merge", progress=False, workers=4)
+    assert sorted(calls) == sorted(modules * 2)  # checked once, then read once
+    for name, tensor in load_file(merged / "model.safetensors").items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0, msg=name)
     monkeypatch.setattr(apply_module, "KEEP_COMPUTED_BYTES", 1 << 30)  # within the budget: computed once, kept
     calls.clear()
     deltas = apply_module.adapter_deltaset(read_adapter_folder(tmp_path / "adapter"), reader)

@@ -160,3 +160,24 @@ def test_grouped_lazy_deltaset_computes_a_group_when_read_and_keeps_only_the_las
     assert calls == ["a", "b", "a"]  # only the last group is kept
     with pytest.raises(KeyError, match="'a.wieght'.*a.weight"):
         ds["a.wieght"]
+
+
+def test_grouped_lazy_deltaset_keeps_as_many_groups_as_asked_for_interleaved_readers():
+    from splice.delta import Dense, GroupedLazyDeltaSet
+
+    calls = []
+
+    def compute(group):
+        calls.append(group)
+        return {f"{group}.weight": Dense(torch.ones(2, 3)), f"{group}.bias": Dense(torch.ones(2))}
+
+    names = {f"{g}.{p}": g for g in "abc" for p in ("weight", "bias")}
+    shapes = {n: torch.Size([2, 3] if n.endswith("weight") else [2]) for n in names}
+    ds = GroupedLazyDeltaSet(names, shapes, compute, keep=2)
+    for name in ("a.weight", "b.weight", "a.bias", "b.bias"):  # two workers' reads, interleaved
+        ds[name]
+    assert calls == ["a", "b"]
+    ds["c.weight"], ds["b.weight"], ds["a.weight"]  # b was read last, so a is the one dropped for c
+    assert calls == ["a", "b", "c", "a"]
+    with pytest.raises(ValueError, match="keep must be at least 1"):
+        GroupedLazyDeltaSet(names, shapes, compute, keep=0)

@@ -243,24 +243,30 @@ class LazyDiffDeltaSet(DeltaSet):
 
 class GroupedLazyDeltaSet(DeltaSet):
     """A DeltaSet some of whose deltas are computed when looked up, a group at a time (an adapter's module: its
-    weight's and bias's deltas come from one computation). The last group's deltas are kept, so reading a module's
-    tensors in turn computes them once; memory holds one group's deltas, not the whole model's.
+    weight's and bias's deltas come from one computation). The last `keep` groups' deltas are kept, so reading a
+    module's tensors in turn computes them once; memory holds `keep` groups' deltas, not the whole model's.
 
     Args:
         deltas: tensor name → its Delta, or the name of the group that computes it.
         shapes: tensor name → shape, for every name `deltas` maps to a group (answered without computing).
         compute: group name → that group's deltas by tensor name.
+        keep: groups kept at once; the merge executor's workers read several modules' tensors interleaved, and
+            with fewer kept than they have in flight a module would be computed once per tensor read.
         **kwargs: `DeltaSet`'s base, fingerprint, method and config.
     """
 
     def __init__(self, deltas: Mapping[str, Delta | str], shapes: Mapping[str, torch.Size],
-                 compute: Callable[[str], Mapping[str, Delta]], **kwargs: Any) -> None:
+                 compute: Callable[[str], Mapping[str, Delta]], keep: int = 1, **kwargs: Any) -> None:
         import threading
+        from collections import OrderedDict
 
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
         super().__init__(deltas, **kwargs)  # a group's name stands in `_deltas` for the deltas it computes
         self._shapes = dict(shapes)
         self._compute = compute
-        self._last: tuple[str, Mapping[str, Delta]] | None = None
+        self._keep = keep
+        self._recent: OrderedDict[str, Mapping[str, Delta]] = OrderedDict()
         self._lock = threading.Lock()  # the merge executor reads from several threads
 
     def __getitem__(self, name: str) -> Delta:
@@ -268,9 +274,13 @@ class GroupedLazyDeltaSet(DeltaSet):
         if not isinstance(entry, str):
             return entry
         with self._lock:
-            if self._last is None or self._last[0] != entry:
-                self._last = (entry, self._compute(entry))
-            return self._last[1][name]
+            if entry in self._recent:
+                self._recent.move_to_end(entry)
+            else:
+                self._recent[entry] = self._compute(entry)
+                while len(self._recent) > self._keep:
+                    self._recent.popitem(last=False)
+            return self._recent[entry][name]
 
     def delta_shape(self, name: str) -> torch.Size:
         return self._shapes[name] if isinstance(self._deltas.get(name), str) else self[name].shape

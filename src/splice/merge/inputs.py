@@ -161,13 +161,15 @@ class LoraInput(MergeInput):
         from splice.apply import adapter_deltaset
 
         from splice.compress.storage import compressed_deltaset, is_compressed
+        from splice.merge.executor import MAX_WORKERS
 
         self.folder, self.base, self.where = folder, base, where
         try:
             # A compressed-delta folder (splice compress) is a delta like an adapter's; it has no LoRA factors.
             self.adapter = None if is_compressed(folder) else read_adapter_folder(folder)
             self.deltas: DeltaSet = (compressed_deltaset(folder, base.reader) if self.adapter is None
-                                     else adapter_deltaset(self.adapter, base.reader))
+                                     # the executor's tasks in flight, each reading one module's tensor
+                                     else adapter_deltaset(self.adapter, base.reader, keep_modules=MAX_WORKERS + 1))
         except SpliceError as err:
             raise SpliceError(f"{where}: {err} (base: {base.folder})") from None
 
