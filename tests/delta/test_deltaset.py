@@ -139,14 +139,21 @@ def test_lazy_diff_mismatches_are_named(tmp_path, base_state):
         ds["nope"]
 
 
-def test_grouped_lazy_deltaset_computes_a_group_when_read_and_keeps_only_the_last():
-    from splice.delta import Dense, GroupedLazyDeltaSet
-
-    calls = []
+def counting_compute(calls):
+    """A group's compute that records each call: deltas for the group's weight (2, 3) and bias (2,)."""
+    from splice.delta import Dense
 
     def compute(group):
         calls.append(group)
         return {f"{group}.weight": Dense(torch.ones(2, 3)), f"{group}.bias": Dense(torch.ones(2))}
+    return compute
+
+
+def test_grouped_lazy_deltaset_computes_a_group_when_read_and_keeps_only_the_last():
+    from splice.delta import Dense, GroupedLazyDeltaSet
+
+    calls = []
+    compute = counting_compute(calls)
 
     eager = Dense(torch.zeros(4))
     ds = GroupedLazyDeltaSet({"a.weight": "a", "a.bias": "a", "n.weight": eager, "b.weight": "b", "b.bias": "b"},
@@ -163,13 +170,10 @@ def test_grouped_lazy_deltaset_computes_a_group_when_read_and_keeps_only_the_las
 
 
 def test_grouped_lazy_deltaset_keeps_as_many_groups_as_asked_for_interleaved_readers():
-    from splice.delta import Dense, GroupedLazyDeltaSet
+    from splice.delta import GroupedLazyDeltaSet
 
     calls = []
-
-    def compute(group):
-        calls.append(group)
-        return {f"{group}.weight": Dense(torch.ones(2, 3)), f"{group}.bias": Dense(torch.ones(2))}
+    compute = counting_compute(calls)
 
     names = {f"{g}.{p}": g for g in "abc" for p in ("weight", "bias")}
     shapes = {n: torch.Size([2, 3] if n.endswith("weight") else [2]) for n in names}
