@@ -131,7 +131,7 @@ def test_apply_computes_a_weight_sized_update_one_module_at_a_time(tmp_path, ber
         torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0, msg=name)
     from splice.merge import merge
 
-    calls.clear()  # the merge executor's 4 workers read modules' weights and biases interleaved: each kept for all
+    calls.clear()  # 4 merge workers read modules interleaved; each module is kept until all its tensors are read
     config = {"merge_method": "task_arithmetic", "base_model": str(bert_dir),
               "models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}}]}
     merged = merge(config, tmp_path / "merge", progress=False, workers=4)
