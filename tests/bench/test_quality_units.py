@@ -247,9 +247,10 @@ def test_a_method_run_on_the_first_task_only_is_judged_against_the_probe_there()
 
     r = {"tasks": ["a", "b"], "baselines": {"majority": {"a": 0.5, "b": 0.5}},
          "adapt": {PROBE: row("probe", 0.7, 0.8), "x": row("x", 0.75, None), "y": row("y", 0.65, None),
-                   "z": row("z", 0.9, 0.9)}}
+                   "z": row("z", 0.9, 0.9), "w": row("w", 0.7, 0.8006)}}
     text = "\n".join(_verdicts(r))
     assert "z (splice): mean 90.0 beats the frozen probe (75.0)" in text
+    assert "w (splice): mean 75.03 beats the frozen probe (75.00)" in text  # a one-decimal tie gets two
     assert "x (splice): 75.0 on a beats the frozen probe there (70.0); 1 other task(s) not run yet" in text
     assert "y (splice): 65.0 on a does NOT beat the frozen probe there (70.0)" in text
     r["data"] = {"a": {"test": 1000}}  # a 0.5-point gap is under two standard errors (2.9 points) there

@@ -208,7 +208,9 @@ def _verdicts(r: dict[str, Any]) -> list[str]:
         if key == PROBE or mean is None or probe is None:
             continue
         word = "beats" if mean > probe else "does NOT beat"
-        out.append(f"- {row['label']} ({row['impl']}): mean {_pct(mean)} {word} the frozen probe ({_pct(probe)}).")
+        # Two decimals where one would print a tie, so "82.3 beats 82.3" never appears.
+        pct = _pct if _pct(mean) != _pct(probe) else (lambda v: f"{100 * v:.2f}")
+        out.append(f"- {row['label']} ({row['impl']}): mean {pct(mean)} {word} the frozen probe ({pct(probe)}).")
         under = [t for t, a in zip(tasks, accs) if a is not None and majority[t] is not None and a <= majority[t]]
         if under:
             out.append(f"  - at or below the majority baseline on: {', '.join(under)}")
