@@ -34,8 +34,8 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f}"
 
 
 def arm_accuracies(row: dict[str, Any], tasks: list[str]) -> list[float | None]:
@@ -209,8 +209,8 @@ def _verdicts(r: dict[str, Any]) -> list[str]:
             continue
         word = "beats" if mean > probe else "does NOT beat"
         # Two decimals where one would print a tie, so "82.3 beats 82.3" never appears.
-        pct = _pct if _pct(mean) != _pct(probe) else (lambda v: f"{100 * v:.2f}")
-        out.append(f"- {row['label']} ({row['impl']}): mean {pct(mean)} {word} the frozen probe ({pct(probe)}).")
+        d = 1 if _pct(mean) != _pct(probe) else 2
+        out.append(f"- {row['label']} ({row['impl']}): mean {_pct(mean, d)} {word} the frozen probe ({_pct(probe, d)}).")
         under = [t for t, a in zip(tasks, accs) if a is not None and majority[t] is not None and a <= majority[t]]
         if under:
             out.append(f"  - at or below the majority baseline on: {', '.join(under)}")
