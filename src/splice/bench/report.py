@@ -210,7 +210,8 @@ def _verdicts(r: dict[str, Any]) -> list[str]:
         word = "beats" if mean > probe else "does NOT beat"
         # Two decimals where one would print a tie, so "82.3 beats 82.3" never appears.
         d = 1 if _pct(mean) != _pct(probe) else 2
-        out.append(f"- {row['label']} ({row['impl']}): mean {_pct(mean, d)} {word} the frozen probe ({_pct(probe, d)}).")
+        out.append(f"- {row['label']} ({row['impl']}): mean {_pct(mean, d)} {word} the frozen probe "
+                   f"({_pct(probe, d)}).")
         under = [t for t, a in zip(tasks, accs) if a is not None and majority[t] is not None and a <= majority[t]]
         if under:
             out.append(f"  - at or below the majority baseline on: {', '.join(under)}")
